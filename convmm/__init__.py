@@ -1,0 +1,16 @@
+"""convmm: N-D convolution as im2col + GEMM, a drop-in for ``jax.lax``.
+
+The functional core mirrors ``jax.lax``: swap ``lax.conv_general_dilated`` for
+``convmm.conv_general_dilated`` and nothing else changes. The transposed
+convolution is the exact adjoint of the forward one (``conv_adjoint``).
+"""
+
+from convmm._adjoint import conv_adjoint as conv_adjoint
+from convmm._adjoint import conv_transpose as conv_transpose
+from convmm._conv import conv_general_dilated as conv_general_dilated
+from convmm._im2col import col2im as col2im
+from convmm._im2col import im2col as im2col
+
+conv_general_dilated_patches = im2col
+
+__version__ = "0.1.0"

@@ -1,0 +1,201 @@
+"""The transposed convolution, obtained as the adjoint of the im2col convolution.
+
+A convolution is linear in its input, ``y = A_w x``. Its adjoint ``A_w^T`` is
+what deep-learning frameworks call the transposed convolution (or
+"deconvolution"). Rather than hand-write a second algorithm, convmm asks JAX
+for the transpose of its own forward convolution with ``jax.linear_transpose``:
+the strided slices of im2col transpose to pads summed together (col2im) and
+the GEMM to a GEMM with the kernel transposed. Since the input shape is given
+explicitly, there is no ``output_padding`` ambiguity, and every feature of the
+forward convolution (groups, N-D, both dilations, any padding) carries over.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convmm._canonical import canonical_dimension_numbers, canonical_ints
+from convmm._conv import conv_with_spec
+from convmm._shapes import check_same_dtype, conv_spec, shape_of
+
+
+def conv_adjoint(
+    cotangent: jax.typing.ArrayLike,
+    rhs: jax.typing.ArrayLike,
+    lhs_shape: Any,
+    window_strides: Any,
+    padding: Any,
+    lhs_dilation: Any = None,
+    rhs_dilation: Any = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+  """The exact adjoint (transpose) of :func:`conv_general_dilated` in its input.
+
+  For ``y = conv_general_dilated(x, rhs, ...)`` with ``x.shape == lhs_shape``,
+  returns ``A^T cotangent`` so that
+  ``<conv_general_dilated(x, rhs, ...), c> == <x, conv_adjoint(c, rhs, x.shape, ...)>``.
+  This is PyTorch's ``conv_transpose`` (with ``lhs_shape`` fixing what torch
+  calls ``output_padding``) for every configuration the forward supports.
+
+  Args:
+    cotangent: array shaped like the forward output.
+    rhs: the forward kernel (layout ``dimension_numbers[1]``).
+    lhs_shape: shape of the forward input, i.e. of the result.
+    window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+      feature_group_count, batch_group_count, precision,
+      preferred_element_type: those of the forward convolution.
+
+  Returns:
+    An array of shape ``lhs_shape``.
+
+  Raises:
+    ValueError: if ``cotangent`` is not shaped like the forward output, or any
+      forward argument is invalid.
+    TypeError: on dtypes that do not match the forward convolution's output.
+
+  Example:
+    PyTorch's ``conv_transpose2d(y, W, stride=2, padding=1, output_padding=1)``
+    with ``W`` of shape ``(in, out, 3, 3)``:
+
+    >>> import jax.numpy as jnp, convmm
+    >>> y = jnp.ones((1, 4, 5, 5)); W = jnp.ones((4, 2, 3, 3))
+    >>> convmm.conv_adjoint(y, W, (1, 2, 10, 10), (2, 2), ((1, 1), (1, 1))).shape
+    (1, 2, 10, 10)
+  """
+  fn = "conv_adjoint"
+  ct_shape, ct_dtype = shape_of(fn, "cotangent", cotangent)
+  rhs_shape, rhs_dtype = shape_of(fn, "rhs", rhs)
+  try:
+    lhs_shape = tuple(int(s) for s in lhs_shape)
+  except TypeError as e:
+    raise TypeError(f"{fn}: `lhs_shape` must be a sequence of ints, got {lhs_shape!r}") from e
+  spec = conv_spec(fn, lhs_shape, rhs_shape, window_strides, padding, lhs_dilation,
+                   rhs_dilation, dimension_numbers, feature_group_count,
+                   batch_group_count)
+  if ct_shape != spec.out_shape:
+    raise ValueError(
+        f"{fn}: `cotangent` must have the forward output shape {spec.out_shape} for "
+        f"lhs_shape={lhs_shape} and rhs.shape={rhs_shape}, got cotangent.shape={ct_shape}")
+  rhs = jnp.asarray(rhs)
+  primal = jax.ShapeDtypeStruct(lhs_shape, rhs_dtype)
+
+  def forward(x):
+    return conv_with_spec(x, rhs, spec, precision, preferred_element_type)
+
+  out_dtype = jax.eval_shape(forward, primal).dtype
+  if np.dtype(ct_dtype) != np.dtype(out_dtype):
+    raise TypeError(
+        f"{fn}: `cotangent` must have the forward output dtype {np.dtype(out_dtype)}, "
+        f"got cotangent.dtype={np.dtype(ct_dtype)} (rhs.dtype={np.dtype(rhs_dtype)})")
+  (x_bar,) = jax.linear_transpose(forward, primal)(jnp.asarray(cotangent))
+  return x_bar
+
+
+def _transpose_padding(k: int, s: int, padding: Any) -> tuple[int, int]:
+  # lax's rule (jax/_src/lax/convolution.py, _conv_transpose_padding): the pads of
+  # the stride-1 conv over the s-dilated input that make this the gradient of a
+  # forward conv with the given padding.
+  if padding == "SAME":
+    pad_len = k + s - 2
+    pad_a = k - 1 if s > k - 1 else int(np.ceil(pad_len / 2))
+  elif padding == "VALID":
+    pad_len = k + s - 2 + max(k - s, 0)
+    pad_a = k - 1
+  else:
+    pads = tuple(k - p - 1 for p in padding)
+    pad_a, pad_len = pads[0], sum(pads)
+  return pad_a, pad_len - pad_a
+
+
+def conv_transpose(
+    lhs: jax.typing.ArrayLike,
+    rhs: jax.typing.ArrayLike,
+    strides: Any,
+    padding: Any,
+    rhs_dilation: Any = None,
+    dimension_numbers: Any = None,
+    transpose_kernel: bool = False,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    use_consistent_padding: bool = False,
+) -> jax.Array:
+  """A drop-in for ``jax.lax.conv_transpose``, computed by the im2col conv.
+
+  Same arguments, defaults and results as lax (including
+  ``use_consistent_padding``, PyTorch-style padding meaning). Like lax, it is
+  the fractionally strided convolution: the input dilated by ``strides`` and
+  convolved with stride 1. With ``transpose_kernel=True`` (and matching
+  shapes) it equals :func:`conv_adjoint` of a forward conv with the same
+  kernel; prefer :func:`conv_adjoint` when you think of the transposed conv as
+  the adjoint of a specific forward conv: it supports groups and any padding.
+
+  Args:
+    lhs: input of rank ``n + 2``.
+    rhs: kernel of rank ``n + 2``.
+    strides: ``n`` fractional strides (the input dilation).
+    padding: 'SAME', 'VALID' or ``n`` ``(low, high)`` pairs; pairs are the
+      transposed conv's own padding unless ``use_consistent_padding``.
+    rhs_dilation: optional ``n`` kernel dilations.
+    dimension_numbers: as in lax; defaults to ``NH..C``, ``H..IO``, ``NH..C``.
+    transpose_kernel: flip the kernel spatially and swap its I and O axes.
+    precision, preferred_element_type: passed to the GEMM.
+    use_consistent_padding: read pairs as the forward conv's padding.
+
+  Returns:
+    The transposed convolution.
+
+  Example:
+    >>> import jax.numpy as jnp, convmm
+    >>> x = jnp.ones((1, 7, 7, 8)); w = jnp.ones((4, 4, 8, 3))
+    >>> convmm.conv_transpose(x, w, (2, 2), 'SAME').shape
+    (1, 14, 14, 3)
+  """
+  fn = "conv_transpose"
+  lhs_shape, lhs_dtype = shape_of(fn, "lhs", lhs)
+  rhs_shape, rhs_dtype = shape_of(fn, "rhs", rhs)
+  ndim = len(lhs_shape)
+  if dimension_numbers is None:
+    if ndim < 2 or ndim > 5:
+      raise ValueError(
+          f"{fn}: `dimension_numbers` has no default for rank-{ndim} inputs "
+          f"(lhs.shape={lhs_shape}); pass it explicitly")
+    spatial = "HWD"[: ndim - 2]
+    dimension_numbers = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+  dnums = canonical_dimension_numbers(fn, ndim, len(rhs_shape), dimension_numbers)
+  nsp = ndim - 2
+  strides = canonical_ints(fn, "strides", strides, nsp)
+  rhs_dil = canonical_ints(fn, "rhs_dilation", rhs_dilation, nsp, default=1)
+  k_eff = [(rhs_shape[d] - 1) * r + 1 for d, r in zip(dnums.rhs_spec[2:], rhs_dil)]
+  if isinstance(padding, str):
+    mode = padding.upper()
+    if mode not in ("SAME", "VALID"):
+      raise ValueError(f"{fn}: `padding` must be 'SAME', 'VALID' or (low, high) pairs, "
+                       f"got {padding!r}")
+    pads = tuple(_transpose_padding(k, s, mode) for k, s in zip(k_eff, strides))
+  else:
+    pads = padding
+    if use_consistent_padding:
+      if not isinstance(padding, list | tuple) or len(padding) != nsp:
+        raise ValueError(f"{fn}: `padding` must have {nsp} (low, high) pairs, "
+                         f"got {padding!r}")
+      pads = tuple(_transpose_padding(k, s, tuple(p))
+                   for k, s, p in zip(k_eff, strides, padding))
+  rhs = jnp.asarray(rhs)
+  if transpose_kernel:
+    rhs_spec = dnums.rhs_spec
+    rhs = jnp.flip(rhs, axis=tuple(rhs_spec[2:]))
+    rhs = jnp.swapaxes(rhs, rhs_spec[0], rhs_spec[1])
+    rhs_shape = tuple(rhs.shape)
+  spec = conv_spec(fn, lhs_shape, rhs_shape, (1,) * nsp, pads, strides, rhs_dil, dnums,
+                   1, 1)
+  check_same_dtype(fn, lhs_dtype, rhs_dtype)
+  return conv_with_spec(jnp.asarray(lhs), rhs, spec, precision, preferred_element_type)
+

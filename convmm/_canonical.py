@@ -1,0 +1,279 @@
+"""The one place that turns user arguments into canonical tuples.
+
+Every public function of convmm calls :func:`conv_geometry` first. It validates
+the arguments (raising ``ValueError``/``TypeError`` that name the function, the
+argument and the values, at trace time) and returns a :class:`ConvGeometry`
+holding plain Python tuples in *canonical order*: batch, feature, then the
+spatial dimensions in the order in which they appear in the kernel spec (the
+convention of ``jax.lax``, so ``window_strides[i]``, ``padding[i]`` and
+``filter_shape[i]`` all refer to the same spatial dimension).
+
+Nothing here is traced: shapes are Python ints and the output-shape rule is
+plain arithmetic, as in ``jax/_src/lax/convolution.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from jax import lax
+
+ConvDimensionNumbers = lax.ConvDimensionNumbers
+
+PADDING_STRINGS = ("SAME", "SAME_LOWER", "VALID")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+  """Canonical description of a convolution's data movement.
+
+  All spatial tuples are in canonical order (the kernel spec's spatial order).
+
+  Attributes:
+    dimension_numbers: the ``lax.ConvDimensionNumbers`` of the operation.
+    batch: lhs batch size.
+    in_features: lhs feature size.
+    in_spatial: lhs spatial sizes.
+    filter_shape: kernel spatial sizes.
+    window_strides: strides between windows.
+    padding: ``(lo, hi)`` pair per spatial dim (negative values crop).
+    lhs_dilation: input dilation (transposed-convolution stride).
+    rhs_dilation: kernel dilation (atrous rate).
+    out_spatial: output spatial sizes.
+  """
+
+  dimension_numbers: ConvDimensionNumbers
+  batch: int
+  in_features: int
+  in_spatial: tuple[int, ...]
+  filter_shape: tuple[int, ...]
+  window_strides: tuple[int, ...]
+  padding: tuple[tuple[int, int], ...]
+  lhs_dilation: tuple[int, ...]
+  rhs_dilation: tuple[int, ...]
+  out_spatial: tuple[int, ...]
+
+  @property
+  def num_spatial(self) -> int:
+    return len(self.in_spatial)
+
+  @property
+  def num_taps(self) -> int:
+    """Number of kernel positions, ``prod(filter_shape)``."""
+    return math.prod(self.filter_shape)
+
+  @property
+  def padded_spatial(self) -> tuple[int, ...]:
+    """Spatial sizes of the input after dilation and padding."""
+    return tuple(
+        _dilate(i, d) + lo + hi
+        for i, d, (lo, hi) in zip(self.in_spatial, self.lhs_dilation, self.padding)
+    )
+
+  @property
+  def effective_filter_shape(self) -> tuple[int, ...]:
+    """Kernel spatial sizes after dilation: ``(k - 1) * d + 1``."""
+    return tuple(_dilate(k, d) for k, d in zip(self.filter_shape, self.rhs_dilation))
+
+
+def _dilate(size: int, dilation: int) -> int:
+  return 0 if size == 0 else (size - 1) * dilation + 1
+
+
+def _is_int(x: Any) -> bool:
+  if isinstance(x, bool):
+    return False
+  try:
+    operator.index(x)
+  except TypeError:
+    return False
+  return True
+
+
+def canonical_ints(
+    fn: str, name: str, value: Any, length: int, *, default: int | None = None,
+    minimum: int = 1,
+) -> tuple[int, ...]:
+  """Validates a sequence of ``length`` ints, each ``>= minimum``.
+
+  ``None`` becomes ``(default,) * length`` when a default is given.
+  """
+  if value is None and default is not None:
+    return (default,) * length
+  if isinstance(value, (str, bytes)) or not isinstance(value, Sequence | np.ndarray):
+    raise TypeError(
+        f"{fn}: `{name}` must be a sequence of {length} ints, got {value!r}")
+  values = tuple(value)
+  if len(values) != length:
+    raise ValueError(
+        f"{fn}: `{name}` must have one entry per spatial dimension ({length}), "
+        f"got {len(values)}: {name}={values!r}")
+  if not all(_is_int(v) for v in values):
+    raise TypeError(f"{fn}: `{name}` must contain ints, got {name}={values!r}")
+  values = tuple(operator.index(v) for v in values)
+  if any(v < minimum for v in values):
+    raise ValueError(
+        f"{fn}: `{name}` entries must be >= {minimum}, got {name}={values!r}")
+  return values
+
+
+def canonical_dimension_numbers(
+    fn: str, lhs_ndim: int, rhs_ndim: int, dimension_numbers: Any
+) -> ConvDimensionNumbers:
+  """Validates ``dimension_numbers`` and returns ``lax.ConvDimensionNumbers``.
+
+  Accepts ``None`` (``NC...``, ``OI...``, ``NC...``), a ``ConvDimensionNumbers``
+  or a 3-tuple of spec strings such as ``('NHWC', 'HWIO', 'NHWC')``.
+  """
+  if lhs_ndim != rhs_ndim:
+    raise ValueError(
+        f"{fn}: `lhs` and `rhs` must have the same rank, got lhs.ndim={lhs_ndim} "
+        f"and rhs.ndim={rhs_ndim}")
+  if lhs_ndim < 2:
+    raise ValueError(
+        f"{fn}: `lhs` must have rank >= 2 (batch, feature, *spatial), got "
+        f"ndim={lhs_ndim}")
+  ndim = lhs_ndim
+  if dimension_numbers is None:
+    spec = tuple(range(ndim))
+    return ConvDimensionNumbers(spec, spec, spec)
+  if isinstance(dimension_numbers, ConvDimensionNumbers):
+    for name, spec in zip(("lhs_spec", "rhs_spec", "out_spec"), dimension_numbers):
+      if sorted(int(s) for s in spec) != list(range(ndim)):
+        raise ValueError(
+            f"{fn}: `dimension_numbers.{name}` must be a permutation of "
+            f"range({ndim}), got {tuple(spec)!r}")
+    return ConvDimensionNumbers(*(tuple(int(s) for s in spec)
+                                  for spec in dimension_numbers))
+  if (not isinstance(dimension_numbers, Sequence) or isinstance(dimension_numbers, str)
+      or len(dimension_numbers) != 3
+      or not all(isinstance(s, str) for s in dimension_numbers)):
+    raise TypeError(
+        f"{fn}: `dimension_numbers` must be None, a lax.ConvDimensionNumbers or a "
+        f"tuple of three spec strings like ('NHWC', 'HWIO', 'NHWC'), got "
+        f"{dimension_numbers!r}")
+  lhs_spec, rhs_spec, out_spec = dimension_numbers
+  for name, spec, (a, b) in (("lhs_spec", lhs_spec, "NC"), ("rhs_spec", rhs_spec, "OI"),
+                             ("out_spec", out_spec, "NC")):
+    if len(spec) != ndim:
+      raise ValueError(
+          f"{fn}: `dimension_numbers` {name} {spec!r} must have one letter per "
+          f"array dimension ({ndim})")
+    if len(set(spec)) != ndim or spec.count(a) != 1 or spec.count(b) != 1:
+      raise ValueError(
+          f"{fn}: `dimension_numbers` {name} {spec!r} must contain '{a}' and '{b}' "
+          f"once each and distinct spatial letters")
+  spatial = [set(s) - set(ab) for s, ab in ((lhs_spec, "NC"), (rhs_spec, "OI"),
+                                             (out_spec, "NC"))]
+  if not spatial[0] == spatial[1] == spatial[2]:
+    raise ValueError(
+        f"{fn}: `dimension_numbers` must use the same spatial letters in all three "
+        f"specs, got {tuple(dimension_numbers)!r}")
+  return lax.conv_dimension_numbers((0,) * ndim, (0,) * ndim, tuple(dimension_numbers))
+
+
+def canonical_padding(
+    fn: str, padding: Any, in_spatial: Sequence[int],
+    effective_filter_shape: Sequence[int], window_strides: Sequence[int],
+    lhs_dilation: Sequence[int],
+) -> tuple[tuple[int, int], ...]:
+  """Turns 'SAME', 'SAME_LOWER', 'VALID' or (lo, hi) pairs into pairs."""
+  nsp = len(in_spatial)
+  if isinstance(padding, str):
+    mode = padding.upper()
+    if mode not in PADDING_STRINGS:
+      raise ValueError(
+          f"{fn}: `padding` must be one of {PADDING_STRINGS} or a sequence of "
+          f"(low, high) pairs, got {padding!r}")
+    if any(d != 1 for d in lhs_dilation):
+      raise ValueError(
+          f"{fn}: string `padding` ({padding!r}) cannot be combined with "
+          f"`lhs_dilation`={tuple(lhs_dilation)!r}; give explicit (low, high) pairs "
+          f"or use conv_transpose / conv_adjoint")
+    return tuple(tuple(int(p) for p in pair) for pair in lax.padtype_to_pads(
+        tuple(in_spatial), tuple(effective_filter_shape), tuple(window_strides), mode))
+  if not isinstance(padding, Sequence | np.ndarray):
+    raise TypeError(
+        f"{fn}: `padding` must be a string or a sequence of (low, high) pairs, got "
+        f"{padding!r}")
+  pairs = tuple(padding)
+  if len(pairs) != nsp:
+    raise ValueError(
+        f"{fn}: `padding` must have one (low, high) pair per spatial dimension "
+        f"({nsp}), got {len(pairs)}: padding={padding!r}")
+  out = []
+  for pair in pairs:
+    if (isinstance(pair, str) or not isinstance(pair, Sequence | np.ndarray)
+        or len(pair) != 2 or not all(_is_int(p) for p in pair)):
+      raise TypeError(
+          f"{fn}: `padding` entries must be (low, high) pairs of ints, got "
+          f"padding={padding!r}")
+    out.append((operator.index(pair[0]), operator.index(pair[1])))
+  return tuple(out)
+
+
+def output_spatial(
+    padded_spatial: Sequence[int], effective_filter_shape: Sequence[int],
+    window_strides: Sequence[int],
+) -> tuple[int, ...]:
+  """The output-size rule: ``floor((padded - k_eff) / stride) + 1``, or 0."""
+  return tuple(
+      max(0, (p - k) // s + 1) if p >= k else 0
+      for p, k, s in zip(padded_spatial, effective_filter_shape, window_strides))
+
+
+def conv_geometry(
+    fn: str,
+    lhs_shape: Sequence[int],
+    rhs_ndim: int,
+    filter_shape: Sequence[int] | None,
+    window_strides: Any,
+    padding: Any,
+    lhs_dilation: Any,
+    rhs_dilation: Any,
+    dimension_numbers: Any,
+    rhs_shape: Sequence[int] | None = None,
+) -> ConvGeometry:
+  """Validates convolution arguments and returns their canonical form.
+
+  Either ``rhs_shape`` (a kernel) or ``filter_shape`` (spatial sizes only, in
+  the kernel spec's spatial order, as for ``conv_general_dilated_patches``) is
+  given.
+  """
+  lhs_shape = tuple(int(s) for s in lhs_shape)
+  dnums = canonical_dimension_numbers(fn, len(lhs_shape), rhs_ndim, dimension_numbers)
+  lhs_spec, rhs_spec, _ = dnums
+  nsp = len(lhs_shape) - 2
+  if rhs_shape is not None:
+    filter_shape = tuple(int(rhs_shape[d]) for d in rhs_spec[2:])
+  else:
+    filter_shape = canonical_ints(fn, "filter_shape", filter_shape, nsp, minimum=0)
+  strides = canonical_ints(fn, "window_strides", window_strides, nsp)
+  lhs_dil = canonical_ints(fn, "lhs_dilation", lhs_dilation, nsp, default=1)
+  rhs_dil = canonical_ints(fn, "rhs_dilation", rhs_dilation, nsp, default=1)
+  in_spatial = tuple(lhs_shape[d] for d in lhs_spec[2:])
+  eff_filter = tuple(_dilate(k, d) for k, d in zip(filter_shape, rhs_dil))
+  pads = canonical_padding(fn, padding, in_spatial, eff_filter, strides, lhs_dil)
+  padded = tuple(_dilate(i, d) + lo + hi
+                 for i, d, (lo, hi) in zip(in_spatial, lhs_dil, pads))
+  if any(p < 0 for p in padded):
+    raise ValueError(
+        f"{fn}: negative `padding` {pads!r} crops more than the (dilated) input "
+        f"spatial size {tuple(_dilate(i, d) for i, d in zip(in_spatial, lhs_dil))!r}")
+  return ConvGeometry(
+      dimension_numbers=dnums,
+      batch=lhs_shape[lhs_spec[0]],
+      in_features=lhs_shape[lhs_spec[1]],
+      in_spatial=in_spatial,
+      filter_shape=tuple(filter_shape),
+      window_strides=strides,
+      padding=pads,
+      lhs_dilation=lhs_dil,
+      rhs_dilation=rhs_dil,
+      out_spatial=output_spatial(padded, eff_filter, strides),
+  )

@@ -1,0 +1,214 @@
+"""im2col and col2im: data movement only.
+
+The input is brought to channels-last canonical order ``(N, *spatial, C)``,
+dilated and padded by a single ``lax.pad`` (interior padding is the input
+dilation, negative padding crops), and each kernel tap is one strided
+``lax.slice``. Stacking the taps gives the patch tensor ``(N, *out, T, C)``
+with ``T = prod(filter_shape)``: contiguous channels for each tap, which is
+the layout the GEMM wants. No arithmetic touches the values, so patches are
+exact at any precision on any backend.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from convmm._canonical import ConvGeometry, conv_geometry
+from convmm._shapes import layout_shape, shape_of
+
+
+def to_channels_last(x: jax.Array, spec: tuple[int, ...]) -> jax.Array:
+  """``spec`` layout -> canonical channels-last ``(N, *spatial, C)``."""
+  perm = (spec[0], *spec[2:], spec[1])
+  return x if perm == tuple(range(x.ndim)) else jnp.transpose(x, perm)
+
+
+def from_channels_last(y: jax.Array, spec: tuple[int, ...]) -> jax.Array:
+  """Canonical channels-last ``(N, *spatial, C)`` -> ``spec`` layout."""
+  nsp = y.ndim - 2
+  cl_axis = (0, nsp + 1, *range(1, nsp + 1))  # canonical axis k -> channels-last axis
+  perm = [0] * y.ndim
+  for k, axis in enumerate(spec):
+    perm[axis] = cl_axis[k]
+  return y if tuple(perm) == tuple(range(y.ndim)) else jnp.transpose(y, perm)
+
+
+def pad_input(x_cl: jax.Array, geometry: ConvGeometry) -> jax.Array:
+  """Dilates and pads a channels-last input (the one place padding happens)."""
+  config = [(0, 0, 0)]
+  config += [(lo, hi, d - 1) for (lo, hi), d in zip(geometry.padding, geometry.lhs_dilation)]
+  config += [(0, 0, 0)]
+  if all(c == (0, 0, 0) for c in config):
+    return x_cl
+  return lax.pad(x_cl, jnp.zeros((), x_cl.dtype), config)
+
+
+def tap_offsets(geometry: ConvGeometry) -> list[tuple[int, ...]]:
+  """Start offset in the padded input of every kernel tap, row-major."""
+  return [tuple(t * d for t, d in zip(tap, geometry.rhs_dilation))
+          for tap in itertools.product(*(range(k) for k in geometry.filter_shape))]
+
+
+def tap_slice(x_padded: jax.Array, geometry: ConvGeometry, offset: tuple[int, ...]) -> jax.Array:
+  """The input values seen by one kernel tap at every output position."""
+  n, c = x_padded.shape[0], x_padded.shape[-1]
+  # An empty output dimension (window larger than the padded input) slices nothing.
+  starts = tuple(o if s_out else 0 for o, s_out in zip(offset, geometry.out_spatial))
+  limits = tuple(o + (s_out - 1) * st + 1 if s_out else 0
+                 for o, s_out, st in zip(starts, geometry.out_spatial,
+                                         geometry.window_strides))
+  start, limit = (0, *starts, 0), (n, *limits, c)
+  strides = (1, *geometry.window_strides, 1)
+  return lax.slice(x_padded, start, limit, strides)
+
+
+def patches_channels_last(x_cl: jax.Array, geometry: ConvGeometry) -> jax.Array:
+  """im2col in channels-last canonical form: ``(N, *out, T, C)``."""
+  x_padded = pad_input(x_cl, geometry)
+  taps = [tap_slice(x_padded, geometry, off) for off in tap_offsets(geometry)]
+  return jnp.stack(taps, axis=-2)
+
+
+def _patches_geometry(fn, lhs_shape, filter_shape, window_strides, padding, lhs_dilation,
+                      rhs_dilation, dimension_numbers) -> ConvGeometry:
+  ndim = len(lhs_shape)
+  return conv_geometry(fn, lhs_shape, ndim, filter_shape, window_strides, padding,
+                       lhs_dilation, rhs_dilation, dimension_numbers)
+
+
+def _patches_shape(geometry: ConvGeometry) -> tuple[int, ...]:
+  return layout_shape(
+      geometry.dimension_numbers.out_spec,
+      (geometry.batch, geometry.in_features * geometry.num_taps, *geometry.out_spatial))
+
+
+def _im2col(x: jax.Array, geometry: ConvGeometry) -> jax.Array:
+  lhs_spec, _, out_spec = geometry.dimension_numbers
+  patches = patches_channels_last(to_channels_last(x, lhs_spec), geometry)
+  # lax orders the patch features channel-major: feature = c * T + tap.
+  patches = jnp.swapaxes(patches, -1, -2)
+  patches = patches.reshape(*patches.shape[:-2], -1)
+  return from_channels_last(patches, out_spec)
+
+
+def im2col(
+    lhs: jax.typing.ArrayLike,
+    filter_shape: Any,
+    window_strides: Any,
+    padding: Any,
+    lhs_dilation: Any = None,
+    rhs_dilation: Any = None,
+    dimension_numbers: Any = None,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+  """Extracts convolution patches, exactly like ``lax.conv_general_dilated_patches``.
+
+  Built from data movement only (pad and strided slices), never from a
+  convolution, so values are bit-exact copies of the input at any precision.
+
+  Args:
+    lhs: input of rank ``n + 2``, laid out as ``dimension_numbers[0]``
+      (default ``(N, C, *spatial)``).
+    filter_shape: ``n`` window sizes, in the kernel spec's spatial order.
+    window_strides: ``n`` strides.
+    padding: 'SAME', 'SAME_LOWER', 'VALID' or ``n`` ``(low, high)`` pairs.
+    lhs_dilation: optional ``n`` input dilations.
+    rhs_dilation: optional ``n`` window dilations.
+    dimension_numbers: ``None``, a ``lax.ConvDimensionNumbers`` or a tuple of
+      spec strings such as ``('NHWC', 'HWIO', 'NHWC')``.
+    precision: accepted for compatibility with lax and ignored: no arithmetic.
+    preferred_element_type: optional output dtype.
+
+  Returns:
+    Patches in the layout of ``dimension_numbers[2]``, with feature size
+    ``C * prod(filter_shape)`` ordered channel-major, then the window's
+    spatial positions in row-major order.
+
+  Raises:
+    ValueError, TypeError: on malformed arguments (named in the message).
+
+  Example:
+    >>> import jax.numpy as jnp, convmm
+    >>> x = jnp.arange(16.).reshape(1, 1, 4, 4)
+    >>> convmm.im2col(x, (2, 2), (1, 1), 'VALID').shape
+    (1, 4, 3, 3)
+  """
+  del precision
+  fn = "im2col"
+  shape, dtype = shape_of(fn, "lhs", lhs)
+  geometry = _patches_geometry(fn, shape, filter_shape, window_strides, padding,
+                               lhs_dilation, rhs_dilation, dimension_numbers)
+  out = _im2col(jnp.asarray(lhs), geometry)
+  if preferred_element_type is not None:
+    out = out.astype(preferred_element_type)
+  return out
+
+
+def col2im(
+    patches: jax.typing.ArrayLike,
+    lhs_shape: Any,
+    filter_shape: Any,
+    window_strides: Any,
+    padding: Any,
+    lhs_dilation: Any = None,
+    rhs_dilation: Any = None,
+    dimension_numbers: Any = None,
+) -> jax.Array:
+  """Sums patches back into an array of ``lhs_shape``: the adjoint of :func:`im2col`.
+
+  Each patch entry is added to the input position it was copied from
+  (overlapping windows accumulate; padding positions are dropped). This is
+  ``torch.nn.functional.fold`` generalised to N-D, dilation and any layout,
+  and satisfies ``<im2col(x), p> == <x, col2im(p)>``.
+
+  Args:
+    patches: array shaped like ``im2col(x, ...)`` for ``x.shape == lhs_shape``.
+    lhs_shape: the shape of the array to rebuild.
+    filter_shape, window_strides, padding, lhs_dilation, rhs_dilation,
+      dimension_numbers: as for :func:`im2col`.
+
+  Returns:
+    An array of shape ``lhs_shape`` and the dtype of ``patches``.
+
+  Raises:
+    ValueError: if ``patches`` does not have the shape im2col would produce.
+
+  Example:
+    >>> import jax.numpy as jnp, convmm
+    >>> p = jnp.ones((1, 4, 3, 3))
+    >>> convmm.col2im(p, (1, 1, 4, 4), (2, 2), (1, 1), 'VALID')[0, 0]
+    Array([[1., 2., 2., 1.],
+           [2., 4., 4., 2.],
+           [2., 4., 4., 2.],
+           [1., 2., 2., 1.]], dtype=float32)
+  """
+  fn = "col2im"
+  shape, dtype = shape_of(fn, "patches", patches)
+  try:
+    lhs_shape = tuple(int(s) for s in lhs_shape)
+  except TypeError as e:
+    raise TypeError(f"{fn}: `lhs_shape` must be a sequence of ints, got {lhs_shape!r}") from e
+  geometry = _patches_geometry(fn, lhs_shape, filter_shape, window_strides, padding,
+                               lhs_dilation, rhs_dilation, dimension_numbers)
+  expected = _patches_shape(geometry)
+  if shape != expected:
+    raise ValueError(
+        f"{fn}: `patches` must have shape {expected} (im2col of lhs_shape={lhs_shape}), "
+        f"got patches.shape={shape}")
+  primal = jax.ShapeDtypeStruct(lhs_shape, dtype)
+  (out,) = jax.linear_transpose(lambda x: _im2col(x, geometry), primal)(jnp.asarray(patches))
+  return out
+
+
+def patch_count(geometry: ConvGeometry) -> int:
+  """Number of patch entries, ``N * prod(out) * T * C`` (for memory budgets)."""
+  return geometry.batch * math.prod(geometry.out_spatial) * geometry.num_taps * (
+      geometry.in_features)
+
