@@ -18,9 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convmm._canonical import canonical_dimension_numbers, canonical_ints
-from convmm._conv import conv_with_spec
-from convmm._shapes import check_same_dtype, conv_spec, shape_of
+from convmm._canonical import (
+    ConvDimensionNumbers,
+    canonical_dimension_numbers,
+    canonical_ints,
+    canonical_padding,
+)
+from convmm._conv import _check_method, choose_method, conv_with_spec
+from convmm._shapes import check_same_dtype, conv_spec, layout_shape, shape_of
 
 
 def conv_adjoint(
@@ -36,6 +41,10 @@ def conv_adjoint(
     batch_group_count: int = 1,
     precision: Any = None,
     preferred_element_type: Any = None,
+    *,
+    method: str = "auto",
+    memory_budget: int | None = None,
+    _fn: str = "conv_adjoint",
 ) -> jax.Array:
   """The exact adjoint (transpose) of :func:`conv_general_dilated` in its input.
 
@@ -52,6 +61,7 @@ def conv_adjoint(
     window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
       feature_group_count, batch_group_count, precision,
       preferred_element_type: those of the forward convolution.
+    method, memory_budget: as for :func:`conv_general_dilated`.
 
   Returns:
     An array of shape ``lhs_shape``.
@@ -70,7 +80,7 @@ def conv_adjoint(
     >>> convmm.conv_adjoint(y, W, (1, 2, 10, 10), (2, 2), ((1, 1), (1, 1))).shape
     (1, 2, 10, 10)
   """
-  fn = "conv_adjoint"
+  fn = _fn
   ct_shape, ct_dtype = shape_of(fn, "cotangent", cotangent)
   rhs_shape, rhs_dtype = shape_of(fn, "rhs", rhs)
   try:
@@ -84,11 +94,14 @@ def conv_adjoint(
     raise ValueError(
         f"{fn}: `cotangent` must have the forward output shape {spec.out_shape} for "
         f"lhs_shape={lhs_shape} and rhs.shape={rhs_shape}, got cotangent.shape={ct_shape}")
+  method, memory_budget = _check_method(fn, method, memory_budget)
+  choose_method(spec, method)
   rhs = jnp.asarray(rhs)
   primal = jax.ShapeDtypeStruct(lhs_shape, rhs_dtype)
 
   def forward(x):
-    return conv_with_spec(x, rhs, spec, precision, preferred_element_type)
+    return conv_with_spec(x, rhs, spec, precision, preferred_element_type, method,
+                          memory_budget)
 
   out_dtype = jax.eval_shape(forward, primal).dtype
   if np.dtype(ct_dtype) != np.dtype(out_dtype):
@@ -174,6 +187,8 @@ def conv_transpose(
   strides = canonical_ints(fn, "strides", strides, nsp)
   rhs_dil = canonical_ints(fn, "rhs_dilation", rhs_dilation, nsp, default=1)
   k_eff = [(rhs_shape[d] - 1) * r + 1 for d, r in zip(dnums.rhs_spec[2:], rhs_dil)]
+  lhs_spec, rhs_spec, out_spec = dnums
+  in_spatial = [lhs_shape[d] for d in lhs_spec[2:]]
   if isinstance(padding, str):
     mode = padding.upper()
     if mode not in ("SAME", "VALID"):
@@ -181,21 +196,44 @@ def conv_transpose(
                        f"got {padding!r}")
     pads = tuple(_transpose_padding(k, s, mode) for k, s in zip(k_eff, strides))
   else:
-    pads = padding
+    pads = canonical_padding(fn, padding, in_spatial, k_eff, (1,) * nsp, (1,) * nsp)
     if use_consistent_padding:
-      if not isinstance(padding, list | tuple) or len(padding) != nsp:
-        raise ValueError(f"{fn}: `padding` must have {nsp} (low, high) pairs, "
-                         f"got {padding!r}")
-      pads = tuple(_transpose_padding(k, s, tuple(p))
-                   for k, s, p in zip(k_eff, strides, padding))
+      pads = tuple(_transpose_padding(k, s, p) for k, s, p in zip(k_eff, strides, pads))
+  check_same_dtype(fn, lhs_dtype, rhs_dtype)
+  kernel_in = rhs_shape[rhs_spec[0] if transpose_kernel else rhs_spec[1]]
+  if kernel_in != lhs_shape[lhs_spec[1]]:
+    raise ValueError(
+        f"{fn}: lhs feature size {lhs_shape[lhs_spec[1]]} must equal the kernel's "
+        f"{'output' if transpose_kernel else 'input'}-feature size {kernel_in} "
+        f"(transpose_kernel={transpose_kernel}); lhs.shape={lhs_shape}, rhs.shape={rhs_shape}")
+  # lax computes the fractionally strided conv conv(dilate(x, s), k', pads), with
+  # k' = flip+swap(k) if transpose_kernel else k. That is the adjoint of the
+  # strided forward conv whose kernel is flip+swap(k'), with forward padding
+  # (k_eff - 1 - lo, k_eff - 1 - hi): the adjoint pads its dilated cotangent by
+  # exactly (lo, hi). Taking this route runs the GEMM on the undilated input
+  # (s^nsp times fewer rows) instead of multiplying inserted zeros.
+  padded = [(n - 1) * s + 1 + lo + hi for n, s, (lo, hi) in zip(in_spatial, strides, pads)]
+  if any(p < 0 for p in padded):
+    raise ValueError(
+        f"{fn}: `padding` {pads!r} crops more than the dilated input "
+        f"{tuple((n - 1) * s + 1 for n, s in zip(in_spatial, strides))!r} allows")
+  out_spatial = [max(0, p - k + 1) for p, k in zip(padded, k_eff)]
   rhs = jnp.asarray(rhs)
   if transpose_kernel:
-    rhs_spec = dnums.rhs_spec
+    forward_rhs_spec = rhs_spec
+  else:
     rhs = jnp.flip(rhs, axis=tuple(rhs_spec[2:]))
-    rhs = jnp.swapaxes(rhs, rhs_spec[0], rhs_spec[1])
-    rhs_shape = tuple(rhs.shape)
-  spec = conv_spec(fn, lhs_shape, rhs_shape, (1,) * nsp, pads, strides, rhs_dil, dnums,
-                   1, 1)
-  check_same_dtype(fn, lhs_dtype, rhs_dtype)
-  return conv_with_spec(jnp.asarray(lhs), rhs, spec, precision, preferred_element_type)
-
+    forward_rhs_spec = (rhs_spec[1], rhs_spec[0], *rhs_spec[2:])  # swap O and I roles
+  forward_dnums = ConvDimensionNumbers(out_spec, forward_rhs_spec, lhs_spec)
+  out_features = rhs_shape[forward_rhs_spec[1]]
+  forward_in_shape = layout_shape(out_spec, (lhs_shape[lhs_spec[0]], out_features,
+                                             *out_spatial))
+  forward_pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(k_eff, pads))
+  lhs = jnp.asarray(lhs)
+  if preferred_element_type is not None:
+    # The adjoint returns the primal dtype; compute in the requested type instead
+    # (products of the narrower inputs are exact in it, as in a widening GEMM).
+    lhs, rhs = lhs.astype(preferred_element_type), rhs.astype(preferred_element_type)
+  return conv_adjoint(lhs, rhs, forward_in_shape, strides, forward_pads,
+                      rhs_dilation=rhs_dil, dimension_numbers=forward_dnums,
+                      precision=precision, _fn=fn)
