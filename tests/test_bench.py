@@ -1,0 +1,103 @@
+"""benchmarks/bench.py runs end to end, writes well-formed JSON, and convmm agrees with lax.
+
+The quick suite runs as a subprocess, as CI and users run it. Timings are only checked to
+be positive numbers: these machines are too noisy to assert anything about speed.
+"""
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tolerances import tol
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+QUICK_LAYERS = ["tiny3x3_s2", "tiny_adjoint"]
+IMPL_KEYS = ["fwd_ms", "step_ms", "fwd_samples_ms", "step_samples_ms", "gflops_fwd", "gflops_step",
+             "gemm_fraction_fwd", "gemm_fraction_step"]
+JAX_KEYS = ["compile_fwd_s", "compile_step_s", "lower_fwd_s", "xla_compile_step_s",
+            "temp_fwd_bytes", "temp_step_bytes"]
+RATIO_KEYS = ["fwd_vs_lax", "step_vs_lax", "fwd_vs_torch", "step_vs_torch", "compile_fwd_vs_lax",
+              "compile_step_vs_lax", "temp_fwd_vs_lax", "temp_step_vs_lax"]
+SUMMARY_KEYS = ["geomean_step_vs_lax", "geomean_fwd_vs_lax", "geomean_step_vs_torch",
+                "geomean_fwd_vs_torch", "max_step_vs_lax", "max_compile_vs_lax", "layers"]
+
+
+def run_bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def is_positive(value) -> bool:
+  return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def test_quick_run_writes_json_and_convmm_matches_lax(tmp_path):
+  path = tmp_path / "quick.json"
+  proc = run_bench("--quick", "--reps", "2", "--json", str(path))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(path.read_text())
+
+  assert set(report) == {"meta", "variants", "layers", "summary"}
+  assert report["meta"]["cores"] >= 1 and report["meta"]["reps"] == 2
+  torch_used = report["meta"]["torch"] is not None
+  assert [layer["name"] for layer in report["layers"]] == QUICK_LAYERS
+  assert set(report["summary"]) == {"convmm"}
+  assert set(report["summary"]["convmm"]) == set(SUMMARY_KEYS)
+  assert report["summary"]["convmm"]["layers"] == len(QUICK_LAYERS)
+
+  for layer in report["layers"]:
+    name = layer["name"]
+    assert layer["reps"] == 2, name
+    assert is_positive(layer["gemm"]["ms"]) and layer["flops"]["step"] == 3 * layer["flops"]["fwd"]
+    expected_impls = {"convmm", "lax", "torch"} if torch_used else {"convmm", "lax"}
+    assert set(layer["impls"]) == expected_impls, name
+    for impl, record in layer["impls"].items():
+      assert record["error"] is None, (name, impl, record["error"])
+      keys = IMPL_KEYS + (JAX_KEYS if impl != "torch" else [])
+      missing = [key for key in keys if key not in record]
+      assert not missing, (name, impl, missing)
+      assert all(is_positive(record[key]) for key in ("fwd_ms", "step_ms")), (name, impl)
+      assert len(record["fwd_samples_ms"]) == 2, (name, impl)
+      if impl != "torch":
+        assert isinstance(record["temp_step_bytes"], int), (name, impl)
+    assert set(layer["ratios"]["convmm"]) == set(RATIO_KEYS), name
+    assert is_positive(layer["ratios"]["convmm"]["step_vs_lax"]), name
+
+    # convmm against lax: output, loss and both gradients, within the float32 tolerance of
+    # the longest reduction involved (tests/tolerances.py).
+    errors = layer["errors"]["convmm"]
+    reduction = errors["reduction"]
+    for key in ("fwd", "loss"):
+      assert errors[key] <= tol(np.float32, reduction), (name, key, errors)
+    for key in ("dlhs", "drhs"):
+      assert errors[key] <= tol(np.float32, reduction, grad=True), (name, key, errors)
+    if torch_used:  # the PyTorch layer computes the same function, so timings compare
+      assert layer["errors"]["torch"]["fwd"] <= tol(np.float32, reduction), (name, layer["errors"])
+
+  table = proc.stdout
+  assert table.startswith("| layer | fwd ms |"), table[:200]
+  assert all(f"| {name} |" in table for name in QUICK_LAYERS), table
+  assert "**convmm** over 2 layers (geometric means): step vs lax" in table
+
+
+def test_list_shows_every_layer():
+  proc = run_bench("--list", timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for name in ("resnet3x3", "depthwise3x3", "grouped3x3", "unet_transpose", "unet_adjoint",
+               "audio1d_k9", "video3d", "nchw3x3"):
+    assert name in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--layers", "no_such_layer"], "matches no layer"),
+    (["--reps", "0"], "--reps and --min-reps must be >= 1"),
+    (["--variant", "method"], "expected key=value"),
+], ids=["unknown-layer", "zero-reps", "bad-variant"])
+def test_bad_arguments_fail_with_a_message(args, message):
+  proc = run_bench(*args, timeout=120)
+  assert proc.returncode != 0
+  assert message in proc.stderr
