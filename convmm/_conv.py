@@ -61,9 +61,21 @@ def _check_method(fn: str, method: Any, memory_budget: Any) -> tuple[str, int]:
   return method, memory_budget
 
 
-def choose_method(spec: ConvSpec, method: str) -> str:
-  """Resolves ``method="auto"`` for a convolution (static, shape-based)."""
+def _patch_bytes_per_sample(spec: ConvSpec, itemsize: int) -> int:
+  g = spec.geometry
+  return math.prod(g.out_spatial) * g.num_taps * g.in_features * itemsize
+
+
+def choose_method(spec: ConvSpec, method: str, itemsize: int = 4,
+                  memory_budget: int | None = None) -> str:
+  """Resolves ``method="auto"`` for a convolution (static, shape-based).
+
+  'depthwise' where each group has a single input feature; 'shift' where even
+  one sample's patch matrix would exceed the memory budget (it builds none);
+  'im2col' otherwise (tiled over the batch when the whole batch does not fit).
+  """
   geometry = spec.geometry
+  budget = _DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
   cg = geometry.in_features // spec.feature_group_count
   depthwise_ok = cg == 1 and spec.batch_group_count == 1
   if method == "depthwise" and not depthwise_ok:
@@ -75,6 +87,9 @@ def choose_method(spec: ConvSpec, method: str) -> str:
     return method
   if depthwise_ok and spec.feature_group_count > 1:
     return "depthwise"
+  per_sample = _patch_bytes_per_sample(spec, itemsize)
+  if geometry.num_taps > 1 and 2 * per_sample > budget:
+    return "shift"
   return "im2col"
 
 
@@ -108,8 +123,7 @@ def _group_gemm(
 def _conv_im2col(x_cl, w_tio, spec, precision, preferred_element_type, memory_budget):
   geometry = spec.geometry
   n = geometry.batch
-  per_sample = (math.prod(geometry.out_spatial) * geometry.num_taps * geometry.in_features
-                * jnp.dtype(x_cl.dtype).itemsize)
+  per_sample = _patch_bytes_per_sample(spec, jnp.dtype(x_cl.dtype).itemsize)
   chunk = _batch_chunk(n, spec.batch_group_count, per_sample, memory_budget)
 
   def gemm(x):
@@ -127,9 +141,11 @@ def _conv_im2col(x_cl, w_tio, spec, precision, preferred_element_type, memory_bu
 
 def _batch_chunk(n: int, batch_groups: int, per_sample: int, budget: int) -> int:
   """Largest batch chunk whose patches fit the budget (whole groups only)."""
-  if n * per_sample <= budget or batch_groups > 1 or n == 0:
+  # XLA may hold a second patch-sized buffer (the GEMM operand next to the
+  # concatenation that builds it), so a chunk gets half the budget.
+  if 2 * n * per_sample <= budget or batch_groups > 1 or n == 0:
     return n
-  fits = max(1, budget // max(1, per_sample))
+  fits = max(1, budget // max(1, 2 * per_sample))
   return max(d for d in range(1, min(n, fits) + 1) if n % d == 0)
 
 
@@ -183,8 +199,8 @@ def conv_channels_last(
   Returns:
     ``(N // batch_group_count, *out_spatial, O)``.
   """
-  method = choose_method(spec, method)
   budget = _DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+  method = choose_method(spec, method, jnp.dtype(x_cl.dtype).itemsize, budget)
   if method == "depthwise":
     return _conv_depthwise(x_cl, w_tio, spec, precision, preferred_element_type)
   if method == "shift":
