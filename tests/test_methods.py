@@ -1,0 +1,140 @@
+"""Every computation method of the core against lax, and the memory budget."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from tolerances import assert_close
+
+import convmm
+
+HIGHEST = lax.Precision.HIGHEST
+DN = ("NHWC", "HWIO", "NHWC")
+
+CASES = [
+    pytest.param((2, 7, 6, 4), (3, 3, 4, 5), dict(window_strides=(1, 1), padding="SAME"),
+                 id="dense-3x3-same"),
+    pytest.param((2, 9, 8, 4), (3, 2, 2, 6), dict(window_strides=(2, 1), padding=((1, 0), (2, -1)),
+                                               rhs_dilation=(1, 2), feature_group_count=2),
+                 id="grouped-strided-dilated"),
+    pytest.param((2, 8, 7, 6), (3, 3, 1, 12), dict(window_strides=(2, 2), padding="SAME_LOWER",
+                                                feature_group_count=6), id="depthwise-mult2"),
+    pytest.param((4, 6, 5, 3), (2, 3, 3, 4), dict(window_strides=(1, 1), padding="VALID",
+                                               batch_group_count=2), id="batch-groups"),
+    pytest.param((2, 5, 6, 3), (3, 3, 3, 2), dict(window_strides=(1, 1), padding=((2, 2), (1, 1)),
+                                               lhs_dilation=(2, 1)), id="lhs-dilation"),
+]
+
+
+def _methods_for(kw, c):
+  groups = kw.get("feature_group_count", 1)
+  methods = ["auto", "im2col", "shift"]
+  if groups == c and kw.get("batch_group_count", 1) == 1:
+    methods.append("depthwise")
+  return methods
+
+
+@pytest.mark.parametrize("x_shape, w_shape, kw", CASES)
+def test_every_method_matches_lax_value_and_grads(x_shape, w_shape, kw):
+  kx, kw_ = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(kx, x_shape)
+  w = jax.random.normal(kw_, w_shape)
+
+  def loss(conv, **extra):
+    return lambda x, w: jnp.sum(jnp.sin(conv(x, w, dimension_numbers=DN, precision=HIGHEST,
+                                             **kw, **extra)))
+
+  ref_y = lax.conv_general_dilated(x, w, dimension_numbers=DN, precision=HIGHEST, **kw)
+  ref_g = jax.grad(loss(lax.conv_general_dilated), (0, 1))(x, w)
+  reduction = int(np.prod(w_shape[:-1]))
+  for method in _methods_for(kw, x_shape[-1]):
+    y = convmm.conv_general_dilated(x, w, dimension_numbers=DN, precision=HIGHEST, method=method,
+                                    **kw)
+    assert_close(y, ref_y, reduction=reduction)
+    g = jax.grad(loss(convmm.conv_general_dilated, method=method), (0, 1))(x, w)
+    for got, want in zip(g, ref_g):
+      assert_close(got, want, reduction=reduction, grad=True)
+
+
+def test_depthwise_bfloat16_accumulates_in_float32():
+  x = jax.random.normal(jax.random.key(1), (2, 6, 6, 8)).astype(jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(2), (3, 3, 1, 8)).astype(jnp.bfloat16)
+  kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=DN, feature_group_count=8)
+  y = convmm.conv_general_dilated(x, w, method="depthwise", **kw)
+  ref = lax.conv_general_dilated(x.astype(jnp.float32), w.astype(jnp.float32),
+                                 precision=HIGHEST, **kw)
+  assert y.dtype == lax.conv_general_dilated(x, w, **kw).dtype == jnp.bfloat16
+  assert_close(y, ref, dtype=jnp.bfloat16, reduction=9)
+
+
+def test_tiled_im2col_matches_untiled_and_lax():
+  # A 600-byte budget forces one sample per chunk (lax.map over the batch).
+  x = jax.random.normal(jax.random.key(3), (6, 5, 5, 3))
+  w = jax.random.normal(jax.random.key(4), (3, 3, 3, 4))
+  kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=DN, precision=HIGHEST)
+  tiled = lambda x, w: convmm.conv_general_dilated(x, w, method="im2col", memory_budget=600, **kw)
+  ref = lambda x, w: lax.conv_general_dilated(x, w, **kw)
+  assert "while" in jax.jit(tiled).lower(x, w).as_text()  # really tiled
+  assert_close(tiled(x, w), ref(x, w), reduction=27)
+  g = jax.grad(lambda x, w: jnp.sum(tiled(x, w) ** 2), (0, 1))(x, w)
+  g_ref = jax.grad(lambda x, w: jnp.sum(ref(x, w) ** 2), (0, 1))(x, w)
+  for got, want in zip(g, g_ref):
+    assert_close(got, want, reduction=27 * 5 * 5, grad=True)
+
+
+def test_auto_builds_no_patches_when_one_sample_exceeds_budget():
+  x = jax.random.normal(jax.random.key(5), (1, 6, 6, 2))
+  w = jax.random.normal(jax.random.key(6), (3, 3, 2, 3))
+  kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=DN, precision=HIGHEST)
+  f = lambda x: convmm.conv_general_dilated(x, w, memory_budget=64, **kw)
+  hlo = jax.jit(f).lower(x).as_text()
+  assert "concatenate" not in hlo  # shift-and-accumulate: no stacked patch matrix
+  assert_close(f(x), lax.conv_general_dilated(x, w, **kw), reduction=18)
+
+
+def test_large_layer_temp_memory_stays_within_budget():
+  # Issue target: a 32x112x112x64 input with a 3x3 kernel (a ~900 MiB patch matrix
+  # if built whole) compiles to <= 160 MiB of temporaries for the forward, and a
+  # training step to <= lax's temporaries + 160 MiB. Compiled only, never run.
+  x = jax.ShapeDtypeStruct((32, 112, 112, 64), jnp.float32)
+  w = jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32)
+
+  def temp_mib(f):
+    return jax.jit(f).lower(x, w).compile().memory_analysis().temp_size_in_bytes / 2**20
+
+  def step(conv):
+    return jax.value_and_grad(
+        lambda x, w: jnp.sum(conv(x, w, (1, 1), "SAME", dimension_numbers=DN) ** 2), (0, 1))
+
+  fwd = temp_mib(lambda x, w: convmm.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                          dimension_numbers=DN))
+  assert fwd <= 160, fwd
+  assert temp_mib(step(convmm.conv_general_dilated)) <= temp_mib(
+      step(lax.conv_general_dilated)) + 160
+
+
+def test_set_memory_budget_round_trips_and_validates():
+  old = convmm.set_memory_budget(1234)
+  try:
+    assert convmm.set_memory_budget(old) == 1234
+  finally:
+    convmm.set_memory_budget(old)
+  with pytest.raises(ValueError, match="set_memory_budget: `nbytes`"):
+    convmm.set_memory_budget(0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(method="fft"), r"conv_general_dilated: `method` must be one of"),
+        (dict(memory_budget=0), r"conv_general_dilated: `memory_budget` must be a positive"),
+        (dict(method="depthwise"), r"`method`='depthwise' needs one input feature per group"),
+    ],
+    ids=["unknown-method", "zero-budget", "depthwise-on-dense"],
+)
+def test_method_argument_errors(kwargs, match):
+  x = jnp.ones((1, 4, 4, 2))
+  w = jnp.ones((3, 3, 2, 2))
+  with pytest.raises(ValueError, match=match):
+    convmm.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN, **kwargs)
