@@ -14,6 +14,8 @@ from convmm._im2col import im2col as im2col
 from convmm._matrix import conv_matrix as conv_matrix
 from convmm._signal import convolve as convolve
 from convmm._signal import correlate as correlate
+from convmm._spectral import circular_singular_values as circular_singular_values
+from convmm._spectral import operator_norm as operator_norm
 
 conv_general_dilated_patches = im2col
 
