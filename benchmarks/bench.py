@@ -363,8 +363,11 @@ def random_operands(layer: Layer, seed: int) -> tuple[jax.Array, jax.Array]:
   return x, w
 
 
-def median_ms(samples: list[float]) -> float | None:
-  return 1e3 * statistics.median(samples) if samples else None
+STATISTICS = {"median": statistics.median, "min": min}
+
+
+def summary_ms(samples: list[float], stat: str) -> float | None:
+  return 1e3 * STATISTICS[stat](samples) if samples else None
 
 
 def measure_layer(layer: Layer, jax_impls: dict[str, JaxImpl], args, log) -> dict[str, Any]:
@@ -383,6 +386,10 @@ def measure_layer(layer: Layer, jax_impls: dict[str, JaxImpl], args, log) -> dic
       executables = {}
       for mode, fn in (("fwd", forward), ("step", training_step(forward))):
         executables[mode], stats = compile_timed(fn, x, w)
+        if args.dump_hlo:
+          path = os.path.join(args.dump_hlo, f"{layer.name}.{name}.{mode}.txt")
+          with open(path, "w") as f:
+            f.write(executables[mode].as_text())
         record[f"compile_{mode}_s"] = stats["compile_s"]
         record[f"lower_{mode}_s"] = stats["lower_s"]
         record[f"xla_compile_{mode}_s"] = stats["xla_compile_s"]
@@ -392,7 +399,7 @@ def measure_layer(layer: Layer, jax_impls: dict[str, JaxImpl], args, log) -> dic
       loss, (dx, dw) = jax.block_until_ready(step(x, w))
     except Exception as e:  # noqa: BLE001 -- report a broken implementation, keep going
       record["error"] = f"{type(e).__name__}: {e}"[:500]
-      log(f"    {name} failed: {record['error']}")
+      log(f"    {name} failed: {record['error'][:200]}")
       continue
     outputs[name] = dict(fwd=y, loss=loss, dlhs=dx, drhs=dw)
     runners[name, "fwd"] = lambda fwd=fwd: fwd(x, w).block_until_ready()
@@ -445,13 +452,15 @@ def measure_layer(layer: Layer, jax_impls: dict[str, JaxImpl], args, log) -> dic
     if reps >= args.min_reps and time.perf_counter() - start > args.max_seconds:
       break
 
-  gemm_ms = median_ms(samples["gemm", "fwd"])
+  gemm_ms = summary_ms(samples["gemm", "fwd"], args.stat)
   for name, record in impls.items():
     if record["error"] is not None:
       continue
     for mode, flops, gemm_calls in (("fwd", gemm.flops, 1), ("step", 3 * gemm.flops, 3)):
-      ms = median_ms(samples[name, mode])
-      record[f"{mode}_ms"] = ms
+      ms = summary_ms(samples[name, mode], args.stat)
+      record[f"{mode}_ms"] = ms  # the statistic chosen by --stat (median by default)
+      record[f"{mode}_median_ms"] = summary_ms(samples[name, mode], "median")
+      record[f"{mode}_min_ms"] = summary_ms(samples[name, mode], "min")
       record[f"{mode}_samples_ms"] = [1e3 * s for s in samples[name, mode]]
       record[f"gflops_{mode}"] = flops / ms / 1e6
       # A step is three GEMMs of this size (forward, input and kernel gradients).
@@ -468,7 +477,8 @@ def measure_layer(layer: Layer, jax_impls: dict[str, JaxImpl], args, log) -> dic
       errors[name] = {key: max_error(outputs[name][key], outputs["lax"][key])
                       for key in ("fwd", "loss", "dlhs", "drhs")}
       errors[name]["reduction"] = reduction
-    ratios[name] = layer_ratios(impls, name)
+    if impls[name]["error"] is None:
+      ratios[name] = layer_ratios(impls, name)
   if torch_errors:
     errors["torch"] = torch_errors
 
@@ -535,9 +545,14 @@ def shape_str(shape) -> str:
 
 
 def markdown_tables(results: list[dict[str, Any]], variants: list[str],
-                    summary: dict[str, Any]) -> str:
+                    summary: dict[str, Any], meta: dict[str, Any]) -> str:
   """Time table, resource table and geometric means, as markdown."""
   lines = [
+      f"Times in ms, {meta['stat']} of up to {meta['reps']} interleaved repetitions; "
+      f"{meta['cpu']}, {meta['cores']} cores, jax {meta['jax']}, torch {meta['torch']}; "
+      "/lax and /torch are convmm's time over theirs; GEMM frac is XLA's time for the bare "
+      "GEMM of the same M, K, N (x3 for a step) over convmm's.",
+      "",
       "| layer | fwd ms | lax | torch | /lax | /torch | step ms | lax | torch | /lax | /torch "
       "| GFLOP/s fwd | GEMM frac fwd/step |",
       "|---|" + "---:|" * 12,
@@ -573,6 +588,8 @@ def markdown_tables(results: list[dict[str, Any]], variants: list[str],
     lax_r = r["impls"].get("lax", {})
     for name in variants:
       c = r["impls"].get(name, {})
+      if c.get("error"):
+        continue
       err = r["errors"].get(name)
       err = "-" if err is None else f"{max(err[k] for k in ('fwd', 'loss', 'dlhs', 'drhs')):.1e}"
       label = r["name"] if name == "convmm" else f"{r['name']} {name[len('convmm'):]}"
@@ -583,6 +600,9 @@ def markdown_tables(results: list[dict[str, Any]], variants: list[str],
           f"| {fmt_pair(c, lax_r, 'temp_step_bytes', mib)} | {err} |")
   lines.append("")
   for name, s in summary.items():
+    if not s["layers"]:
+      lines.append(f"**{name}** ran on no layer.")
+      continue
     lines.append(
         f"**{name}** over {s['layers']} layers (geometric means): step vs lax "
         f"{fmt(s['geomean_step_vs_lax'], 'x')}, fwd vs lax {fmt(s['geomean_fwd_vs_lax'], 'x')}, "
@@ -611,7 +631,7 @@ def machine_info(args) -> dict[str, Any]:
       torch_threads=None if torch is None or args.no_torch else torch.get_num_threads(),
       torch_layout="NC* contiguous (PyTorch's default)",
       omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), reps=args.reps,
-      min_reps=args.min_reps, max_seconds=args.max_seconds, seed=args.seed,
+      min_reps=args.min_reps, max_seconds=args.max_seconds, stat=args.stat, seed=args.seed,
       xla_flags=os.environ.get("XLA_FLAGS"))
 
 
@@ -643,6 +663,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="stop after this many repetitions once --max-seconds is spent")
   parser.add_argument("--max-seconds", type=float, default=20.0,
                       help="time budget per layer for the timed loop (default 20)")
+  parser.add_argument("--stat", choices=sorted(STATISTICS), default="median",
+                      help="statistic of the repetitions in the table and ratios (default "
+                      "median; min is steadier on a busy machine)")
+  parser.add_argument("--dump-hlo", metavar="DIR",
+                      help="write each implementation's optimised HLO (fwd and step) here")
   parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,...]",
                       help="add a convmm variant called with these keyword arguments "
                       "(repeatable), e.g. --variant method=shift")
@@ -671,6 +696,8 @@ def main(argv=None) -> int:
     return 0
   if torch is not None and not args.no_torch:
     torch.set_num_threads(args.threads)
+  if args.dump_hlo:
+    os.makedirs(args.dump_hlo, exist_ok=True)
   variants = dict(CONVMM_VARIANTS)
   variants.update(parse_variant(text) for text in args.variant)
   jax_impls = {"lax": LAX, **{name: convmm_impl(**kw) for name, kw in variants.items()}}
@@ -693,7 +720,7 @@ def main(argv=None) -> int:
   summary = summarize(results, list(variants))
   log(f"done in {time.perf_counter() - start:.0f} s")
 
-  print(markdown_tables(results, list(variants), summary))
+  print(markdown_tables(results, list(variants), summary, info))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(dict(meta=info, variants=variants, layers=results, summary=summary), f,

@@ -79,7 +79,7 @@ def test_quick_run_writes_json_and_convmm_matches_lax(tmp_path):
       assert layer["errors"]["torch"]["fwd"] <= tol(np.float32, reduction), (name, layer["errors"])
 
   table = proc.stdout
-  assert table.startswith("| layer | fwd ms |"), table[:200]
+  assert "\n| layer | fwd ms | lax | torch |" in table, table[:500]
   assert all(f"| {name} |" in table for name in QUICK_LAYERS), table
   assert "**convmm** over 2 layers (geometric means): step vs lax" in table
 
