@@ -573,14 +573,46 @@ def main(argv: Sequence[str] | None = None) -> dict:
       jax.distributed.shutdown()
 
 
+def data_devices(per_process: int) -> list[jax.Device]:
+  """The first ``per_process`` devices of every process, ordered by process."""
+  return [device for process in range(jax.process_count())
+          for device in sorted((d for d in jax.devices() if d.process_index == process),
+                               key=lambda d: d.id)[:per_process]]
+
+
+def check_resume_config(saved: dict, config: dict, out: Path) -> None:
+  for name in RESUME_FLAGS:
+    if saved[name] != config[name]:
+      raise ValueError(
+          f"train_cnn: `--{name.replace('_', '-')}` (={config[name]}) differs from the "
+          f"checkpoint's (={saved[name]}) in {str(out)!r}; a resumed run must keep the flags "
+          f"that fix the batches and updates: {', '.join(RESUME_FLAGS)}")
+
+
+def train_epoch(train_step, params, opt_state, data: Dataset, order: np.ndarray,
+                batch_size: int, parallel: DataParallel, progress):
+  """One pass over ``order`` in global batches; returns the state, mean loss and accuracy."""
+  losses, accuracies = [], []
+  for step in progress:
+    batch = order[step * batch_size:(step + 1) * batch_size]
+    params, opt_state, loss, accuracy = train_step(
+        params, opt_state, parallel.put_batch(data.train_images[batch]),
+        parallel.put_batch(data.train_labels[batch]))
+    losses.append(loss)
+    accuracies.append(accuracy)
+    if step % 10 == 0:  # reading the loss waits for the step; do it now and then
+      progress.set_postfix(loss=f"{float(host_value(loss)):.4f}")
+  return (params, opt_state, float(np.mean([host_value(x) for x in losses])),
+          float(np.mean([host_value(x) for x in accuracies])))
+
+
 def train(args: argparse.Namespace, wall_start: float) -> dict:
+  """The body of :func:`main`, once JAX knows its devices and processes."""
   from tqdm import tqdm
 
   is_main = jax.process_index() == 0
   log = print if is_main else (lambda *a, **k: None)
-  devices = [d for p in range(jax.process_count()) for d in
-             sorted((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
-             [:args.devices]]
+  devices = data_devices(args.devices)
   parallel = DataParallel.over(devices)
   out = args.out if args.out is not None else default_out_dir()
   if is_main:
@@ -606,62 +638,50 @@ def train(args: argparse.Namespace, wall_start: float) -> dict:
   if args.resume:
     start_epoch, params, opt_state, meta = restore_checkpoint(
         manager, params, opt_state, parallel.replicated)
-    for name in RESUME_FLAGS:
-      if meta["config"][name] != config[name]:
-        raise ValueError(
-            f"train_cnn: `--{name.replace('_', '-')}` (={config[name]}) differs from the "
-            f"checkpoint's (={meta['config'][name]}) in {str(out)!r}; a resumed run must keep the "
-            f"flags that fix the batches and updates: {', '.join(RESUME_FLAGS)}")
+    check_resume_config(meta["config"], config, out)
     history = meta["history"]
     log(f"resuming {out} after epoch {start_epoch}")
 
-  def put(x):
-    return parallel.put_batch(x)
+  def evaluate_test(params):
+    return evaluate(eval_step, params, data.test_images, data.test_labels, eval_batch,
+                    parallel.put_batch)
 
-  train_step = make_train_step(model, tx, parallel.replicated)
   eval_step = make_eval_step(model, parallel.replicated)
   compile_start = time.perf_counter()
-  example = (put(data.train_images[:args.batch_size]), put(data.train_labels[:args.batch_size]))
-  train_step = train_step.lower(params, opt_state, *example).compile()
+  example = [parallel.put_batch(x[:args.batch_size])
+             for x in (data.train_images, data.train_labels)]
+  train_step = make_train_step(model, tx, parallel.replicated).lower(
+      params, opt_state, *example).compile()
   compile_seconds = time.perf_counter() - compile_start
 
   log(f"training a CNN with {args.conv} convolutions on {args.data}: {len(data.train_labels)} "
       f"train / {len(data.test_labels)} test examples, batch {args.batch_size} over "
       f"{len(devices)} device(s) in {jax.process_count()} process(es)")
+  test_loss, test_accuracy = None, None
   for epoch in range(start_epoch + 1, args.epochs + 1):
     epoch_start = time.perf_counter()
-    order = epoch_order(len(data.train_labels), args.seed, epoch)
-    losses, accuracies = [], []
-    bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{args.epochs}", unit="step",
-               disable=not is_main or args.no_progress, leave=False, dynamic_ncols=True)
-    for step in bar:
-      batch = order[step * args.batch_size:(step + 1) * args.batch_size]
-      params, opt_state, loss, accuracy = train_step(
-          params, opt_state, put(data.train_images[batch]), put(data.train_labels[batch]))
-      losses.append(loss)
-      accuracies.append(accuracy)
-      if step % 10 == 0 or step == steps_per_epoch - 1:
-        bar.set_postfix(loss=f"{float(host_value(loss)):.4f}")
-    train_loss = float(np.mean([host_value(x) for x in losses]))
-    train_accuracy = float(np.mean([host_value(x) for x in accuracies]))
+    progress = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{args.epochs}", unit="step",
+                    disable=not is_main or args.no_progress, leave=False, dynamic_ncols=True)
+    params, opt_state, train_loss, train_accuracy = train_epoch(
+        train_step, params, opt_state, data, epoch_order(len(data.train_labels), args.seed, epoch),
+        args.batch_size, parallel, progress)
     epoch_seconds = time.perf_counter() - epoch_start
-    test_loss, test_accuracy = evaluate(eval_step, params, data.test_images, data.test_labels,
-                                        eval_batch, put)
+    test_loss, test_accuracy = evaluate_test(params)
     for key, value in zip(history, (train_loss, train_accuracy, test_loss, test_accuracy,
                                     epoch_seconds)):
       history[key].append(value)
-    log(f"epoch {epoch}/{args.epochs}: train_loss={train_loss:.4f} test_accuracy="
-        f"{test_accuracy:.4f} ({epoch_seconds:.2f}s)", flush=True)
+    log(f"epoch {epoch}/{args.epochs}: train_loss={train_loss:.4f} "
+        f"test_accuracy={test_accuracy:.4f} ({epoch_seconds:.2f}s)", flush=True)
     # Every process takes part in an orbax save; only process 0 writes the replicated arrays.
     save_checkpoint(manager, epoch, params, opt_state,
                     {"epoch": epoch, "config": config, "history": history})
   manager.close()
+  if test_accuracy is None:  # nothing left to train (e.g. resumed at --epochs)
+    test_loss, test_accuracy = evaluate_test(params)
 
-  final_loss, final_accuracy = evaluate(eval_step, params, data.test_images, data.test_labels,
-                                        eval_batch, put)
   metrics = {
-      "test_accuracy": final_accuracy,
-      "test_loss": final_loss,
+      "test_accuracy": test_accuracy,
+      "test_loss": test_loss,
       **{key: history[key] for key in ("train_loss", "train_accuracy", "epoch_seconds")},
       "test_accuracy_per_epoch": history["test_accuracy"],
       "test_loss_per_epoch": history["test_loss"],
@@ -681,23 +701,29 @@ def train(args: argparse.Namespace, wall_start: float) -> dict:
       "lr": args.lr,
       "seed": args.seed,
       "num_params": sum(x.size for x in jax.tree.leaves(params)),
-      "compile_seconds": compile_seconds,
-      "wall_seconds": time.perf_counter() - wall_start,
+      "compile_seconds": compile_seconds,  # the train step's; excluded from epoch_seconds
+      "wall_seconds": time.perf_counter() - wall_start,  # main(), after Python's imports
       "jax_version": jax.__version__,
       "out": str(out),
   }
   if is_main:
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    if history["train_loss"]:
-      save_plot(history, out / "training.png")
-    print()
-    print(summary_table(history))
-    print(f"\nconv={args.conv} devices={len(devices)} processes={jax.process_count()} "
-          f"params={metrics['num_params']} compile={compile_seconds:.1f}s "
-          f"train={sum(history['epoch_seconds']):.1f}s wall={metrics['wall_seconds']:.1f}s")
-    print(f"wrote {out / 'metrics.json'}, {out / 'training.png'}, {out / 'checkpoints'}")
-  print(f"test_accuracy={final_accuracy:.4f}", flush=True)
+    write_outputs(metrics, history, out)
+  print(f"test_accuracy={test_accuracy:.4f}", flush=True)
   return metrics
+
+
+def write_outputs(metrics: dict, history: dict, out: Path) -> None:
+  """metrics.json, the plot, and the summary table on stdout."""
+  (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+  if history["train_loss"]:
+    save_plot(history, out / "training.png")
+  print()
+  print(summary_table(history))
+  print(f"\nconv={metrics['conv']} devices={metrics['devices']} "
+        f"processes={metrics['processes']} params={metrics['num_params']} "
+        f"compile={metrics['compile_seconds']:.1f}s train={sum(history['epoch_seconds']):.1f}s "
+        f"wall={metrics['wall_seconds']:.1f}s")
+  print(f"wrote {out / 'metrics.json'}, {out / 'training.png'}, {out / 'checkpoints'}")
 
 
 if __name__ == "__main__":
