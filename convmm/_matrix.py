@@ -15,6 +15,7 @@ kernel tap reads at each output position. No matrix is densified to find it.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Sequence
@@ -46,6 +47,17 @@ def canonical_lhs_shape(fn: str, lhs_shape: Any) -> tuple[int, ...]:
   return shape
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _source_indices(spec: ConvSpec, lhs_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """im2col of ``flat_index + 1`` of the input, and the flat index of each output."""
+  lhs_spec, _, out_spec = spec.geometry.dimension_numbers
+  index = jnp.arange(1, math.prod(lhs_shape) + 1, dtype=jnp.int32).reshape(lhs_shape)
+  # (N, *out, T, C): 1 + the flat input index each tap reads, 0 for padding.
+  sources = patches_channels_last(to_channels_last(index, lhs_spec), spec.geometry)
+  out_index = jnp.arange(math.prod(spec.out_shape), dtype=jnp.int32).reshape(spec.out_shape)
+  return sources, to_channels_last(out_index, out_spec)  # (N, *out, O)
+
+
 def structure(spec: ConvSpec, lhs_shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
   """Row, column and kernel index of every structural entry of the matrix.
 
@@ -54,17 +66,11 @@ def structure(spec: ConvSpec, lhs_shape: tuple[int, ...]) -> tuple[np.ndarray, .
   :func:`convmm._conv.kernel_taps_last` whose value the entry holds.
   """
   geometry = spec.geometry
-  lhs_spec, _, out_spec = geometry.dimension_numbers
-  n_out, o = math.prod(spec.out_shape), spec.out_features
-  g = spec.feature_group_count
+  o, g = spec.out_features, spec.feature_group_count
   c_g, o_g, taps = geometry.in_features // g, o // g, geometry.num_taps
   # Shapes are static, so the index arrays are concrete even under jit.
   with jax.ensure_compile_time_eval():
-    index = jnp.arange(1, math.prod(lhs_shape) + 1, dtype=jnp.int32).reshape(lhs_shape)
-    # (N, *out, T, C): 1 + the flat input index each tap reads, 0 for padding.
-    sources = np.asarray(patches_channels_last(to_channels_last(index, lhs_spec), geometry))
-    out_index = jnp.arange(n_out, dtype=jnp.int32).reshape(spec.out_shape)
-    rows_cl = np.asarray(to_channels_last(out_index, out_spec))  # (N, *out, O)
+    sources, rows_cl = (np.asarray(a) for a in _source_indices(spec, lhs_shape))
   batch, positions = geometry.batch, math.prod(geometry.out_spatial)
   # Entry (n, p, group, o', t, c') reads input channel group * c_g + c' and
   # holds kernel[t, c', group * o_g + o'].
@@ -79,6 +85,18 @@ def structure(spec: ConvSpec, lhs_shape: tuple[int, ...]) -> tuple[np.ndarray, .
   taps_index = np.broadcast_to(kernel_index, full)[inside]
   order = np.lexsort((cols, rows))
   return rows[order], cols[order], taps_index[order]
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _assemble(rhs: jax.Array, rows: jax.Array, cols: jax.Array, taps_index: jax.Array,
+              spec: ConvSpec, shape: tuple[int, int], sparse: bool):
+  values = kernel_taps_last(rhs, spec).reshape(-1)[taps_index]
+  if sparse:
+    indices = jnp.stack([rows, cols], axis=-1)
+    return jsparse.BCOO((values, indices), shape=shape, indices_sorted=True,
+                        unique_indices=True)
+  return jnp.zeros(shape, values.dtype).at[rows, cols].set(
+      values, indices_are_sorted=True, unique_indices=True)
 
 
 def conv_matrix(
@@ -162,10 +180,5 @@ def conv_matrix(
         f"{fn}: the matrix shape {shape} does not fit int32 indices (at most "
         f"{_INDEX_LIMIT} rows and columns); lhs_shape={lhs_shape}, rhs.shape={rhs_shape}")
   rows, cols, taps_index = structure(spec, lhs_shape)
-  values = kernel_taps_last(jnp.asarray(rhs), spec).reshape(-1)[taps_index]
-  if sparse:
-    indices = np.stack([rows, cols], axis=-1).astype(np.int32)
-    return jsparse.BCOO((values, jnp.asarray(indices)), shape=shape, indices_sorted=True,
-                        unique_indices=True)
-  return jnp.zeros(shape, values.dtype).at[rows, cols].set(
-      values, indices_are_sorted=True, unique_indices=True)
+  return _assemble(jnp.asarray(rhs), rows.astype(np.int32), cols.astype(np.int32),
+                   taps_index.astype(np.int32), spec, shape, bool(sparse))
