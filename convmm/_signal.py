@@ -10,6 +10,8 @@ SciPy's 'full', 'same' or 'valid' part of the result.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -33,7 +35,8 @@ def _operands(fn: str, in1, in2, mode) -> tuple[jax.Array, jax.Array]:
     raise ValueError(
         f"{fn}: `in1` and `in2` must be non-empty, got in1.shape={shape1} and "
         f"in2.shape={shape2}")
-  dtype = jnp.result_type(dtype1, dtype2)
+  # NumPy float64 inputs become float32 unless x64 is enabled, as in jnp.asarray.
+  dtype = jnp.result_type(*(jax.dtypes.canonicalize_dtype(d) for d in (dtype1, dtype2)))
   return jnp.asarray(in1, dtype), jnp.asarray(in2, dtype)
 
 
@@ -41,6 +44,7 @@ def _conj(x: jax.Array) -> jax.Array:
   return jnp.conj(x) if jnp.iscomplexobj(x) else x
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3))
 def _convolve(fn: str, in1: jax.Array, in2: jax.Array, mode: str) -> jax.Array:
   if in1.ndim == 0:
     return in1 * in2
