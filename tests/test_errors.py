@@ -1,0 +1,430 @@
+"""One ``pytest.raises(..., match=...)`` per validation rule.
+
+Every bad argument must give a ``ValueError`` or ``TypeError`` whose single
+message starts with the public function's name, names the argument and shows
+the offending values, raised in Python at trace time: eagerly, and also while
+``jax.jit`` traces (never an XLA lowering error, a broadcasting error or a
+silently wrong result).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import convmm
+
+conv = convmm.conv_general_dilated
+X = jnp.ones((2, 4, 5, 5), jnp.float32)  # NCHW
+W = jnp.ones((6, 4, 3, 3), jnp.float32)  # OIHW
+Y = jnp.ones((2, 6, 3, 3), jnp.float32)  # conv(X, W, (1, 1), 'VALID')
+PATCHES = jnp.ones((2, 36, 3, 3), jnp.float32)  # im2col(X, (3, 3), (1, 1), 'VALID')
+XT = jnp.ones((1, 4, 4, 3), jnp.float32)  # NHWC for conv_transpose
+WT = jnp.ones((3, 3, 3, 2), jnp.float32)  # HWIO
+
+
+def rule(fn, args, kwargs, exc, match, marks=()):
+  return dict(fn=fn, args=args, kwargs=kwargs, exc=exc, match=match, marks=marks)
+
+
+def shape(s):
+  """A regex matching the tuple ``s`` as printed."""
+  return re.escape(str(tuple(s)))
+
+
+G = "^conv_general_dilated: "
+RULES = {
+    # --- features and groups
+    "channel_mismatch": rule(
+        conv, (X, jnp.ones((6, 3, 3, 3))), dict(window_strides=(1, 1), padding="VALID"),
+        ValueError, G + r".*\b4\b.*\b3\b.*lhs.shape=" + shape(X.shape) + ".*rhs.shape="
+        + shape((6, 3, 3, 3))),
+    "feature_groups_not_dividing_channels": rule(
+        conv, (jnp.ones((2, 3, 5, 5)), jnp.ones((6, 1, 3, 3))),
+        dict(window_strides=(1, 1), padding="VALID", feature_group_count=2),
+        ValueError, G + r"`feature_group_count` \(=2\) must divide the lhs feature size 3"),
+    "feature_groups_not_dividing_out_features": rule(
+        conv, (X, jnp.ones((3, 2, 3, 3))),
+        dict(window_strides=(1, 1), padding="VALID", feature_group_count=2),
+        ValueError, G + r"`feature_group_count` \(=2\) must divide the rhs output-feature size 3"),
+    "batch_groups_not_dividing_batch": rule(
+        conv, (jnp.ones((3, 4, 5, 5)), W),
+        dict(window_strides=(1, 1), padding="VALID", batch_group_count=2),
+        ValueError, G + r"`batch_group_count` \(=2\) must divide the lhs batch size 3"),
+    "batch_groups_not_dividing_out_features": rule(
+        conv, (X, jnp.ones((3, 4, 3, 3))),
+        dict(window_strides=(1, 1), padding="VALID", batch_group_count=2),
+        ValueError, G + r"`batch_group_count` \(=2\) must divide the rhs output-feature size 3"),
+    "both_group_counts": rule(
+        conv, (X, jnp.ones((4, 2, 3, 3))),
+        dict(window_strides=(1, 1), padding="VALID", feature_group_count=2,
+             batch_group_count=2),
+        ValueError, G + r".*`feature_group_count` \(=2\).*`batch_group_count` \(=2\)"),
+    "zero_feature_groups": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding="VALID", feature_group_count=0),
+        ValueError, G + r"`feature_group_count`.*0"),
+    "negative_batch_groups": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding="VALID", batch_group_count=-1),
+        ValueError, G + r"`batch_group_count`.*-1"),
+    "float_feature_groups": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding="VALID", feature_group_count=1.5),
+        TypeError, G + r"`feature_group_count`.*1\.5"),
+    # --- strides and dilations
+    "zero_stride": rule(
+        conv, (X, W), dict(window_strides=(0, 1), padding="VALID"),
+        ValueError, G + r"`window_strides`.*\(0, 1\)"),
+    "negative_stride": rule(
+        conv, (X, W), dict(window_strides=(1, -2), padding="VALID"),
+        ValueError, G + r"`window_strides`.*\(1, -2\)"),
+    "zero_rhs_dilation": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding="VALID", rhs_dilation=(1, 0)),
+        ValueError, G + r"`rhs_dilation`.*\(1, 0\)"),
+    "negative_lhs_dilation": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding=((0, 0), (0, 0)),
+                           lhs_dilation=(-1, 1)),
+        ValueError, G + r"`lhs_dilation`.*\(-1, 1\)"),
+    "float_stride": rule(
+        conv, (X, W), dict(window_strides=(1.5, 1), padding="VALID"),
+        TypeError, G + r"`window_strides`.*1\.5"),
+    "bool_stride": rule(
+        conv, (X, W), dict(window_strides=(True, 1), padding="VALID"),
+        TypeError, G + r"`window_strides`.*True"),
+    "int_stride_not_sequence": rule(
+        conv, (X, W), dict(window_strides=1, padding="VALID"),
+        TypeError, G + r"`window_strides`.*1"),
+    # --- sequence lengths and ranks
+    "strides_wrong_length": rule(
+        conv, (X, W), dict(window_strides=(1,), padding="VALID"),
+        ValueError, G + r"`window_strides`.*\(2\).*\(1,\)"),
+    "rhs_dilation_wrong_length": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding="VALID", rhs_dilation=(1, 1, 1)),
+        ValueError, G + r"`rhs_dilation`.*\(2\).*\(1, 1, 1\)"),
+    "lhs_dilation_wrong_length": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding=((0, 0), (0, 0)),
+                           lhs_dilation=(2,)),
+        ValueError, G + r"`lhs_dilation`.*\(2\).*\(2,\)"),
+    "rank_too_low": rule(
+        conv, (jnp.ones(5), jnp.ones(3)), dict(window_strides=(), padding="VALID"),
+        ValueError, G + r"`lhs`.*rank.*1"),
+    "rank_mismatch": rule(
+        conv, (X, jnp.ones((6, 4, 3))), dict(window_strides=(1, 1), padding="VALID"),
+        ValueError, G + r"`lhs` and `rhs`.*rank.*4.*3"),
+    # --- padding
+    "unknown_padding_string": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding="FULL"),
+        ValueError, G + r"`padding`.*'FULL'"),
+    "string_padding_with_lhs_dilation": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding="SAME", lhs_dilation=(2, 2)),
+        ValueError, G + r".*`padding`.*'SAME'.*`lhs_dilation`.*\(2, 2\)"),
+    "padding_wrong_count": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding=((1, 1),)),
+        ValueError, G + r"`padding`.*\(2\).*1"),
+    "padding_triple": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding=((1, 1, 1), (0, 0))),
+        TypeError, G + r"`padding`.*\(1, 1, 1\)"),
+    "padding_flat_pair": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding=(1, 1)),
+        TypeError, G + r"`padding`.*\(1, 1\)"),
+    "padding_float": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding=((1.5, 0), (0, 0))),
+        TypeError, G + r"`padding`.*1\.5"),
+    "padding_int": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding=1),
+        TypeError, G + r"`padding`.*1"),
+    "negative_padding_beyond_input": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding=((-3, -3), (0, 0))),
+        ValueError, G + r"negative `padding`.*\(-3, -3\).*\(5, 5\)"),
+    "negative_padding_beyond_dilated_input": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding=((-10, 0), (0, 0)),
+                           lhs_dilation=(2, 1)),
+        ValueError, G + r"negative `padding`.*\(-10, 0\).*\(9, 5\)"),
+    # --- dimension_numbers
+    "dimension_numbers_wrong_length": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding="VALID",
+                           dimension_numbers=("NCH", "OIHW", "NCHW")),
+        ValueError, G + r"`dimension_numbers`.*'NCH'"),
+    "dimension_numbers_repeated_letter": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding="VALID",
+                           dimension_numbers=("NCHH", "OIHW", "NCHW")),
+        ValueError, G + r"`dimension_numbers`.*'NCHH'"),
+    "dimension_numbers_missing_n": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding="VALID",
+                           dimension_numbers=("XCHW", "OIHW", "NCHW")),
+        ValueError, G + r"`dimension_numbers`.*'XCHW'.*'N'"),
+    "dimension_numbers_missing_c": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding="VALID",
+                           dimension_numbers=("NCHW", "OIHW", "NXHW")),
+        ValueError, G + r"`dimension_numbers`.*'NXHW'.*'C'"),
+    "dimension_numbers_missing_o": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding="VALID",
+                           dimension_numbers=("NCHW", "XIHW", "NCHW")),
+        ValueError, G + r"`dimension_numbers`.*'XIHW'.*'O'"),
+    "dimension_numbers_missing_i": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding="VALID",
+                           dimension_numbers=("NCHW", "OXHW", "NCHW")),
+        ValueError, G + r"`dimension_numbers`.*'OXHW'.*'I'"),
+    "dimension_numbers_spatial_mismatch": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding="VALID",
+                           dimension_numbers=("NCHW", "OIHW", "NCHX")),
+        ValueError, G + r"`dimension_numbers`.*spatial.*'NCHX'"),
+    "dimension_numbers_int": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding="VALID", dimension_numbers=5),
+        TypeError, G + r"`dimension_numbers`.*5"),
+    "dimension_numbers_string": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding="VALID", dimension_numbers="NCHW"),
+        TypeError, G + r"`dimension_numbers`.*'NCHW'"),
+    "dimension_numbers_two_specs": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding="VALID",
+                           dimension_numbers=("NCHW", "OIHW")),
+        TypeError, G + r"`dimension_numbers`.*\('NCHW', 'OIHW'\)"),
+    "dimension_numbers_object_not_permutation": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding="VALID",
+                           dimension_numbers=lax.ConvDimensionNumbers(
+                               (0, 1, 2, 2), (0, 1, 2, 3), (0, 1, 2, 3))),
+        ValueError, G + r"`dimension_numbers.*lhs_spec`.*\(0, 1, 2, 2\)"),
+    "dimension_numbers_object_wrong_length": rule(
+        conv, (X, W), dict(window_strides=(1, 1), padding="VALID",
+                           dimension_numbers=lax.ConvDimensionNumbers(
+                               (0, 1, 2, 3), (0, 1, 2), (0, 1, 2, 3))),
+        ValueError, G + r"`dimension_numbers.*rhs_spec`.*\(0, 1, 2\)"),
+    # --- operands
+    "dtype_mismatch": rule(
+        conv, (X, W.astype(jnp.bfloat16)), dict(window_strides=(1, 1), padding="VALID"),
+        TypeError, G + r"`lhs` and `rhs`.*dtype.*float32.*bfloat16"),
+    "lhs_string": rule(
+        conv, ("abc", W), dict(window_strides=(1, 1), padding="VALID"),
+        TypeError, G + r"`lhs`.*str"),
+    "lhs_none": rule(
+        conv, (None, W), dict(window_strides=(1, 1), padding="VALID"),
+        TypeError, G + r"`lhs`.*None"),
+    "rhs_object": rule(
+        conv, (X, object()), dict(window_strides=(1, 1), padding="VALID"),
+        TypeError, G + r"`rhs`.*object"),
+    "rhs_dict": rule(
+        conv, (X, {"w": 1}), dict(window_strides=(1, 1), padding="VALID"),
+        TypeError, G + r"`rhs`.*dict"),
+    "zero_size_kernel": rule(
+        # lax rejects a zero-size window too, but with an XLA verifier error.
+        conv, (X, jnp.ones((6, 4, 0, 3))), dict(window_strides=(1, 1), padding="VALID"),
+        ValueError, G + r".*`rhs`.*" + shape((6, 4, 0, 3)),
+        marks=pytest.mark.xfail(
+            strict=True, reason="a zero-size kernel dimension reaches jnp.stack and raises "
+                                "'Need at least one array to stack.' (no convmm message)")),
+    # --- im2col
+    "im2col_filter_shape_wrong_length": rule(
+        convmm.im2col, (X,), dict(filter_shape=(3,), window_strides=(1, 1), padding="VALID"),
+        ValueError, r"^im2col: `filter_shape`.*\(2\).*\(3,\)"),
+    "im2col_negative_filter_shape": rule(
+        convmm.im2col, (X,), dict(filter_shape=(3, -1), window_strides=(1, 1), padding="VALID"),
+        ValueError, r"^im2col: `filter_shape`.*\(3, -1\)"),
+    "im2col_zero_filter_shape": rule(
+        convmm.im2col, (X,), dict(filter_shape=(3, 0), window_strides=(1, 1), padding="VALID"),
+        ValueError, r"^im2col: `filter_shape`.*\(3, 0\)",
+        marks=pytest.mark.xfail(
+            strict=True, reason="filter_shape entries of 0 pass validation (minimum=0) and "
+                                "then jnp.stack raises 'Need at least one array to stack.'")),
+    "im2col_zero_stride": rule(
+        convmm.im2col, (X,), dict(filter_shape=(3, 3), window_strides=(1, 0), padding="VALID"),
+        ValueError, r"^im2col: `window_strides`.*\(1, 0\)"),
+    "im2col_unknown_padding": rule(
+        convmm.im2col, (X,), dict(filter_shape=(3, 3), window_strides=(1, 1), padding="FULL"),
+        ValueError, r"^im2col: `padding`.*'FULL'"),
+    "im2col_string_padding_with_lhs_dilation": rule(
+        convmm.im2col, (X,), dict(filter_shape=(3, 3), window_strides=(1, 1), padding="SAME",
+                                  lhs_dilation=(1, 2)),
+        ValueError, r"^im2col: .*`padding`.*`lhs_dilation`"),
+    "im2col_rank_too_low": rule(
+        convmm.im2col, (jnp.ones(3),), dict(filter_shape=(3,), window_strides=(1,),
+                                            padding="VALID"),
+        ValueError, r"^im2col: `lhs`.*rank"),
+    "im2col_bad_dimension_numbers": rule(
+        convmm.im2col, (X,), dict(filter_shape=(3, 3), window_strides=(1, 1), padding="VALID",
+                                  dimension_numbers=("NCHW", "OIHW")),
+        TypeError, r"^im2col: `dimension_numbers`"),
+    "im2col_non_array": rule(
+        convmm.im2col, ("x",), dict(filter_shape=(3, 3), window_strides=(1, 1), padding="VALID"),
+        TypeError, r"^im2col: `lhs`.*str"),
+    # --- col2im
+    "col2im_patches_shape_mismatch": rule(
+        convmm.col2im, (PATCHES[:, :-1],),
+        dict(lhs_shape=X.shape, filter_shape=(3, 3), window_strides=(1, 1), padding="VALID"),
+        ValueError, r"^col2im: `patches`.*" + shape((2, 36, 3, 3)) + ".*"
+        + shape((2, 35, 3, 3))),
+    "col2im_lhs_shape_mismatch": rule(
+        convmm.col2im, (PATCHES,),
+        dict(lhs_shape=(2, 4, 6, 5), filter_shape=(3, 3), window_strides=(1, 1),
+             padding="VALID"),
+        ValueError, r"^col2im: `patches`.*" + shape((2, 36, 4, 3)) + ".*"
+        + shape((2, 36, 3, 3))),
+    "col2im_lhs_shape_not_sequence": rule(
+        convmm.col2im, (PATCHES,),
+        dict(lhs_shape=None, filter_shape=(3, 3), window_strides=(1, 1), padding="VALID"),
+        TypeError, r"^col2im: `lhs_shape`.*None"),
+    "col2im_lhs_shape_float": rule(
+        convmm.col2im, (PATCHES,),
+        dict(lhs_shape=(2, 4, 5.5, 5), filter_shape=(3, 3), window_strides=(1, 1),
+             padding="VALID"),
+        TypeError, r"^col2im: `lhs_shape`.*5\.5",
+        marks=pytest.mark.xfail(
+            strict=True, reason="lhs_shape is converted with int(): 5.5 silently becomes 5")),
+    "col2im_non_array": rule(
+        convmm.col2im, (None,),
+        dict(lhs_shape=X.shape, filter_shape=(3, 3), window_strides=(1, 1), padding="VALID"),
+        TypeError, r"^col2im: `patches`.*None"),
+    # --- conv_adjoint
+    "conv_adjoint_cotangent_shape": rule(
+        convmm.conv_adjoint, (Y[:, :, :2], W),
+        dict(lhs_shape=X.shape, window_strides=(1, 1), padding="VALID"),
+        ValueError, r"^conv_adjoint: `cotangent`.*" + shape((2, 6, 3, 3)) + ".*"
+        + shape((2, 6, 2, 3))),
+    "conv_adjoint_cotangent_dtype": rule(
+        convmm.conv_adjoint, (Y.astype(jnp.bfloat16), W),
+        dict(lhs_shape=X.shape, window_strides=(1, 1), padding="VALID"),
+        TypeError, r"^conv_adjoint: `cotangent`.*float32.*bfloat16"),
+    "conv_adjoint_cotangent_dtype_vs_preferred": rule(
+        convmm.conv_adjoint, (Y.astype(jnp.bfloat16), W.astype(jnp.bfloat16)),
+        dict(lhs_shape=X.shape, window_strides=(1, 1), padding="VALID",
+             preferred_element_type=jnp.float32),
+        TypeError, r"^conv_adjoint: `cotangent`.*float32.*bfloat16"),
+    "conv_adjoint_channel_mismatch": rule(
+        convmm.conv_adjoint, (Y, W),
+        dict(lhs_shape=(2, 3, 5, 5), window_strides=(1, 1), padding="VALID"),
+        ValueError, r"^conv_adjoint: .*lhs.shape=" + shape((2, 3, 5, 5))),
+    "conv_adjoint_lhs_shape_not_sequence": rule(
+        convmm.conv_adjoint, (Y, W), dict(lhs_shape=5, window_strides=(1, 1), padding="VALID"),
+        TypeError, r"^conv_adjoint: `lhs_shape`.*5"),
+    "conv_adjoint_lhs_shape_float": rule(
+        convmm.conv_adjoint, (Y, W),
+        dict(lhs_shape=(2, 4, 5.7, 5), window_strides=(1, 1), padding="VALID"),
+        TypeError, r"^conv_adjoint: `lhs_shape`.*5\.7",
+        marks=pytest.mark.xfail(
+            strict=True, reason="lhs_shape is converted with int(): 5.7 silently becomes 5")),
+    "conv_adjoint_lhs_shape_rank": rule(
+        convmm.conv_adjoint, (Y, W),
+        dict(lhs_shape=(2, 4, 5), window_strides=(1, 1), padding="VALID"),
+        ValueError, r"^conv_adjoint: .*rank"),
+    "conv_adjoint_zero_stride": rule(
+        convmm.conv_adjoint, (Y, W),
+        dict(lhs_shape=X.shape, window_strides=(0, 1), padding="VALID"),
+        ValueError, r"^conv_adjoint: `window_strides`.*\(0, 1\)"),
+    "conv_adjoint_non_array": rule(
+        convmm.conv_adjoint, ("y", W),
+        dict(lhs_shape=X.shape, window_strides=(1, 1), padding="VALID"),
+        TypeError, r"^conv_adjoint: `cotangent`.*str"),
+    # --- conv_transpose
+    "conv_transpose_padding_string": rule(
+        convmm.conv_transpose, (XT, WT), dict(strides=(2, 2), padding="SAME_LOWER"),
+        ValueError, r"^conv_transpose: `padding`.*'SAME_LOWER'"),
+    "conv_transpose_zero_stride": rule(
+        convmm.conv_transpose, (XT, WT), dict(strides=(0, 2), padding="SAME"),
+        ValueError, r"^conv_transpose: `strides`.*\(0, 2\)"),
+    "conv_transpose_strides_wrong_length": rule(
+        convmm.conv_transpose, (XT, WT), dict(strides=(2,), padding="SAME"),
+        ValueError, r"^conv_transpose: `strides`.*\(2,\)"),
+    "conv_transpose_channel_mismatch": rule(
+        convmm.conv_transpose, (XT, jnp.ones((3, 3, 2, 2))), dict(strides=(2, 2), padding="SAME"),
+        ValueError, r"^conv_transpose: .*\b3\b.*\b2\b.*lhs.shape=" + shape(XT.shape)),
+    "conv_transpose_no_default_layout": rule(
+        convmm.conv_transpose, (jnp.ones((1, 2, 2, 2, 2, 1)), jnp.ones((1, 1, 1, 1, 1, 1))),
+        dict(strides=(1, 1, 1, 1), padding="VALID"),
+        ValueError, r"^conv_transpose: `dimension_numbers`.*rank-6"),
+    "conv_transpose_dtype_mismatch": rule(
+        convmm.conv_transpose, (XT, WT.astype(jnp.float16)), dict(strides=(2, 2), padding="SAME"),
+        TypeError, r"^conv_transpose: `lhs` and `rhs`.*dtype"),
+    "conv_transpose_rank_mismatch": rule(
+        convmm.conv_transpose, (XT, jnp.ones((3, 3, 2))), dict(strides=(2, 2), padding="SAME"),
+        ValueError, r"^conv_transpose: `lhs` and `rhs`.*rank"),
+    "conv_transpose_consistent_padding_count": rule(
+        convmm.conv_transpose, (XT, WT),
+        dict(strides=(2, 2), padding=((1, 1),), use_consistent_padding=True),
+        ValueError, r"^conv_transpose: `padding`.*\(2\)"),
+    "conv_transpose_consistent_padding_triple": rule(
+        convmm.conv_transpose, (XT, WT),
+        dict(strides=(2, 2), padding=((1, 1, 1), (1, 1)), use_consistent_padding=True),
+        TypeError, r"^conv_transpose: `padding`"),
+    "conv_transpose_zero_rhs_dilation": rule(
+        convmm.conv_transpose, (XT, WT), dict(strides=(2, 2), padding="SAME",
+                                              rhs_dilation=(0, 1)),
+        ValueError, r"^conv_transpose: `rhs_dilation`.*\(0, 1\)"),
+    "conv_transpose_non_array": rule(
+        convmm.conv_transpose, (None, WT), dict(strides=(2, 2), padding="SAME"),
+        TypeError, r"^conv_transpose: `lhs`.*None"),
+}
+
+
+def params(names):
+  return [pytest.param(name, marks=RULES[name]["marks"]) for name in names]
+
+
+@pytest.mark.parametrize("name", params(RULES))
+def test_raises_eagerly(name):
+  r = RULES[name]
+  with pytest.raises(r["exc"], match=r["match"]):
+    r["fn"](*r["args"], **r["kwargs"])
+
+
+# Rules whose operands are all arrays can also be checked while jit traces them.
+TRACEABLE = [name for name, r in RULES.items()
+             if all(isinstance(a, jax.Array) for a in r["args"])]
+
+
+@pytest.mark.parametrize("name", params(TRACEABLE))
+def test_raises_while_tracing_under_jit(name):
+  r = RULES[name]
+  traced = jax.jit(lambda *arrays: r["fn"](*arrays, **r["kwargs"]))
+  # `.trace` stops after tracing: nothing is lowered or compiled, so the error
+  # must come from convmm's own Python checks (not an XLA verifier error).
+  with pytest.raises(r["exc"], match=r["match"]):
+    traced.trace(*r["args"])
+  with pytest.raises(r["exc"], match=r["match"]):
+    traced(*r["args"])
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad", "eval_shape"])
+def test_raises_under_other_transformations(transform):
+  bad = lambda x: conv(x, W, (1, 0), "VALID")
+  match = G + r"`window_strides`.*\(1, 0\)"
+  with pytest.raises(ValueError, match=match):
+    if transform == "vmap":
+      jax.vmap(bad)(X[None])
+    elif transform == "grad":
+      jax.grad(lambda x: jnp.sum(bad(x)))(X)
+    else:
+      jax.eval_shape(bad, X)
+
+
+def test_messages_are_single_strings():
+  # One f-string per error (STYLE: never a tuple of strings).
+  for name in ["channel_mismatch", "zero_stride", "dimension_numbers_int",
+               "conv_adjoint_cotangent_shape"]:
+    r = RULES[name]
+    with pytest.raises(r["exc"]) as info:
+      r["fn"](*r["args"], **r["kwargs"])
+    assert len(info.value.args) == 1 and isinstance(info.value.args[0], str)
+
+
+@pytest.mark.xfail(strict=True, reason="conv_adjoint on int32 raises an internal "
+                   "TypeError ('a bytes-like object is required, not int') from "
+                   "jax.linear_transpose instead of a result or a conv_adjoint: message")
+def test_conv_adjoint_integer_dtype_works_or_names_itself():
+  x = jnp.arange(2 * 4 * 5 * 5, dtype=jnp.int32).reshape(2, 4, 5, 5) % 7
+  w = jnp.arange(6 * 4 * 3 * 3, dtype=jnp.int32).reshape(6, 4, 3, 3) % 5 - 2
+  y = lax.conv_general_dilated(x, w, (1, 1), "VALID")
+  try:
+    result = convmm.conv_adjoint(y, w, x.shape, (1, 1), "VALID")
+  except TypeError as e:
+    # A clear refusal is acceptable: lax's own linear_transpose gives float0 for ints.
+    assert str(e).startswith("conv_adjoint: ") and "int32" in str(e)
+    return
+  # Otherwise the exact integer adjoint (small integers are exact in float64 too).
+  (expected,) = jax.linear_transpose(
+      lambda x: lax.conv_general_dilated(x, w.astype(jnp.float32), (1, 1), "VALID",
+                                         precision=lax.Precision.HIGHEST),
+      x.astype(jnp.float32))(y.astype(jnp.float32))
+  assert result.dtype == jnp.int32
+  np.testing.assert_array_equal(result, np.asarray(expected).astype(np.int32))
