@@ -83,6 +83,7 @@ ODD = ("CNWH", "IHOW", "HWCN")
 
 # lhs (N, C, *spatial) and rhs (O, I, *k) are canonical; dimension_numbers lay them out.
 CASES = {
+    "0d_no_spatial_dims": case((2, 3), (4, 3), (), "VALID"),
     "1d_valid": case((2, 3, 9), (4, 3, 3), (1,), "VALID"),
     "1d_same_stride2": case((2, 3, 9), (4, 3, 3), (2,), "SAME"),
     "1d_nwc_same_lower_even_k": case((1, 2, 8), (3, 2, 4), (1,), "SAME_LOWER",

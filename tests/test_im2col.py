@@ -64,6 +64,7 @@ ODD = ("CNWH", "IHOW", "HWCN")
 
 # lhs is canonical (N, C, *spatial); filter_shape is in the kernel spec's spatial order.
 CASES = {
+    "0d_no_spatial_dims": case((2, 3), (), (), "VALID"),
     "1d_valid": case((2, 3, 9), (3,), (1,), "VALID"),
     "1d_same_stride2_dilated": case((1, 2, 9), (2,), (2,), "SAME", rhs_dilation=(3,)),
     "2d_valid": case((2, 3, 5, 6), (2, 3), (1, 1), "VALID"),
