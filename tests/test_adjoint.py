@@ -44,7 +44,7 @@ def out_shape(lhs, rhs, kw):
 # Every forward feature: padding forms, both dilations, layouts, groups, 1-D to 4-D.
 ADJOINT_CASES = [
     "0d_no_spatial_dims", "1d_same_stride2", "1d_nwc_same_lower_even_k", "2d_same_stride2",
-    "2d_pairs",    "2d_negative_pairs", "2d_stride_gt_kernel", "2d_lhs_dilation_stride",
+    "2d_pairs", "2d_negative_pairs", "2d_stride_gt_kernel", "2d_lhs_dilation_stride",
     "2d_rhs_dilation_same", "2d_both_dilations", "2d_odd_layout", "2d_dimension_numbers_object",
     "2d_feature_groups", "2d_depthwise_multiplier_nhwc", "2d_batch_groups",
     "2d_batch_groups_odd_layout", "3d_ndhwc_strides", "3d_pairs_rhs_dilation_groups", "4d_valid",
