@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -440,14 +441,19 @@ def measure_layer(layer: Layer, jax_impls: dict[str, JaxImpl], args, log) -> dic
       log(f"    torch failed: {record['error']}")
 
   samples: dict[tuple[str, str], list[float]] = {key: [] for key in runners}
+  # Minor page faults per call: XLA allocates its temporary buffer afresh for every call,
+  # and above glibc's mmap threshold (32 MiB) each page of it faults again every time.
+  faults: dict[tuple[str, str], list[int]] = {key: [] for key in runners}
   order = list(runners)
   start = time.perf_counter()
   reps = 0
   for rep in range(args.reps):
     for key in order[rep % len(order):] + order[: rep % len(order)]:  # rotate the order
+      faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       t0 = time.perf_counter()
       runners[key]()
       samples[key].append(time.perf_counter() - t0)
+      faults[key].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
     reps += 1
     if reps >= args.min_reps and time.perf_counter() - start > args.max_seconds:
       break
@@ -461,6 +467,7 @@ def measure_layer(layer: Layer, jax_impls: dict[str, JaxImpl], args, log) -> dic
       record[f"{mode}_ms"] = ms  # the statistic chosen by --stat (median by default)
       record[f"{mode}_median_ms"] = summary_ms(samples[name, mode], "median")
       record[f"{mode}_min_ms"] = summary_ms(samples[name, mode], "min")
+      record[f"{mode}_page_faults"] = int(statistics.median(faults[name, mode]))
       record[f"{mode}_samples_ms"] = [1e3 * s for s in samples[name, mode]]
       record[f"gflops_{mode}"] = flops / ms / 1e6
       # A step is three GEMMs of this size (forward, input and kernel gradients).
@@ -531,13 +538,15 @@ def summarize(results: list[dict[str, Any]], variants: list[str]) -> dict[str, A
 def fmt(value: float | None, unit: str = "") -> str:
   if value is None or not math.isfinite(value):
     return "-"
+  if isinstance(value, int):
+    return f"{value}{unit}"
   digits = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
   return f"{value:.{digits}f}{unit}"
 
 
 def fmt_pair(record_a: dict, record_b: dict, key: str, scale: float = 1.0) -> str:
   a, b = record_a.get(key), record_b.get(key)
-  return "/".join(fmt(v * scale if v is not None else None) for v in (a, b))
+  return "/".join(fmt(v * scale if v is not None and scale != 1 else v) for v in (a, b))
 
 
 def shape_str(shape) -> str:
@@ -577,8 +586,9 @@ def markdown_tables(results: list[dict[str, Any]], variants: list[str],
   lines += [
       "",
       "| layer | op | input, kernel | GEMM (groups x) MxKxN | compile fwd s convmm/lax "
-      "| compile step s | temp MiB fwd convmm/lax | temp MiB step | max err vs lax |",
-      "|---|---|---|---|---:|---:|---:|---:|---:|",
+      "| compile step s | temp MiB fwd convmm/lax | temp MiB step | page faults/call fwd "
+      "| page faults/call step | max err vs lax |",
+      "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
   ]
   mib = 1 / 2**20
   for r in results:
@@ -597,7 +607,9 @@ def markdown_tables(results: list[dict[str, Any]], variants: list[str],
           f"| {label} | {r['op']} | {shape_str(r['lhs_shape'])}, {shape_str(r['rhs_shape'])} "
           f"| {gemm} | {fmt_pair(c, lax_r, 'compile_fwd_s')} | "
           f"{fmt_pair(c, lax_r, 'compile_step_s')} | {fmt_pair(c, lax_r, 'temp_fwd_bytes', mib)} "
-          f"| {fmt_pair(c, lax_r, 'temp_step_bytes', mib)} | {err} |")
+          f"| {fmt_pair(c, lax_r, 'temp_step_bytes', mib)} "
+          f"| {fmt_pair(c, lax_r, 'fwd_page_faults')} | {fmt_pair(c, lax_r, 'step_page_faults')} "
+          f"| {err} |")
   lines.append("")
   for name, s in summary.items():
     if not s["layers"]:

@@ -16,7 +16,8 @@ from tolerances import tol
 
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 QUICK_LAYERS = ["tiny3x3_s2", "tiny_adjoint"]
-IMPL_KEYS = ["fwd_ms", "step_ms", "fwd_samples_ms", "step_samples_ms", "gflops_fwd", "gflops_step",
+IMPL_KEYS = ["fwd_ms", "step_ms", "fwd_median_ms", "step_min_ms", "fwd_samples_ms",
+             "step_samples_ms", "fwd_page_faults", "step_page_faults", "gflops_fwd", "gflops_step",
              "gemm_fraction_fwd", "gemm_fraction_step"]
 JAX_KEYS = ["compile_fwd_s", "compile_step_s", "lower_fwd_s", "xla_compile_step_s",
             "temp_fwd_bytes", "temp_step_bytes"]
