@@ -73,7 +73,7 @@ def build(twin: pathlib.Path, execute: bool, timeout: int) -> float:
     # The inline backend renders figures as PNG outputs; an inherited Agg backend would not.
     env_backend = os.environ.pop("MPLBACKEND", None)
     try:
-      NotebookClient(nb, timeout=timeout, kernel_name="python3",
+      NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
                      resources={"metadata": {"path": str(twin.parent)}}).execute()
     finally:
       if env_backend is not None:
