@@ -23,6 +23,7 @@ from convmm._canonical import (
     canonical_dimension_numbers,
     canonical_ints,
     canonical_padding,
+    canonical_shape,
 )
 from convmm._conv import _check_method, choose_method, conv_with_spec
 from convmm._shapes import check_same_dtype, conv_spec, layout_shape, shape_of
@@ -83,10 +84,11 @@ def conv_adjoint(
   fn = _fn
   ct_shape, ct_dtype = shape_of(fn, "cotangent", cotangent)
   rhs_shape, rhs_dtype = shape_of(fn, "rhs", rhs)
-  try:
-    lhs_shape = tuple(int(s) for s in lhs_shape)
-  except TypeError as e:
-    raise TypeError(f"{fn}: `lhs_shape` must be a sequence of ints, got {lhs_shape!r}") from e
+  lhs_shape = canonical_shape(fn, "lhs_shape", lhs_shape)
+  if not jnp.issubdtype(rhs_dtype, jnp.inexact):
+    raise TypeError(
+        f"{fn}: the adjoint is computed by autodiff and needs a floating or complex "
+        f"dtype, got rhs.dtype={np.dtype(rhs_dtype)}; cast the operands first")
   spec = conv_spec(fn, lhs_shape, rhs_shape, window_strides, padding, lhs_dilation,
                    rhs_dilation, dimension_numbers, feature_group_count,
                    batch_group_count)
@@ -219,6 +221,13 @@ def conv_transpose(
         f"{tuple((n - 1) * s + 1 for n, s in zip(in_spatial, strides))!r} allows")
   out_spatial = [max(0, p - k + 1) for p, k in zip(padded, k_eff)]
   rhs = jnp.asarray(rhs)
+  if not jnp.issubdtype(rhs.dtype, jnp.inexact) and preferred_element_type is None:
+    # Integers have no autodiff adjoint: run lax's own formulation, the stride-1
+    # conv over the s-dilated input, through the im2col conv.
+    if transpose_kernel:
+      rhs = jnp.swapaxes(jnp.flip(rhs, axis=tuple(rhs_spec[2:])), rhs_spec[0], rhs_spec[1])
+    spec = conv_spec(fn, lhs_shape, rhs.shape, (1,) * nsp, pads, strides, rhs_dil, dnums, 1, 1)
+    return conv_with_spec(jnp.asarray(lhs), rhs, spec, precision)
   if transpose_kernel:
     forward_rhs_spec = rhs_spec
   else:

@@ -122,6 +122,18 @@ def canonical_ints(
   return values
 
 
+def canonical_shape(fn: str, name: str, value: Any) -> tuple[int, ...]:
+  """Validates an array shape given as a sequence of non-negative ints."""
+  if isinstance(value, (str, bytes)) or not isinstance(value, Sequence | np.ndarray):
+    raise TypeError(f"{fn}: `{name}` must be a sequence of ints, got {value!r}")
+  if not all(_is_int(v) for v in value):
+    raise TypeError(f"{fn}: `{name}` must contain ints, got {name}={tuple(value)!r}")
+  shape = tuple(operator.index(v) for v in value)
+  if any(v < 0 for v in shape):
+    raise ValueError(f"{fn}: `{name}` entries must be >= 0, got {name}={shape!r}")
+  return shape
+
+
 def canonical_dimension_numbers(
     fn: str, lhs_ndim: int, rhs_ndim: int, dimension_numbers: Any
 ) -> ConvDimensionNumbers:
@@ -251,8 +263,12 @@ def conv_geometry(
   nsp = len(lhs_shape) - 2
   if rhs_shape is not None:
     filter_shape = tuple(int(rhs_shape[d]) for d in rhs_spec[2:])
+    if any(k < 1 for k in filter_shape):
+      raise ValueError(
+          f"{fn}: `rhs` spatial sizes must be >= 1 (lax cannot lower an empty window), "
+          f"got rhs.shape={tuple(rhs_shape)}")
   else:
-    filter_shape = canonical_ints(fn, "filter_shape", filter_shape, nsp, minimum=0)
+    filter_shape = canonical_ints(fn, "filter_shape", filter_shape, nsp)
   strides = canonical_ints(fn, "window_strides", window_strides, nsp)
   lhs_dil = canonical_ints(fn, "lhs_dilation", lhs_dilation, nsp, default=1)
   rhs_dil = canonical_ints(fn, "rhs_dilation", rhs_dilation, nsp, default=1)

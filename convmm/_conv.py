@@ -111,7 +111,8 @@ def _group_gemm(
         preferred_element_type=preferred_element_type)
   groups, og, cg = g * gb, o // (g * gb), c // g
   lhs = lhs.reshape(gb, n // gb, *out, k, g, cg)
-  lhs = jnp.moveaxis(lhs, -2, 0).reshape(groups, -1, k * cg)  # (groups, M, K)
+  m = (n // gb) * math.prod(out)
+  lhs = jnp.moveaxis(lhs, -2, 0).reshape(groups, m, k * cg)  # (groups, M, K)
   w = jnp.moveaxis(w.reshape(k, cg, groups, og), 2, 0).reshape(groups, k * cg, og)
   y = lax.dot_general(
       lhs, w, (((2,), (1,)), ((0,), (0,))), precision=precision,
@@ -220,6 +221,7 @@ def conv_general_dilated(
     batch_group_count: int = 1,
     precision: Any = None,
     preferred_element_type: Any = None,
+    out_sharding: Any = None,
     *,
     method: str = "auto",
     memory_budget: int | None = None,
@@ -248,6 +250,8 @@ def conv_general_dilated(
     batch_group_count: number of batch groups.
     precision: passed to ``lax.dot_general``.
     preferred_element_type: accumulation and output dtype.
+    out_sharding: optional sharding of the result (a ``NamedSharding`` or a
+      ``PartitionSpec`` under a mesh), applied with ``jax.sharding.reshard``.
     method: keyword-only, how to compute it: 'im2col' (patches + one GEMM),
       'shift' (a sum of one GEMM per kernel tap, never building patches),
       'depthwise' (multiply-accumulate when each group has one input feature) or
@@ -279,8 +283,11 @@ def conv_general_dilated(
   check_same_dtype(fn, lhs_dtype, rhs_dtype)
   method, memory_budget = _check_method(fn, method, memory_budget)
   choose_method(spec, method)
-  return conv_with_spec(jnp.asarray(lhs), jnp.asarray(rhs), spec, precision,
-                        preferred_element_type, method, memory_budget)
+  out = conv_with_spec(jnp.asarray(lhs), jnp.asarray(rhs), spec, precision,
+                       preferred_element_type, method, memory_budget)
+  if out_sharding is not None:
+    out = jax.sharding.reshard(out, out_sharding)
+  return out
 
 
 def conv_with_spec(

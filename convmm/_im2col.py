@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from convmm._canonical import ConvGeometry, conv_geometry
+from convmm._canonical import ConvGeometry, canonical_shape, conv_geometry
 from convmm._shapes import layout_shape, shape_of
 
 
@@ -93,7 +93,7 @@ def _im2col(x: jax.Array, geometry: ConvGeometry) -> jax.Array:
   patches = patches_channels_last(to_channels_last(x, lhs_spec), geometry)
   # lax orders the patch features channel-major: feature = c * T + tap.
   patches = jnp.swapaxes(patches, -1, -2)
-  patches = patches.reshape(*patches.shape[:-2], -1)
+  patches = patches.reshape(*patches.shape[:-2], geometry.in_features * geometry.num_taps)
   return from_channels_last(patches, out_spec)
 
 
@@ -191,10 +191,7 @@ def col2im(
   """
   fn = "col2im"
   shape, dtype = shape_of(fn, "patches", patches)
-  try:
-    lhs_shape = tuple(int(s) for s in lhs_shape)
-  except TypeError as e:
-    raise TypeError(f"{fn}: `lhs_shape` must be a sequence of ints, got {lhs_shape!r}") from e
+  lhs_shape = canonical_shape(fn, "lhs_shape", lhs_shape)
   geometry = _patches_geometry(fn, lhs_shape, filter_shape, window_strides, padding,
                                lhs_dilation, rhs_dilation, dimension_numbers)
   expected = _patches_shape(geometry)

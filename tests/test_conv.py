@@ -183,14 +183,9 @@ def drop_out_sharding(lhs, rhs, *args, out_sharding=None, **kw):
   return convmm.conv_general_dilated(lhs, rhs, *args, **kw)
 
 
-OUT_SHARDING_BUG = pytest.mark.xfail(
-    strict=True, raises=TypeError,
-    reason="convmm.conv_general_dilated lacks lax's `out_sharding` keyword, which "
-           "flax.nnx.Conv always passes")
-
 
 @pytest.mark.parametrize("conv", [
-    pytest.param(convmm.conv_general_dilated, id="direct", marks=OUT_SHARDING_BUG),
+    pytest.param(convmm.conv_general_dilated, id="direct"),
     pytest.param(drop_out_sharding, id="shim")])
 @pytest.mark.parametrize("name", list(NNX_CONFIGS))
 def test_flax_nnx_conv(name, conv):
