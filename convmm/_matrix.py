@@ -34,6 +34,14 @@ DEFAULT_MAX_ELEMENTS = 2**26
 _INDEX_LIMIT = np.iinfo(np.int32).max - 1
 
 
+def numeric_shape_of(fn: str, name: str, x: Any) -> tuple[tuple[int, ...], Any]:
+  """:func:`convmm._shapes.shape_of`, also refusing non-numeric dtypes (strings)."""
+  shape, dtype = shape_of(fn, name, x)
+  if not (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)):
+    raise TypeError(f"{fn}: `{name}` must be a numeric array, got dtype={np.dtype(dtype)}")
+  return shape, dtype
+
+
 def canonical_lhs_shape(fn: str, lhs_shape: Any) -> tuple[int, ...]:
   """Validates a shape argument: a sequence of non-negative ints."""
   if isinstance(lhs_shape, str | bytes) or not isinstance(lhs_shape, Sequence | np.ndarray):
@@ -162,7 +170,7 @@ def conv_matrix(
     (16384, 6144)
   """
   fn = "conv_matrix"
-  rhs_shape, _ = shape_of(fn, "rhs", rhs)
+  rhs_shape, _ = numeric_shape_of(fn, "rhs", rhs)
   lhs_shape = canonical_lhs_shape(fn, lhs_shape)
   spec = conv_spec(fn, lhs_shape, rhs_shape, window_strides, padding, lhs_dilation,
                    rhs_dilation, dimension_numbers, feature_group_count, 1)

@@ -25,8 +25,8 @@ from jax import lax
 from convmm._adjoint import conv_adjoint
 from convmm._canonical import canonical_ints
 from convmm._conv import conv_general_dilated
-from convmm._matrix import canonical_lhs_shape
-from convmm._shapes import conv_spec, shape_of
+from convmm._matrix import canonical_lhs_shape, numeric_shape_of
+from convmm._shapes import conv_spec
 
 DEFAULT_NUM_ITERS = 64
 _HIGHEST = lax.Precision.HIGHEST
@@ -143,7 +143,7 @@ def operator_norm(
     ()
   """
   fn = "operator_norm"
-  rhs_shape, rhs_dtype = shape_of(fn, "rhs", rhs)
+  rhs_shape, rhs_dtype = numeric_shape_of(fn, "rhs", rhs)
   lhs_shape = canonical_lhs_shape(fn, lhs_shape)
   spec = conv_spec(fn, lhs_shape, rhs_shape, window_strides, padding, lhs_dilation,
                    rhs_dilation, dimension_numbers, feature_group_count, 1)
@@ -223,7 +223,7 @@ def circular_singular_values(kernel: jax.typing.ArrayLike, spatial_shape: Any) -
     (1024,)
   """
   fn = "circular_singular_values"
-  shape, dtype = shape_of(fn, "kernel", kernel)
+  shape, dtype = numeric_shape_of(fn, "kernel", kernel)
   if len(shape) < 3:
     raise ValueError(
         f"{fn}: `kernel` must have rank >= 3, (*kernel_size, C_in, C_out), got "

@@ -232,6 +232,8 @@ def test_index_overflow_is_refused_before_allocation():
     "kwargs, error, match",
     [
         (dict(rhs="kernel"), TypeError, r"conv_matrix: `rhs` must be an array, got str"),
+        (dict(rhs=[[["a", "b"]]]), TypeError,
+         r"conv_matrix: `rhs` must be a numeric array, got dtype=<U1"),
         (dict(rhs=None), TypeError, r"conv_matrix: `rhs` must be an array, got NoneType"),
         (dict(lhs_shape=3), TypeError, r"conv_matrix: `lhs_shape` must be a sequence of ints"),
         (dict(lhs_shape=(1, 1.5, 4)), TypeError, r"conv_matrix: `lhs_shape` must be a sequence"),
@@ -243,8 +245,8 @@ def test_index_overflow_is_refused_before_allocation():
         (dict(padding="FULL"), ValueError, r"conv_matrix: `padding` must be one of"),
         (dict(max_elements=2.5), TypeError, r"conv_matrix: `max_elements` must be an int, got 2.5"),
     ],
-    ids=["rhs-string", "rhs-none", "lhs-shape-int", "lhs-shape-float", "lhs-shape-negative",
-         "channel-mismatch", "groups", "padding", "max-elements"],
+    ids=["rhs-string", "rhs-strings", "rhs-none", "lhs-shape-int", "lhs-shape-float",
+         "lhs-shape-negative", "channel-mismatch", "groups", "padding", "max-elements"],
 )
 def test_bad_arguments(kwargs, error, match):
   args = dict(rhs=jnp.ones((2, 2, 3)), lhs_shape=(1, 2, 6), window_strides=(1,),

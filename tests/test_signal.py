@@ -135,9 +135,11 @@ def test_jit_and_grad():
          r"`in1` and `in2` must be non-empty, got in1.shape=\(0, 2\)"),
         ("signal", np.ones(2), "full", TypeError, r"`in1` must be an array, got str"),
         (np.ones(2), {"k": 1}, "full", TypeError, r"`in2` must be an array, got dict"),
+        (["a", "b"], np.ones(2), "full", TypeError,
+         r"`in1` must be a numeric array, got dtype=<U1"),
     ],
     ids=["unknown-mode", "mode-none", "rank-mismatch", "valid-neither-larger", "empty",
-         "in1-string", "in2-dict"],
+         "in1-string", "in2-dict", "in1-strings"],
 )
 def test_bad_arguments(name, in1, in2, mode, error, match):
   with pytest.raises(error, match=rf"{name}: {match}"):

@@ -115,11 +115,13 @@ def test_operator_norm_when_the_input_space_is_smaller_than_num_iters():
         (dict(num_iters=2.5), ValueError, r"`num_iters` must be a positive int"),
         (dict(num_iters=True), ValueError, r"`num_iters` must be a positive int"),
         (dict(rhs="kernel"), TypeError, r"`rhs` must be an array, got str"),
+        (dict(rhs=[[["a", "b"]]]), TypeError, r"`rhs` must be a numeric array, got dtype=<U1"),
         (dict(lhs_shape="NCH"), TypeError, r"`lhs_shape` must be a sequence of ints"),
         (dict(window_strides=(0,)), ValueError, r"`window_strides` entries must be >= 1"),
         (dict(feature_group_count=2), ValueError, r"lhs feature size 2 divided by"),
     ],
-    ids=["num-iters-zero", "num-iters-float", "num-iters-bool", "rhs-string", "lhs-shape-str",
+    ids=["num-iters-zero", "num-iters-float", "num-iters-bool", "rhs-string", "rhs-strings",
+         "lhs-shape-str",
          "stride", "groups"],
 )
 def test_operator_norm_bad_arguments(kwargs, error, match):
@@ -212,9 +214,10 @@ def circular_matrix_jnp(kernel, spatial_shape):
         (np.ones((3, 2, 2), np.float32), 8, TypeError, r"`spatial_shape` must be a sequence"),
         (np.ones((3, 2, 2), np.float32), (8.0,), TypeError, r"`spatial_shape` must contain ints"),
         ("kernel", (8,), TypeError, r"`kernel` must be an array, got str"),
+        ([[["a"]]], (8,), TypeError, r"`kernel` must be a numeric array, got dtype=<U1"),
     ],
     ids=["kernel-rank", "spatial-rank", "kernel-larger", "spatial-zero", "spatial-int",
-         "spatial-float", "kernel-string"],
+         "spatial-float", "kernel-string", "kernel-strings"],
 )
 def test_circular_singular_values_bad_arguments(kernel, spatial_shape, error, match):
   with pytest.raises(error, match=rf"circular_singular_values: {match}"):
