@@ -60,7 +60,7 @@ def shape_of(fn: str, name: str, x: Any) -> tuple[tuple[int, ...], Any]:
     return tuple(x.shape), x.dtype
   if isinstance(x, int | float | complex | list | tuple) and not isinstance(x, bool):
     arr = np.asarray(x)
-    if arr.dtype != object:
+    if arr.dtype.kind in "biufc":
       return arr.shape, jax.dtypes.canonicalize_dtype(arr.dtype)
   raise TypeError(f"{fn}: `{name}` must be an array, got {type(x).__name__}: {x!r:.80}")
 

@@ -19,6 +19,8 @@ TOLERANCE = {
     np.dtype(jnp.float32): 1e-5,
     np.dtype(jnp.float16): 1e-3,
     np.dtype(jnp.bfloat16): 1e-2,
+    np.dtype(jnp.complex128): 1e-12,
+    np.dtype(jnp.complex64): 1e-5,
 }
 GRAD_FACTOR = 10.0
 
@@ -35,7 +37,8 @@ def assert_close(actual, expected, dtype=None, reduction: int = 1, grad: bool = 
   assert actual.shape == expected.shape, (actual.shape, expected.shape)
   dtype = expected.dtype if dtype is None else dtype
   t = tol(dtype, reduction, grad)
-  a, e = actual.astype(np.float64), expected.astype(np.float64)
   if np.iscomplexobj(actual) or np.iscomplexobj(expected):
     a, e = actual.astype(np.complex128), expected.astype(np.complex128)
+  else:
+    a, e = actual.astype(np.float64), expected.astype(np.float64)
   np.testing.assert_allclose(a, e, rtol=t, atol=t * max(1.0, float(np.max(np.abs(e), initial=0))))
