@@ -20,7 +20,16 @@ Examples:
   python benchmarks/bench.py --variant method=shift   # add a convmm variant to compare
 
 Extra convmm variants (keyword arguments passed to every convmm call) go in
-``CONVMM_VARIANTS`` below or on the command line with ``--variant``.
+``CONVMM_VARIANTS`` below or on the command line with ``--variant``, e.g.
+``--variant method=im2col --variant memory_budget=16777216``.
+
+Reading the numbers: XLA:CPU allocates a program's temporary buffer on every call, and glibc
+serves allocations above its mmap threshold (at most 32 MiB) with fresh pages, so a program
+whose ``temp`` exceeds ~32 MiB page-faults through all of it on every call (the "page
+faults/call" column; roughly 0.75 us per 4 KiB page here). That cost is real for users and
+is measured as such; to see a run without it, start the process with
+``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=2147483648``.
+On a busy machine prefer ``--stat min``.
 """
 
 from __future__ import annotations
@@ -512,6 +521,53 @@ def layer_ratios(impls: dict[str, dict[str, Any]], name: str) -> dict[str, float
       temp_step_vs_lax=ratio("temp_step_bytes", "lax"))
 
 
+# The issue's memory target: a 32x112x112x64 input with a 3x3 kernel (a ~900 MiB patch
+# matrix if built whole) must compile to <= 160 MiB of temporary memory for the forward, and
+# a training step to <= lax's + 160 MiB. Only compiled, never run.
+MEMORY_CASE = _conv("memory_target", "32x112x112x64 3x3, compiled only", (32, 112, 112, 64),
+                    (3, 3, 64, 64), 1, 1)
+MEMORY_ALLOWANCE = 160 * 2**20
+
+
+def memory_target(jax_impls: dict[str, JaxImpl], log) -> dict[str, Any]:
+  """Temporary bytes of the forward and step of ``MEMORY_CASE`` for each implementation."""
+  x = jax.ShapeDtypeStruct(MEMORY_CASE.lhs_shape, jnp.float32)
+  w = jax.ShapeDtypeStruct(MEMORY_CASE.rhs_shape, jnp.float32)
+  temps = {}
+  for name, impl in jax_impls.items():
+    forward = functools.partial(impl.apply, MEMORY_CASE)
+    try:
+      temps[name] = {mode: compile_timed(fn, x, w)[1]["temp_bytes"]
+                     for mode, fn in (("fwd", forward), ("step", training_step(forward)))}
+    except Exception as e:  # noqa: BLE001
+      temps[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+      log(f"    memory target: {name} failed: {temps[name]['error'][:200]}")
+  lax_step = temps.get("lax", {}).get("step")
+  for name, record in temps.items():
+    if name != "lax" and "error" not in record and record["fwd"] is not None:
+      record["fwd_ok"] = record["fwd"] <= MEMORY_ALLOWANCE
+      record["step_ok"] = None if lax_step is None else (
+          record["step"] <= lax_step + MEMORY_ALLOWANCE)
+  return dict(lhs_shape=list(MEMORY_CASE.lhs_shape), rhs_shape=list(MEMORY_CASE.rhs_shape),
+              allowance_bytes=MEMORY_ALLOWANCE, temp_bytes=temps)
+
+
+def memory_lines(memory: dict[str, Any]) -> list[str]:
+  mib = lambda v: "-" if v is None else f"{v / 2**20:.0f}"
+  lines = ["", f"Memory target ({shape_str(memory['lhs_shape'])} input, "
+           f"{shape_str(memory['rhs_shape'])} kernel, compiled only): temporary MiB "
+           f"(fwd <= {mib(memory['allowance_bytes'])}; step <= lax + "
+           f"{mib(memory['allowance_bytes'])})", "",
+           "| implementation | fwd | step | fwd ok | step ok |", "|---|---:|---:|---|---|"]
+  for name, record in memory["temp_bytes"].items():
+    if "error" in record:
+      lines.append(f"| {name} | error: {record['error'][:60]} | | | |")
+      continue
+    lines.append(f"| {name} | {mib(record['fwd'])} | {mib(record['step'])} | "
+                 f"{record.get('fwd_ok', '')} | {record.get('step_ok', '')} |")
+  return lines
+
+
 def geomean(values: list[float | None]) -> float | None:
   values = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
   return math.exp(sum(map(math.log, values)) / len(values)) if values else None
@@ -625,6 +681,11 @@ def markdown_tables(results: list[dict[str, Any]], variants: list[str],
   return "\n".join(lines)
 
 
+# Settings that change what is measured; recorded with the results.
+ENVIRONMENT = ("XLA_FLAGS", "GLIBC_TUNABLES", "OMP_WAIT_POLICY", "OMP_NUM_THREADS",
+               "JAX_PLATFORMS", "LD_PRELOAD")
+
+
 def machine_info(args) -> dict[str, Any]:
   cpu = platform.processor()
   try:
@@ -642,9 +703,10 @@ def machine_info(args) -> dict[str, Any]:
       torch=None if torch is None or args.no_torch else torch.__version__,
       torch_threads=None if torch is None or args.no_torch else torch.get_num_threads(),
       torch_layout="NC* contiguous (PyTorch's default)",
-      omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), reps=args.reps,
+      reps=args.reps,
       min_reps=args.min_reps, max_seconds=args.max_seconds, stat=args.stat, seed=args.seed,
-      xla_flags=os.environ.get("XLA_FLAGS"))
+      environment={key: value for key, value in os.environ.items()
+                   if key in ENVIRONMENT or key.startswith("MALLOC_")})
 
 
 def select_layers(suite: list[Layer], patterns: str | None) -> list[Layer]:
@@ -730,12 +792,19 @@ def main(argv=None) -> int:
         f"{fmt(ratios.get('fwd_vs_lax'), 'x')}, step {fmt(ratios.get('step_vs_lax'), 'x')}")
     results.append(result)
   summary = summarize(results, list(variants))
+  memory = None
+  if not args.quick and not args.layers:
+    log(f"memory target: compiling {MEMORY_CASE.source}")
+    memory = memory_target(jax_impls, log)
   log(f"done in {time.perf_counter() - start:.0f} s")
 
   print(markdown_tables(results, list(variants), summary, info))
+  if memory is not None:
+    print("\n".join(memory_lines(memory)))
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(dict(meta=info, variants=variants, layers=results, summary=summary), f,
+      json.dump(dict(meta=info, variants=variants, layers=results, summary=summary,
+                     memory_target=memory), f,
                 indent=1)
     log(f"wrote {args.json}")
   return 0

@@ -42,7 +42,8 @@ def test_quick_run_writes_json_and_convmm_matches_lax(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(path.read_text())
 
-  assert set(report) == {"meta", "variants", "layers", "summary"}
+  assert set(report) == {"meta", "variants", "layers", "summary", "memory_target"}
+  assert report["memory_target"] is None  # compiled by full runs only
   assert report["meta"]["cores"] >= 1 and report["meta"]["reps"] == 2
   torch_used = report["meta"]["torch"] is not None
   assert [layer["name"] for layer in report["layers"]] == QUICK_LAYERS
