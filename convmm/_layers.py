@@ -19,6 +19,7 @@ are Python ints.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -402,6 +403,16 @@ def _finish(y: jax.Array, bias: jax.Array | None, batch_shape: tuple) -> jax.Arr
   return y.reshape(*batch_shape, *y.shape[1:])
 
 
+def _compiled(*static_argnames: str) -> Callable:
+  # One compiled computation per layer call. The im2col core is dozens of
+  # small ops (a slice per kernel tap, their transposes in the adjoint), which
+  # eager use would compile and dispatch one by one; under an outer jit this
+  # inner jit is simply inlined. The geometry and options are static.
+  return functools.partial(jax.jit, static_argnums=0, static_argnames=static_argnames)
+
+
+@_compiled("in_features", "precision", "preferred_element_type", "conv_general_dilated",
+           "out_sharding")
 def conv(
     geometry: LayerGeometry,
     inputs: jax.Array,
@@ -425,27 +436,28 @@ def conv(
     precision: passed to the convolution.
     preferred_element_type: passed to the convolution when not ``None``.
     conv_general_dilated: the convolution (default ``convmm.conv_general_dilated``).
-    out_sharding: if given, the convolution's output is resharded to it.
+    out_sharding: passed to the convolution when not ``None``.
 
   Returns:
     ``(*batch, *out_spatial, O)``.
   """
   x, batch_shape = _flatten_batch(geometry, inputs, in_features)
   conv_fn = conv_general_dilated or core_conv_general_dilated
-  # Like Flax, pass preferred_element_type only when set, so that user-supplied
-  # convolution functions without that argument keep working.
+  # Like flax.nnx, pass preferred_element_type only when set, so that
+  # user-supplied convolution functions without that argument keep working.
   extra = {} if preferred_element_type is None else {
       "preferred_element_type": preferred_element_type}
+  if out_sharding is not None:
+    extra["out_sharding"] = out_sharding
   y = conv_fn(
       geometry.pad(x), kernel, geometry.strides, geometry.lax_padding,
       lhs_dilation=geometry.input_dilation, rhs_dilation=geometry.kernel_dilation,
       dimension_numbers=geometry.dimension_numbers,
       feature_group_count=geometry.feature_group_count, precision=precision, **extra)
-  if out_sharding is not None:
-    y = jax.sharding.reshard(y, out_sharding)
   return _finish(y, bias, batch_shape)
 
 
+@_compiled("in_features", "input_spatial_shape", "precision", "preferred_element_type")
 def conv_local(
     geometry: LayerGeometry,
     inputs: jax.Array,
@@ -508,6 +520,7 @@ def _periodic_fold(y: jax.Array, period: Sequence[int], transpose_kernel: bool) 
   return y
 
 
+@_compiled("in_features", "transpose_kernel", "precision", "preferred_element_type")
 def conv_transpose(
     geometry: LayerGeometry,
     inputs: jax.Array,
@@ -575,6 +588,7 @@ def adjoint_input_spatial(geometry: LayerGeometry, out_spatial: Sequence[int]) -
   return sizes
 
 
+@_compiled("in_features", "precision", "preferred_element_type")
 def conv_adjoint(
     geometry: LayerGeometry,
     inputs: jax.Array,

@@ -165,7 +165,8 @@ class Conv(nnx.Module):
 
     Args:
       inputs: ``(*batch, *spatial, in_features)``; zero or several batch dims.
-      out_sharding: optional sharding the convolution's output is resharded to.
+      out_sharding: optional sharding of the convolution's output (passed to
+        ``conv_general_dilated``).
 
     Returns:
       ``(*batch, *out_spatial, out_features)``.

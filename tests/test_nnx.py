@@ -19,6 +19,7 @@ from flax import nnx
 from jax import lax
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
+from layer_testing import key_init, normal
 from tolerances import assert_close
 
 import convmm
@@ -27,10 +28,10 @@ from convmm import linen as cnn
 
 HIGHEST = lax.Precision.HIGHEST
 X2D = (2, 7, 6, 4)
+# A NumPy-drawn kernel initialiser (a function of the key, cheap for many shapes);
+# test_signature_matches_flax and the ConvAdjoint/ConvLocal draws cover the defaults.
+FAST = dict(kernel_init=key_init, precision=HIGHEST)
 
-
-def _normal(seed, shape, dtype=jnp.float32):
-  return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
 
 
 def _assert_states_equal(actual, expected):
@@ -125,10 +126,10 @@ CONV_CASES = {
 
 @pytest.mark.parametrize("kwargs, shape", list(CONV_CASES.values()), ids=list(CONV_CASES))
 def test_conv_parity(kwargs, shape):
-  kwargs = dict(kwargs, precision=HIGHEST)
+  kwargs = dict(FAST, **kwargs)
   ours = cnnx.Conv(shape[-1], 5, **kwargs, rngs=nnx.Rngs(0))
   ref = nnx.Conv(shape[-1], 5, **kwargs, rngs=nnx.Rngs(0))
-  check_parity(ours, ref, _normal(1, shape), 9 * shape[-1], grads=len(shape) < 5)
+  check_parity(ours, ref, normal(1, shape), 9 * shape[-1], grads=len(shape) < 5)
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -138,9 +139,9 @@ def test_conv_parity(kwargs, shape):
     dict(dtype=jnp.bfloat16, preferred_element_type=jnp.float32),
 ], ids=["groups", "dtype_bf16", "param_dtype_bf16", "preferred_element_type"])
 def test_conv_parity_forward(kwargs):
-  kwargs = dict(dict(out_features=5, kernel_size=(3, 3), precision=HIGHEST), **kwargs)
+  kwargs = dict(dict(out_features=5, kernel_size=(3, 3), **FAST), **kwargs)
   ours, ref = cnnx.Conv(4, **kwargs, rngs=nnx.Rngs(0)), nnx.Conv(4, **kwargs, rngs=nnx.Rngs(0))
-  check_parity(ours, ref, _normal(1, X2D), 36, grads=False)
+  check_parity(ours, ref, normal(1, X2D), 36, grads=False)
 
 
 def test_conv_param_metadata():
@@ -158,7 +159,7 @@ def test_conv_out_sharding():
   ours = cnnx.Conv(4, 5, (3, 3), rngs=nnx.Rngs(0))
   ref = nnx.Conv(4, 5, (3, 3), rngs=nnx.Rngs(0))
   with jax.set_mesh(jax.make_mesh((1,), ("x",), axis_types=(AxisType.Explicit,))):
-    x = jax.device_put(_normal(1, X2D), P("x"))
+    x = jax.device_put(normal(1, X2D), P("x"))
     for spec in (P("x"), P(None, "x"), P(None, None, None, "x")):
       y, y_ref = ours(x, out_sharding=spec), ref(x, out_sharding=spec)
       assert y.sharding.spec == y_ref.sharding.spec
@@ -169,7 +170,7 @@ def test_conv_out_sharding():
 def test_conv_under_nnx_jit_and_grad():
   ours = cnnx.Conv(4, 5, (3, 3), padding="CIRCULAR", rngs=nnx.Rngs(0))
   ref = nnx.Conv(4, 5, (3, 3), padding="CIRCULAR", rngs=nnx.Rngs(0))
-  x = _normal(1, X2D)
+  x = normal(1, X2D)
 
   @nnx.jit
   def grads(model, x):
@@ -195,17 +196,17 @@ TRANSPOSE_CASES = {
 @pytest.mark.parametrize("kwargs, shape", list(TRANSPOSE_CASES.values()),
                          ids=list(TRANSPOSE_CASES))
 def test_conv_transpose_parity(kwargs, shape):
-  kwargs = dict(kwargs, precision=HIGHEST)
+  kwargs = dict(FAST, **kwargs)
   ours = cnnx.ConvTranspose(shape[-1], 5, **kwargs, rngs=nnx.Rngs(0))
   ref = nnx.ConvTranspose(shape[-1], 5, **kwargs, rngs=nnx.Rngs(0))
-  check_parity(ours, ref, _normal(1, shape), 9 * shape[-1], grads=len(shape) == 4)
+  check_parity(ours, ref, normal(1, shape), 9 * shape[-1], grads=len(shape) == 4)
 
 
 def test_conv_transpose_preferred_element_type():
-  kwargs = dict(strides=2, dtype=jnp.bfloat16, preferred_element_type=jnp.float32)
+  kwargs = dict(strides=2, dtype=jnp.bfloat16, preferred_element_type=jnp.float32, **FAST)
   ours = cnnx.ConvTranspose(4, 5, (3, 3), **kwargs, rngs=nnx.Rngs(0))
   ref = nnx.ConvTranspose(4, 5, (3, 3), **kwargs, rngs=nnx.Rngs(0))
-  x = _normal(1, X2D, jnp.bfloat16)
+  x = normal(1, X2D, jnp.bfloat16)
   check_parity(ours, ref, x, 36, grads=False)
   assert ours(x).dtype == jnp.float32
 
@@ -214,9 +215,9 @@ def test_conv_transpose_preferred_element_type():
 
 
 def test_conv_local_parameters_follow_nnx():
-  # Kernel then bias from rngs.params(), as flax.nnx.Conv draws them.
+  # Kernel then bias from rngs.params(), with Flax's default initialisers.
   layer = cnnx.ConvLocal(4, 5, (3, 3), strides=2, input_spatial_shape=X2D[1:3],
-                         kernel_init=nnx.initializers.lecun_normal(), rngs=nnx.Rngs(0))
+                         rngs=nnx.Rngs(0))
   rngs = nnx.Rngs(0)
   kernel = nnx.initializers.lecun_normal()(rngs.params(), (4, 3, 36, 5))
   np.testing.assert_array_equal(layer.kernel[...], kernel)
@@ -230,10 +231,10 @@ def test_conv_local_parameters_follow_nnx():
 def test_conv_local_matches_flax_linen(kwargs, shape):
   rank = 1 if isinstance(kwargs["kernel_size"], int) else len(kwargs["kernel_size"])
   layer = cnnx.ConvLocal(shape[-1], 5, **kwargs, input_spatial_shape=shape[-rank - 1:-1],
-                         precision=HIGHEST, rngs=nnx.Rngs(0))
-  ref = nn.ConvLocal(5, **kwargs, precision=HIGHEST)
+                         **FAST, rngs=nnx.Rngs(0))
+  ref = nn.ConvLocal(5, **kwargs, **FAST)
   params = {"params": {k: v[...] for k, v in nnx.state(layer, nnx.Param).items()}}
-  x = _normal(1, shape)
+  x = normal(1, shape)
   jax.tree.map(lambda a, b: np.testing.assert_equal(a.shape, b.shape), params,
                ref.init(jax.random.key(0), x))
   assert_close(layer(x), ref.apply(params, x), reduction=9 * shape[-1])
@@ -268,7 +269,7 @@ LINEN_NNX_CASES = {
 @pytest.mark.parametrize("name", list(LINEN_NNX_CASES))
 def test_linen_equals_nnx(name):
   kwargs, shape = LINEN_NNX_CASES[name]
-  x = _normal(1, shape)
+  x = normal(1, shape)
   linen_layer = getattr(cnn, name)(features=4, **kwargs)
   variables = linen_layer.init(jax.random.key(0), x)
   extra = dict(input_spatial_shape=shape[1:3]) if name == "ConvLocal" else {}
