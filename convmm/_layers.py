@@ -12,8 +12,9 @@ modes that lax has no name for ('CIRCULAR', 'REFLECT', 'CAUSAL') are applied
 here with ``jnp.pad`` and the convolution is then 'VALID'.
 
 Every check raises a ``ValueError``/``TypeError`` whose message starts with the
-layer's name and names the field in backticks. Nothing here is traced: shapes
-are Python ints.
+layer's name and names the field in backticks. Checks run in Python on static
+shapes (when the layer is built, or while its call is traced), never inside
+compiled code.
 """
 
 from __future__ import annotations
@@ -69,11 +70,11 @@ def _kernel_size(layer: str, kernel_size: Any) -> tuple[int, ...]:
 
 
 def _broadcast_ints(
-    layer: str, name: str, value: Any, rank: int, minimum: int = 1
+    layer: str, name: str, value: Any, rank: int, default: int = 1, minimum: int = 1
 ) -> tuple[int, ...]:
-  """Flax's ``maybe_broadcast``: ``None`` -> 1, an int -> ``rank`` copies."""
+  """Flax's ``maybe_broadcast``: ``None`` -> ``default``, an int -> ``rank`` copies."""
   if value is None:
-    value = 1 if minimum >= 1 else 0
+    value = default
   if _is_int(value):
     value = (value,) * rank
   return _canonical.canonical_ints(layer, name, value, rank, minimum=minimum)
@@ -318,7 +319,7 @@ def adjoint_geometry(
   geometry = conv_geometry(layer, kernel_size, strides, padding, 1, kernel_dilation,
                            feature_group_count)
   output_padding = _broadcast_ints(layer, "output_padding", output_padding, geometry.rank,
-                                   minimum=0)
+                                   default=0, minimum=0)
   if any(p >= s for p, s in zip(output_padding, geometry.strides)):
     raise ValueError(
         f"{layer}: `output_padding` (={output_padding}) must be < `strides` "

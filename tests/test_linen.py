@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +75,19 @@ def check_parity(ours, ref, x, reduction, grads=True):
                  grad=True)
 
 
+# ----------------------------------------------------------------------------- packaging
+
+
+def test_core_does_not_import_flax():
+  # flax is an optional extra: `import convmm` must work without it.
+  code = ("import sys; sys.modules['flax'] = None; import convmm; "
+          "print(convmm.conv_general_dilated.__name__)")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == "conv_general_dilated"
+
+
 # ----------------------------------------------------------------------------- fields
 
 
@@ -124,7 +140,7 @@ CONV_CASES = {
     "valid_stride2": dict(features=5, kernel_size=(3, 3), strides=2, padding="VALID"),
     "lowercase_valid": dict(features=5, kernel_size=(3, 3), strides=2, padding="valid"),
     "circular_even_dilated": dict(features=5, kernel_size=(2, 3), strides=2,
-                                  kernel_dilation=(2, 1), padding="CIRCULAR"),
+                                  kernel_dilation=(1, 2), padding="CIRCULAR"),
     "reflect_dilated": dict(features=5, kernel_size=(3, 3), kernel_dilation=2,
                             padding="REFLECT"),
     "int_padding": dict(features=5, kernel_size=(3, 3), strides=(2, 1), padding=1),
