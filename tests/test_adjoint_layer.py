@@ -140,15 +140,19 @@ def test_gradients_match_reference(name):
   assert_close(dk, dk_ref, reduction=reduction * y.size, grad=True)
 
 
-def test_tied_weights_with_conv():
-  # A Conv's parameters drive the ConvAdjoint unchanged: it computes that Conv's vjp.
+@pytest.mark.parametrize("padding", ["SAME", "CIRCULAR"])
+def test_tied_weights_with_conv(padding):
+  # A Conv's parameters drive the ConvAdjoint unchanged: it computes that Conv's
+  # vjp, both Flax's (the reference) and convmm's (the definition).
   x = normal(1, (2, 8, 6, 4))
-  conv = cnn.Conv(6, (3, 3), strides=2, use_bias=False, precision=HIGHEST)
-  adjoint = cnn.ConvAdjoint(4, (3, 3), strides=2, use_bias=False, precision=HIGHEST)
-  params = conv.init(jax.random.key(0), x)
-  y, vjp = jax.vjp(lambda x: nn.Conv(6, (3, 3), strides=2, use_bias=False).apply(params, x),
-                   x)
-  assert_close(adjoint.apply(params, y), vjp(y)[0], reduction=54)
+  kwargs = dict(features=6, kernel_size=(3, 3), strides=2, padding=padding, use_bias=False,
+                precision=HIGHEST)
+  adjoint = cnn.ConvAdjoint(4, (3, 3), strides=2, padding=padding, use_bias=False,
+                            precision=HIGHEST)
+  params = cnn.Conv(**kwargs).init(jax.random.key(0), x)
+  for conv in (nn.Conv(**kwargs), cnn.Conv(**kwargs)):
+    y, vjp = jax.vjp(lambda x, conv=conv: conv.apply(params, x), x)
+    assert_close(adjoint.apply(params, y), vjp(y)[0], reduction=54)
 
 
 def test_dtype_and_preferred_element_type():

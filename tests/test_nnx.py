@@ -253,6 +253,17 @@ def test_conv_adjoint_draws_the_forward_conv_kernel(groups):
   assert adjoint.kernel.shape == (3, 2, 4 // groups, 6)
 
 
+def test_conv_adjoint_tied_to_a_conv_is_its_vjp():
+  forward = nnx.Conv(4, 6, (3, 3), strides=2, padding="CIRCULAR", use_bias=False,
+                     precision=HIGHEST, rngs=nnx.Rngs(0))
+  adjoint = cnnx.ConvAdjoint(6, 4, (3, 3), strides=2, padding="CIRCULAR", use_bias=False,
+                             precision=HIGHEST, rngs=nnx.Rngs(1))
+  adjoint.kernel = forward.kernel  # the same nnx.Param
+  x = normal(1, (2, 8, 6, 4))
+  y, vjp = jax.vjp(forward, x)
+  assert_close(adjoint(y), vjp(y)[0], reduction=54)
+
+
 # ----------------------------------------------------------------------------- linen == nnx
 
 LINEN_NNX_CASES = {
