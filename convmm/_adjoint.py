@@ -141,6 +141,9 @@ def conv_transpose(
     precision: Any = None,
     preferred_element_type: Any = None,
     use_consistent_padding: bool = False,
+    *,
+    method: str = "auto",
+    memory_budget: int | None = None,
 ) -> jax.Array:
   """A drop-in for ``jax.lax.conv_transpose``, computed by the im2col conv.
 
@@ -163,6 +166,7 @@ def conv_transpose(
     transpose_kernel: flip the kernel spatially and swap its I and O axes.
     precision, preferred_element_type: passed to the GEMM.
     use_consistent_padding: read pairs as the forward conv's padding.
+    method, memory_budget: keyword-only, as for :func:`conv_general_dilated`.
 
   Returns:
     The transposed convolution.
@@ -227,7 +231,8 @@ def conv_transpose(
     if transpose_kernel:
       rhs = jnp.swapaxes(jnp.flip(rhs, axis=tuple(rhs_spec[2:])), rhs_spec[0], rhs_spec[1])
     spec = conv_spec(fn, lhs_shape, rhs.shape, (1,) * nsp, pads, strides, rhs_dil, dnums, 1, 1)
-    return conv_with_spec(jnp.asarray(lhs), rhs, spec, precision)
+    method, memory_budget = _check_method(fn, method, memory_budget)
+    return conv_with_spec(jnp.asarray(lhs), rhs, spec, precision, None, method, memory_budget)
   if transpose_kernel:
     forward_rhs_spec = rhs_spec
   else:
@@ -245,4 +250,5 @@ def conv_transpose(
     lhs, rhs = lhs.astype(preferred_element_type), rhs.astype(preferred_element_type)
   return conv_adjoint(lhs, rhs, forward_in_shape, strides, forward_pads,
                       rhs_dilation=rhs_dil, dimension_numbers=forward_dnums,
-                      precision=precision, _fn=fn)
+                      precision=precision, method=method, memory_budget=memory_budget,
+                      _fn=fn)

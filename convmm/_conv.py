@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -12,10 +14,10 @@ from jax import lax
 from convmm._im2col import (
     from_channels_last,
     pad_input,
-    patches_channels_last,
     tap_offsets,
     tap_slice,
     to_channels_last,
+    unfold_padded,
 )
 from convmm._shapes import ConvSpec, check_same_dtype, conv_spec, shape_of
 
@@ -29,10 +31,12 @@ def kernel_taps_last(rhs: jax.Array, spec: ConvSpec) -> jax.Array:
 
 METHODS = ("auto", "im2col", "shift", "depthwise")
 
-# Patch matrices larger than this are never materialised whole: the im2col GEMM is
-# tiled over the batch. Change it per call with `memory_budget=` or globally with
-# `set_memory_budget`.
-_DEFAULT_MEMORY_BUDGET = 128 * 2**20
+# Patch matrices larger than this are never materialised whole: the work is tiled
+# over the batch, then over output rows. 16 MiB keeps a tile's temporaries under
+# glibc's 32 MiB mmap threshold: larger XLA temporaries are mapped afresh and
+# page-faulted on every call, which cost more than the GEMM on CPU. Change it per
+# call with `memory_budget=` or globally with `set_memory_budget`.
+_DEFAULT_MEMORY_BUDGET = 16 * 2**20
 
 
 def set_memory_budget(nbytes: int) -> int:
@@ -61,21 +65,13 @@ def _check_method(fn: str, method: Any, memory_budget: Any) -> tuple[str, int]:
   return method, memory_budget
 
 
-def _patch_bytes_per_sample(spec: ConvSpec, itemsize: int) -> int:
-  g = spec.geometry
-  return math.prod(g.out_spatial) * g.num_taps * g.in_features * itemsize
-
-
-def choose_method(spec: ConvSpec, method: str, itemsize: int = 4,
-                  memory_budget: int | None = None) -> str:
+def choose_method(spec: ConvSpec, method: str) -> str:
   """Resolves ``method="auto"`` for a convolution (static, shape-based).
 
-  'depthwise' where each group has a single input feature; 'shift' where even
-  one sample's patch matrix would exceed the memory budget (it builds none);
-  'im2col' otherwise (tiled over the batch when the whole batch does not fit).
+  'depthwise' where each group has a single input feature (a multiply-accumulate
+  beats a GEMM whose inner dimension is the window size), 'im2col' otherwise.
   """
   geometry = spec.geometry
-  budget = _DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
   cg = geometry.in_features // spec.feature_group_count
   depthwise_ok = cg == 1 and spec.batch_group_count == 1
   if method == "depthwise" and not depthwise_ok:
@@ -87,10 +83,73 @@ def choose_method(spec: ConvSpec, method: str, itemsize: int = 4,
     return method
   if depthwise_ok and spec.feature_group_count > 1:
     return "depthwise"
-  per_sample = _patch_bytes_per_sample(spec, itemsize)
-  if geometry.num_taps > 1 and 2 * per_sample > budget:
-    return "shift"
   return "im2col"
+
+
+def tile_plan(spec: ConvSpec, itemsize: int, budget: int) -> tuple[int, int]:
+  """Batch chunk ``b`` and output-row chunk ``r`` whose patches fit ``budget``.
+
+  The working set of a tile is its patch matrix (``T * C`` values per output
+  position), counted twice because XLA may keep the GEMM operand next to the
+  buffer that builds it. Whole batches are split first (batch groups are kept
+  whole), then the first output spatial dimension; both chunks divide evenly.
+  """
+  g = spec.geometry
+  n, out = g.batch, g.out_spatial
+  row_bytes = 2 * math.prod(out[1:]) * g.num_taps * g.in_features * itemsize
+  rows = out[0] if out else 1
+  if n * rows * row_bytes <= budget or n == 0 or rows == 0:
+    return n, rows
+  fits = lambda units, size: max(d for d in range(1, size + 1)
+                                 if size % d == 0 and d * units <= budget) if units <= budget else 1
+  b = n if spec.batch_group_count > 1 else fits(rows * row_bytes, n)
+  if b * rows * row_bytes <= budget or not out:
+    return b, rows
+  return b, fits(b * row_bytes, rows)
+
+
+def _tiled(compute, x_cl: jax.Array, spec: ConvSpec, b: int, r: int) -> jax.Array:
+  """Runs ``compute(x_tile, tile_spec)`` over batch and output-row tiles.
+
+  Each batch chunk of ``x_cl`` is dilated and padded on its own (the padded
+  whole input is never built), then each tile is a convolution with no
+  padding of its own. Tiles go through ``lax.map`` (batch chunks, and
+  row windows within a chunk) with each body rematerialised in the backward
+  pass, so neither the forward nor autodiff keeps more than one tile's patches
+  alive.
+  """
+  g = spec.geometry
+  zeros = ((0, 0),) * g.num_spatial
+  ones = (1,) * g.num_spatial
+  padded = g.padded_spatial
+  n, out = g.batch, g.out_spatial
+  rows_in = (r - 1) * g.window_strides[0] + g.effective_filter_shape[0] if out else 0
+  tile_geometry = dataclasses.replace(
+      g, batch=b, padding=zeros, lhs_dilation=ones,
+      in_spatial=(rows_in if r < out[0] else padded[0], *padded[1:]) if out else (),
+      out_spatial=(r, *out[1:]) if out else ())
+  tile_spec = dataclasses.replace(spec, geometry=tile_geometry)
+  nr = out[0] // r if out and r else 1
+  remat = functools.partial(jax.checkpoint, prevent_cse=False)
+
+  def rows_of(xb):  # (b, *spatial, C) -> (b', *out, O)
+    xb = pad_input(xb, g)
+    if nr == 1:
+      return compute(xb, tile_spec)
+    step = r * g.window_strides[0]
+    windows = jnp.stack([lax.slice_in_dim(xb, i * step, i * step + rows_in, axis=1)
+                         for i in range(nr)])
+    ys = lax.map(remat(lambda w: compute(w, tile_spec)), windows)  # (nr, b', r, ..., O)
+    ys = jnp.swapaxes(ys, 0, 1)
+    return ys.reshape(ys.shape[0], *out, ys.shape[-1])
+
+  nb = n // b
+  if nb == 1:
+    return rows_of(x_cl)
+  # Batch chunks are a free reshape; row windows overlap, so they are cut inside
+  # each batch chunk and only one chunk's windows exist at a time.
+  ys = lax.map(remat(rows_of), x_cl.reshape(nb, b, *x_cl.shape[1:]))
+  return ys.reshape(nb * ys.shape[1], *ys.shape[2:])
 
 
 def _group_gemm(
@@ -121,66 +180,42 @@ def _group_gemm(
   return y.reshape(n // gb, *out, o)
 
 
-def _conv_im2col(x_cl, w_tio, spec, precision, preferred_element_type, memory_budget):
-  geometry = spec.geometry
-  n = geometry.batch
-  per_sample = _patch_bytes_per_sample(spec, jnp.dtype(x_cl.dtype).itemsize)
-  chunk = _batch_chunk(n, spec.batch_group_count, per_sample, memory_budget)
-
-  def gemm(x):
-    return _group_gemm(patches_channels_last(x, geometry), w_tio, spec, precision,
-                       preferred_element_type)
-
-  if chunk == n:
-    return gemm(x_cl)
-  # Too large to build whole: map over batch chunks. Rematerialise each chunk's
-  # patches in the backward pass so autodiff does not keep all of them alive.
-  xs = x_cl.reshape(n // chunk, chunk, *x_cl.shape[1:])
-  ys = lax.map(jax.checkpoint(gemm), xs)
-  return ys.reshape(n, *ys.shape[2:])
+def _im2col_gemm(x_padded, w_tio, spec, precision, preferred_element_type):
+  """Patches of a padded input, then one (batched) GEMM."""
+  return _group_gemm(unfold_padded(x_padded, spec.geometry), w_tio, spec, precision,
+                     preferred_element_type)
 
 
-def _batch_chunk(n: int, batch_groups: int, per_sample: int, budget: int) -> int:
-  """Largest batch chunk whose patches fit the budget (whole groups only)."""
-  # XLA may hold a second patch-sized buffer (the GEMM operand next to the
-  # concatenation that builds it), so a chunk gets half the budget.
-  if 2 * n * per_sample <= budget or batch_groups > 1 or n == 0:
-    return n
-  fits = max(1, budget // max(1, 2 * per_sample))
-  return max(d for d in range(1, min(n, fits) + 1) if n % d == 0)
-
-
-def _conv_shift(x_cl, w_tio, spec, precision, preferred_element_type):
+def _shift_gemm(x_padded, w_tio, spec, precision, preferred_element_type):
   """Shift-and-accumulate: a sum over taps of slice @ kernel tap; no patch matrix."""
-  geometry = spec.geometry
-  x_padded = pad_input(x_cl, geometry)
   y = None
-  for t, offset in enumerate(tap_offsets(geometry)):
-    tap = tap_slice(x_padded, geometry, offset)[..., None, :]  # (N, *out, 1, C)
+  for t, offset in enumerate(tap_offsets(spec.geometry)):
+    tap = tap_slice(x_padded, spec.geometry, offset)[..., None, :]  # (N, *out, 1, C)
     term = _group_gemm(tap, w_tio[t:t + 1], spec, precision, preferred_element_type)
     y = term if y is None else y + term
   return y
 
 
-def _conv_depthwise(x_cl, w_tio, spec, precision, preferred_element_type):
+def _depthwise(x_padded, w_tio, spec, precision, preferred_element_type):
   """One input feature per group: multiply-accumulate over taps (no GEMM needed)."""
-  del precision  # elementwise products are exact; the sum is in the output dtype
+  del precision  # elementwise products are exact; the sum is in the accumulator
   geometry = spec.geometry
   c = geometry.in_features
   mult = spec.out_features // c
-  out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(x_cl.dtype, w_tio.dtype))
+  out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(x_padded.dtype, w_tio.dtype))
   # Accumulate 16-bit floats in float32, as the GEMM would.
   acc_dtype = jnp.float32 if jnp.issubdtype(out_dtype, jnp.floating) and (
       out_dtype.itemsize < 4) else out_dtype
-  x_padded = pad_input(x_cl, geometry).astype(acc_dtype)
+  x_padded = x_padded.astype(acc_dtype)
   w = w_tio.reshape(geometry.num_taps, c, mult).astype(acc_dtype)  # o = c * mult + j
   y = None
   for t, offset in enumerate(tap_offsets(geometry)):
     term = tap_slice(x_padded, geometry, offset)[..., None] * w[t]
     y = term if y is None else y + term
-  if y is None:  # no taps at all (a zero-size kernel)
-    y = jnp.zeros((geometry.batch, *geometry.out_spatial, c, mult), acc_dtype)
   return y.reshape(*y.shape[:-2], c * mult).astype(out_dtype)
+
+
+_COMPUTE = {"im2col": _im2col_gemm, "shift": _shift_gemm, "depthwise": _depthwise}
 
 
 def conv_channels_last(
@@ -193,20 +228,21 @@ def conv_channels_last(
     x_cl: input ``(N, *spatial, C)``.
     w_tio: kernel ``(T, C // feature_group_count, O)``, taps in row-major order.
     spec: the validated convolution.
-    method: 'im2col' (patches + one GEMM, tiled over the batch beyond the memory
-      budget), 'shift' (sum of per-tap GEMMs), 'depthwise' (multiply-accumulate)
-      or 'auto'.
+    method: 'im2col' (patches + one GEMM), 'shift' (sum of per-tap GEMMs),
+      'depthwise' (multiply-accumulate) or 'auto'. im2col and depthwise are
+      tiled over the batch, then output rows, beyond the memory budget.
 
   Returns:
     ``(N // batch_group_count, *out_spatial, O)``.
   """
+  method = choose_method(spec, method)
   budget = _DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
-  method = choose_method(spec, method, jnp.dtype(x_cl.dtype).itemsize, budget)
-  if method == "depthwise":
-    return _conv_depthwise(x_cl, w_tio, spec, precision, preferred_element_type)
-  if method == "shift":
-    return _conv_shift(x_cl, w_tio, spec, precision, preferred_element_type)
-  return _conv_im2col(x_cl, w_tio, spec, precision, preferred_element_type, budget)
+  compute = functools.partial(_COMPUTE[method], w_tio=w_tio, precision=precision,
+                              preferred_element_type=preferred_element_type)
+  if method == "shift":  # builds no patches: nothing to tile
+    return compute(pad_input(x_cl, spec.geometry), spec=spec)
+  b, r = tile_plan(spec, jnp.dtype(x_cl.dtype).itemsize, budget)
+  return _tiled(lambda x, s: compute(x, spec=s), x_cl, spec, b, r)
 
 
 def conv_general_dilated(
@@ -257,8 +293,8 @@ def conv_general_dilated(
       'depthwise' (multiply-accumulate when each group has one input feature) or
       'auto' (default: depthwise where it applies, else im2col).
     memory_budget: keyword-only, the largest patch matrix in bytes that im2col
-      may build at once (default 128 MiB, see :func:`set_memory_budget`); larger
-      work is mapped over batch chunks.
+      may build at once (default 16 MiB, see :func:`set_memory_budget`); larger
+      work is mapped over batch chunks, then output-row chunks.
 
   Returns:
     The convolution, in the layout of ``dimension_numbers[2]``.

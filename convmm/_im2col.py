@@ -68,11 +68,32 @@ def tap_slice(x_padded: jax.Array, geometry: ConvGeometry, offset: tuple[int, ..
   return lax.slice(x_padded, start, limit, strides)
 
 
+def unfold_padded(x_padded: jax.Array, geometry: ConvGeometry) -> jax.Array:
+  """im2col of an already padded channels-last input: ``(N, *out, T, C)``.
+
+  Unfolds one spatial dimension at a time, last to first: ``k`` strided slices
+  along that dimension, stacked on a new tap axis. That is ``sum(k)`` slices
+  instead of ``prod(k)`` (a 7x7 window: 14 instead of 49), which compiles
+  faster and moves small-channel inputs in longer contiguous runs, and gives
+  the same row-major tap order as slicing every tap directly.
+  """
+  nsp = geometry.num_spatial
+  y = x_padded
+  for d in reversed(range(nsp)):
+    out, stride, dil = (geometry.out_spatial[d], geometry.window_strides[d],
+                        geometry.rhs_dilation[d])
+    taps = []
+    for t in range(geometry.filter_shape[d]):
+      start = t * dil if out else 0
+      limit = start + (out - 1) * stride + 1 if out else 0
+      taps.append(lax.slice_in_dim(y, start, limit, stride, axis=1 + d))
+    y = jnp.stack(taps, axis=1 + nsp)
+  return y.reshape(*y.shape[:1 + nsp], geometry.num_taps, y.shape[-1])
+
+
 def patches_channels_last(x_cl: jax.Array, geometry: ConvGeometry) -> jax.Array:
   """im2col in channels-last canonical form: ``(N, *out, T, C)``."""
-  x_padded = pad_input(x_cl, geometry)
-  taps = [tap_slice(x_padded, geometry, off) for off in tap_offsets(geometry)]
-  return jnp.stack(taps, axis=-2)
+  return unfold_padded(pad_input(x_cl, geometry), geometry)
 
 
 def _patches_geometry(fn, lhs_shape, filter_shape, window_strides, padding, lhs_dilation,

@@ -83,14 +83,35 @@ def test_tiled_im2col_matches_untiled_and_lax():
     assert_close(got, want, reduction=27 * 5 * 5, grad=True)
 
 
-def test_auto_builds_no_patches_when_one_sample_exceeds_budget():
-  x = jax.random.normal(jax.random.key(5), (1, 6, 6, 2))
-  w = jax.random.normal(jax.random.key(6), (3, 3, 2, 3))
-  kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=DN, precision=HIGHEST)
-  f = lambda x: convmm.conv_general_dilated(x, w, memory_budget=64, **kw)
-  hlo = jax.jit(f).lower(x).as_text()
-  assert "concatenate" not in hlo  # shift-and-accumulate: no stacked patch matrix
-  assert_close(f(x), lax.conv_general_dilated(x, w, **kw), reduction=18)
+@pytest.mark.parametrize("method", ["im2col", "depthwise"])
+def test_row_tiles_when_one_sample_exceeds_budget(method):
+  # One sample's patches (2 * 7*6 * 9 * 4 * 4 bytes) exceed a 1 KiB budget, so the
+  # plan tiles output rows inside each sample (plus the batch).
+  x = jax.random.normal(jax.random.key(5), (2, 9, 8, 4))
+  groups = 4 if method == "depthwise" else 1
+  w = jax.random.normal(jax.random.key(6), (3, 3, 4 // groups, 8))
+  kw = dict(window_strides=(1, 1), padding=((1, 0), (0, 1)), rhs_dilation=(1, 2),
+            dimension_numbers=DN, precision=HIGHEST, feature_group_count=groups)
+  f = lambda x, w: convmm.conv_general_dilated(x, w, memory_budget=1024, method=method, **kw)
+  ref = lambda x, w: lax.conv_general_dilated(x, w, **kw)
+  assert "while" in jax.jit(f).lower(x, w).as_text()
+  assert_close(f(x, w), ref(x, w), reduction=36)
+  g = jax.grad(lambda x, w: jnp.sum(jnp.cos(f(x, w))), (0, 1))(x, w)
+  g_ref = jax.grad(lambda x, w: jnp.sum(jnp.cos(ref(x, w))), (0, 1))(x, w)
+  for got, want in zip(g, g_ref):
+    assert_close(got, want, reduction=36 * 8 * 8, grad=True)
+
+
+def test_tile_plan_respects_budget_and_divides_evenly():
+  from convmm._conv import tile_plan
+  from convmm._shapes import conv_spec
+
+  spec = conv_spec("t", (6, 10, 7, 4), (3, 3, 4, 5), (1, 1), "SAME", None, None, DN, 1, 1)
+  per_row = 2 * 7 * 9 * 4 * 4  # two copies of one output row's patches, float32
+  assert tile_plan(spec, 4, 10**9) == (6, 10)  # fits whole
+  assert tile_plan(spec, 4, 3 * 10 * per_row) == (3, 10)  # batch halves
+  assert tile_plan(spec, 4, 5 * per_row) == (1, 5)  # rows within one sample
+  assert tile_plan(spec, 4, 1) == (1, 1)  # never below one row
 
 
 def test_large_layer_temp_memory_stays_within_budget():
