@@ -195,12 +195,16 @@ def conv_transpose(
   k_eff = [(rhs_shape[d] - 1) * r + 1 for d, r in zip(dnums.rhs_spec[2:], rhs_dil)]
   lhs_spec, rhs_spec, out_spec = dnums
   in_spatial = [lhs_shape[d] for d in lhs_spec[2:]]
-  if isinstance(padding, str):
-    mode = padding.upper()
-    if mode not in ("SAME", "VALID"):
-      raise ValueError(f"{fn}: `padding` must be 'SAME', 'VALID' or (low, high) pairs, "
-                       f"got {padding!r}")
-    pads = tuple(_transpose_padding(k, s, mode) for k, s in zip(k_eff, strides))
+  if padding in ("SAME", "VALID"):
+    pads = tuple(_transpose_padding(k, s, padding) for k, s in zip(k_eff, strides))
+  elif isinstance(padding, str):
+    # Like lax, any other string is the padding of the stride-1 conv over the
+    # dilated input, which only exists when nothing is dilated.
+    if any(s != 1 for s in strides):
+      raise ValueError(
+          f"{fn}: `padding`={padding!r} needs `strides` of 1, got strides={strides}; "
+          f"only 'SAME' and 'VALID' (upper case, as in lax) describe a strided forward conv")
+    pads = canonical_padding(fn, padding, in_spatial, k_eff, (1,) * nsp, strides)
   else:
     pads = canonical_padding(fn, padding, in_spatial, k_eff, (1,) * nsp, (1,) * nsp)
     if use_consistent_padding:

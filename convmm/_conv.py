@@ -87,25 +87,32 @@ def choose_method(spec: ConvSpec, method: str) -> str:
 
 
 def tile_plan(spec: ConvSpec, itemsize: int, budget: int) -> tuple[int, int]:
-  """Batch chunk ``b`` and output-row chunk ``r`` whose patches fit ``budget``.
+  """Batch chunk ``b`` and output-row chunk ``r`` whose working set fits ``budget``.
 
-  The working set of a tile is its patch matrix (``T * C`` values per output
-  position), counted twice because XLA may keep the GEMM operand next to the
-  buffer that builds it. Whole batches are split first (batch groups are kept
-  whole), then the first output spatial dimension; both chunks divide evenly.
+  A tile's working set is counted as its patch matrix twice (XLA may keep the
+  GEMM operand beside the buffer that builds it, and the backward pass holds the
+  patches' cotangent), the intermediate of the first unfolding stage, and its
+  padded input. Whole batches are split first (batch groups are kept whole),
+  then the first output spatial dimension; both chunks divide evenly.
   """
   g = spec.geometry
-  n, out = g.batch, g.out_spatial
-  row_bytes = 2 * math.prod(out[1:]) * g.num_taps * g.in_features * itemsize
+  n, out, padded = g.batch, g.out_spatial, g.padded_spatial
+  c = g.in_features * itemsize
+  sample = 2 * math.prod(out) * g.num_taps * c + math.prod(padded) * c
+  if len(out) > 1:  # unfold_padded's first stage: the last dim unfolded only
+    sample += math.prod(padded[:-1]) * out[-1] * g.filter_shape[-1] * c
   rows = out[0] if out else 1
-  if n * rows * row_bytes <= budget or n == 0 or rows == 0:
+  if n * sample <= budget or n == 0 or rows == 0:
     return n, rows
-  fits = lambda units, size: max(d for d in range(1, size + 1)
-                                 if size % d == 0 and d * units <= budget) if units <= budget else 1
-  b = n if spec.batch_group_count > 1 else fits(rows * row_bytes, n)
-  if b * rows * row_bytes <= budget or not out:
+
+  def largest_divisor(size: int, unit: float) -> int:
+    fitting = [d for d in range(1, size + 1) if size % d == 0 and d * unit <= budget]
+    return max(fitting, default=1)
+
+  b = n if spec.batch_group_count > 1 else largest_divisor(n, sample)
+  if b * sample <= budget or not out:
     return b, rows
-  return b, fits(b * row_bytes, rows)
+  return b, largest_divisor(rows, b * sample / rows)
 
 
 def _tiled(compute, x_cl: jax.Array, spec: ConvSpec, b: int, r: int) -> jax.Array:
@@ -143,9 +150,9 @@ def _tiled(compute, x_cl: jax.Array, spec: ConvSpec, b: int, r: int) -> jax.Arra
     ys = jnp.swapaxes(ys, 0, 1)
     return ys.reshape(ys.shape[0], *out, ys.shape[-1])
 
-  nb = n // b
-  if nb == 1:
+  if b == n:
     return rows_of(x_cl)
+  nb = n // b
   # Batch chunks are a free reshape; row windows overlap, so they are cut inside
   # each batch chunk and only one chunk's windows exist at a time.
   ys = lax.map(remat(rows_of), x_cl.reshape(nb, b, *x_cl.shape[1:]))

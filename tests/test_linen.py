@@ -376,12 +376,7 @@ def test_conv_transpose_preferred_element_type():
 @pytest.mark.parametrize("shape", [X2D[1:], (2, 3, *X2D[1:]), (3, 0, *X2D[1:])],
                          ids=["unbatched", "two_batch_dims", "empty_batch_dim"])
 @pytest.mark.parametrize("name", ["Conv", "ConvLocal", "ConvTranspose"])
-def test_batch_dims(name, shape, request):
-  if 0 in shape and name != "ConvLocal":
-    request.applymarker(pytest.mark.xfail(
-        strict=True, raises=ZeroDivisionError,
-        reason="core bug since 52239d7: conv_general_dilated with a zero-size batch divides "
-        "by the batch chunk size (nb = n // b in convmm/_conv.py)"))
+def test_batch_dims(name, shape):
   kwargs = dict(features=5, kernel_size=(3, 3), strides=2, precision=HIGHEST)
   ours, ref = getattr(cnn, name)(**kwargs), getattr(nn, name)(**kwargs)
   x = normal(1, shape)
