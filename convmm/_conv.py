@@ -31,12 +31,14 @@ def kernel_taps_last(rhs: jax.Array, spec: ConvSpec) -> jax.Array:
 
 METHODS = ("auto", "im2col", "shift", "depthwise")
 
-# Patch matrices larger than this are never materialised whole: the work is tiled
-# over the batch, then over output rows. 16 MiB keeps a tile's temporaries under
-# glibc's 32 MiB mmap threshold: larger XLA temporaries are mapped afresh and
-# page-faulted on every call, which cost more than the GEMM on CPU. Change it per
-# call with `memory_budget=` or globally with `set_memory_budget`.
-_DEFAULT_MEMORY_BUDGET = 16 * 2**20
+# A tile's working set (patches and their companions, see `tile_plan`) larger than
+# this is never materialised whole: the work is tiled over the batch, then over
+# output rows. On CPU the budget is also a speed setting: XLA temporaries above
+# glibc's 32 MiB mmap threshold are mapped afresh and page-faulted on every call,
+# which can cost more than the GEMM; 32 MiB measured best across the benchmark
+# suite (16 and 64 MiB were slower on most layers). Change it per call with
+# `memory_budget=` or globally with `set_memory_budget`.
+_DEFAULT_MEMORY_BUDGET = 32 * 2**20
 
 
 def set_memory_budget(nbytes: int) -> int:
@@ -300,7 +302,7 @@ def conv_general_dilated(
       'depthwise' (multiply-accumulate when each group has one input feature) or
       'auto' (default: depthwise where it applies, else im2col).
     memory_budget: keyword-only, the largest patch matrix in bytes that im2col
-      may build at once (default 16 MiB, see :func:`set_memory_budget`); larger
+      may build at once (default 32 MiB, see :func:`set_memory_budget`); larger
       work is mapped over batch chunks, then output-row chunks.
 
   Returns:
