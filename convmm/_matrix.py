@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -26,33 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
 
+from convmm._canonical import canonical_shape
 from convmm._conv import kernel_taps_last
 from convmm._im2col import patches_channels_last, to_channels_last
 from convmm._shapes import ConvSpec, conv_spec, shape_of
 
 DEFAULT_MAX_ELEMENTS = 2**26
 _INDEX_LIMIT = np.iinfo(np.int32).max - 1
-
-
-def numeric_shape_of(fn: str, name: str, x: Any) -> tuple[tuple[int, ...], Any]:
-  """:func:`convmm._shapes.shape_of`, also refusing non-numeric dtypes (strings)."""
-  shape, dtype = shape_of(fn, name, x)
-  if not (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)):
-    raise TypeError(f"{fn}: `{name}` must be a numeric array, got dtype={np.dtype(dtype)}")
-  return shape, dtype
-
-
-def canonical_lhs_shape(fn: str, lhs_shape: Any) -> tuple[int, ...]:
-  """Validates a shape argument: a sequence of non-negative ints."""
-  if isinstance(lhs_shape, str | bytes) or not isinstance(lhs_shape, Sequence | np.ndarray):
-    raise TypeError(f"{fn}: `lhs_shape` must be a sequence of ints, got {lhs_shape!r}")
-  try:
-    shape = tuple(operator.index(s) for s in lhs_shape)
-  except TypeError as e:
-    raise TypeError(f"{fn}: `lhs_shape` must be a sequence of ints, got {lhs_shape!r}") from e
-  if any(s < 0 for s in shape):
-    raise ValueError(f"{fn}: `lhs_shape` entries must be >= 0, got lhs_shape={shape}")
-  return shape
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -170,8 +148,8 @@ def conv_matrix(
     (16384, 6144)
   """
   fn = "conv_matrix"
-  rhs_shape, _ = numeric_shape_of(fn, "rhs", rhs)
-  lhs_shape = canonical_lhs_shape(fn, lhs_shape)
+  rhs_shape, _ = shape_of(fn, "rhs", rhs)
+  lhs_shape = canonical_shape(fn, "lhs_shape", lhs_shape)
   spec = conv_spec(fn, lhs_shape, rhs_shape, window_strides, padding, lhs_dilation,
                    rhs_dilation, dimension_numbers, feature_group_count, 1)
   if isinstance(max_elements, bool) or not isinstance(max_elements, int | np.integer):

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from convmm._canonical import ConvGeometry, conv_geometry
@@ -55,14 +56,21 @@ def _check_count(fn: str, name: str, value: Any) -> int:
 
 
 def shape_of(fn: str, name: str, x: Any) -> tuple[tuple[int, ...], Any]:
-  """Shape and dtype of an array-like, with a TypeError for anything else."""
+  """Shape and dtype of a numeric array-like; a TypeError naming ``name`` otherwise."""
   if isinstance(x, jax.ShapeDtypeStruct) or hasattr(x, "shape") and hasattr(x, "dtype"):
-    return tuple(x.shape), x.dtype
-  if isinstance(x, int | float | complex | list | tuple) and not isinstance(x, bool):
+    shape, dtype = tuple(x.shape), x.dtype
+  elif isinstance(x, int | float | complex | list | tuple) and not isinstance(x, bool):
     arr = np.asarray(x)
-    if arr.dtype.kind in "biufc":
-      return arr.shape, jax.dtypes.canonicalize_dtype(arr.dtype)
-  raise TypeError(f"{fn}: `{name}` must be an array, got {type(x).__name__}: {x!r:.80}")
+    shape, dtype = arr.shape, arr.dtype
+    if dtype.kind == "O":
+      raise TypeError(f"{fn}: `{name}` must be an array, got {type(x).__name__}: {x!r:.80}")
+  else:
+    raise TypeError(f"{fn}: `{name}` must be an array, got {type(x).__name__}: {x!r:.80}")
+  if not (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)):
+    raise TypeError(f"{fn}: `{name}` must be a numeric array, got dtype={np.dtype(dtype)}")
+  if not hasattr(x, "dtype"):
+    dtype = jax.dtypes.canonicalize_dtype(dtype)
+  return shape, dtype
 
 
 def conv_spec(

@@ -17,14 +17,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from convmm._conv import conv_general_dilated
-from convmm._matrix import numeric_shape_of
+from convmm._shapes import shape_of
 
 MODES = ("full", "same", "valid")
 
 
 def _operands(fn: str, in1, in2, mode) -> tuple[jax.Array, jax.Array]:
-  shape1, dtype1 = numeric_shape_of(fn, "in1", in1)
-  shape2, dtype2 = numeric_shape_of(fn, "in2", in2)
+  shape1, dtype1 = shape_of(fn, "in1", in1)
+  shape2, dtype2 = shape_of(fn, "in2", in2)
   if not isinstance(mode, str) or mode not in MODES:
     raise ValueError(f"{fn}: `mode` must be one of {MODES}, got {mode!r}")
   if len(shape1) != len(shape2):

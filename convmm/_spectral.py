@@ -23,10 +23,9 @@ import numpy as np
 from jax import lax
 
 from convmm._adjoint import conv_adjoint
-from convmm._canonical import canonical_ints
+from convmm._canonical import canonical_ints, canonical_shape
 from convmm._conv import conv_general_dilated
-from convmm._matrix import canonical_lhs_shape, numeric_shape_of
-from convmm._shapes import conv_spec
+from convmm._shapes import conv_spec, shape_of
 
 DEFAULT_NUM_ITERS = 64
 _HIGHEST = lax.Precision.HIGHEST
@@ -143,8 +142,8 @@ def operator_norm(
     ()
   """
   fn = "operator_norm"
-  rhs_shape, rhs_dtype = numeric_shape_of(fn, "rhs", rhs)
-  lhs_shape = canonical_lhs_shape(fn, lhs_shape)
+  rhs_shape, rhs_dtype = shape_of(fn, "rhs", rhs)
+  lhs_shape = canonical_shape(fn, "lhs_shape", lhs_shape)
   spec = conv_spec(fn, lhs_shape, rhs_shape, window_strides, padding, lhs_dilation,
                    rhs_dilation, dimension_numbers, feature_group_count, 1)
   if isinstance(num_iters, bool) or not isinstance(num_iters, int | np.integer) or num_iters < 1:
@@ -223,7 +222,7 @@ def circular_singular_values(kernel: jax.typing.ArrayLike, spatial_shape: Any) -
     (1024,)
   """
   fn = "circular_singular_values"
-  shape, dtype = numeric_shape_of(fn, "kernel", kernel)
+  shape, dtype = shape_of(fn, "kernel", kernel)
   if len(shape) < 3:
     raise ValueError(
         f"{fn}: `kernel` must have rank >= 3, (*kernel_size, C_in, C_out), got "

@@ -236,7 +236,7 @@ def test_index_overflow_is_refused_before_allocation():
          r"conv_matrix: `rhs` must be a numeric array, got dtype=<U1"),
         (dict(rhs=None), TypeError, r"conv_matrix: `rhs` must be an array, got NoneType"),
         (dict(lhs_shape=3), TypeError, r"conv_matrix: `lhs_shape` must be a sequence of ints"),
-        (dict(lhs_shape=(1, 1.5, 4)), TypeError, r"conv_matrix: `lhs_shape` must be a sequence"),
+        (dict(lhs_shape=(1, 1.5, 4)), TypeError, r"conv_matrix: `lhs_shape` must contain.*1.5"),
         (dict(lhs_shape=(1, 2, -4)), ValueError, r"conv_matrix: `lhs_shape` entries must be >= 0"
                                                  r", got lhs_shape=\(1, 2, -4\)"),
         (dict(lhs_shape=(1, 3, 4)), ValueError, r"conv_matrix: lhs feature size 3"),
