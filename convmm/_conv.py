@@ -91,16 +91,15 @@ def choose_method(spec: ConvSpec, method: str) -> str:
 def tile_plan(spec: ConvSpec, itemsize: int, budget: int) -> tuple[int, int]:
   """Batch chunk ``b`` and output-row chunk ``r`` whose working set fits ``budget``.
 
-  A tile's working set is counted as its patch matrix twice (XLA may keep the
-  GEMM operand beside the buffer that builds it, and the backward pass holds the
-  patches' cotangent), the intermediate of the first unfolding stage, and its
-  padded input. Whole batches are split first (batch groups are kept whole),
+  A tile's working set is counted as its patch matrix three times (the backward
+  pass holds the rematerialised patches, their cotangent and a GEMM operand
+  copy), the intermediate of the first unfolding stage, and its padded input. Whole batches are split first (batch groups are kept whole),
   then the first output spatial dimension; both chunks divide evenly.
   """
   g = spec.geometry
   n, out, padded = g.batch, g.out_spatial, g.padded_spatial
   c = g.in_features * itemsize
-  sample = 2 * math.prod(out) * g.num_taps * c + math.prod(padded) * c
+  sample = 3 * math.prod(out) * g.num_taps * c + math.prod(padded) * c
   if len(out) > 1:  # unfold_padded's first stage: the last dim unfolded only
     sample += math.prod(padded[:-1]) * out[-1] * g.filter_shape[-1] * c
   rows = out[0] if out else 1

@@ -107,9 +107,9 @@ def test_tile_plan_respects_budget_and_divides_evenly():
   from convmm._shapes import conv_spec
 
   spec = conv_spec("t", (6, 10, 7, 4), (3, 3, 4, 5), (1, 1), "SAME", None, None, DN, 1, 1)
-  # Per sample: patches twice, the first unfolding stage (12x7 rows x 3 taps) and
-  # the padded input (12x9), all float32 with 4 channels.
-  sample = (2 * 10 * 7 * 9 + 12 * 7 * 3 + 12 * 9) * 4 * 4
+  # Per sample: patches three times, the first unfolding stage (12x7 rows x 3
+  # taps) and the padded input (12x9), all float32 with 4 channels.
+  sample = (3 * 10 * 7 * 9 + 12 * 7 * 3 + 12 * 9) * 4 * 4
   assert tile_plan(spec, 4, 10**9) == (6, 10)  # fits whole
   assert tile_plan(spec, 4, 3 * sample) == (3, 10)  # batch halves
   assert tile_plan(spec, 4, sample // 2) == (1, 5)  # rows within one sample
