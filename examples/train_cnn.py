@@ -161,7 +161,7 @@ def load_digits(test_fraction: float = DIGITS_TEST_FRACTION,
 
   >>> data = load_digits()
   >>> data.train_images.shape, data.test_images.shape
-  ((1437, 8, 8, 1), (360, 8, 8, 1))
+  ((1438, 8, 8, 1), (359, 8, 8, 1))
   """
   from sklearn.datasets import load_digits as sklearn_digits
 
