@@ -88,18 +88,22 @@ def choose_method(spec: ConvSpec, method: str) -> str:
   return "im2col"
 
 
-def tile_plan(spec: ConvSpec, itemsize: int, budget: int) -> tuple[int, int]:
+def tile_plan(spec: ConvSpec, itemsize: int, budget: int,
+              patch_copies: int = 3) -> tuple[int, int]:
   """Batch chunk ``b`` and output-row chunk ``r`` whose working set fits ``budget``.
 
-  A tile's working set is counted as its patch matrix three times (the backward
-  pass holds the rematerialised patches, their cotangent and a GEMM operand
-  copy), the intermediate of the first unfolding stage, and its padded input. Whole batches are split first (batch groups are kept whole),
-  then the first output spatial dimension; both chunks divide evenly.
+  A tile's working set is counted as ``patch_copies`` patch matrices (im2col:
+  three, as the backward pass holds the rematerialised patches, their cotangent
+  and a GEMM operand copy; depthwise builds none, but its backward holds one
+  shifted copy of the input per tap, about one patch matrix), the intermediate
+  of the first unfolding stage, and the padded input. Whole batches are split
+  first (batch groups are kept whole), then the first output spatial dimension;
+  both chunks divide evenly.
   """
   g = spec.geometry
   n, out, padded = g.batch, g.out_spatial, g.padded_spatial
   c = g.in_features * itemsize
-  sample = 3 * math.prod(out) * g.num_taps * c + math.prod(padded) * c
+  sample = patch_copies * math.prod(out) * g.num_taps * c + math.prod(padded) * c
   if len(out) > 1:  # unfold_padded's first stage: the last dim unfolded only
     sample += math.prod(padded[:-1]) * out[-1] * g.filter_shape[-1] * c
   rows = out[0] if out else 1
@@ -249,7 +253,8 @@ def conv_channels_last(
                               preferred_element_type=preferred_element_type)
   if method == "shift":  # builds no patches: nothing to tile
     return compute(pad_input(x_cl, spec.geometry), spec=spec)
-  b, r = tile_plan(spec, jnp.dtype(x_cl.dtype).itemsize, budget)
+  b, r = tile_plan(spec, jnp.dtype(x_cl.dtype).itemsize, budget,
+                   patch_copies=1 if method == "depthwise" else 3)
   return _tiled(lambda x, s: compute(x, spec=s), x_cl, spec, b, r)
 
 
