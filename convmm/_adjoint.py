@@ -97,7 +97,7 @@ def conv_adjoint(
         f"{fn}: `cotangent` must have the forward output shape {spec.out_shape} for "
         f"lhs_shape={lhs_shape} and rhs.shape={rhs_shape}, got cotangent.shape={ct_shape}")
   method, memory_budget = _check_method(fn, method, memory_budget)
-  choose_method(spec, method)
+  choose_method(spec, method, fn)
   rhs = jnp.asarray(rhs)
   primal = jax.ShapeDtypeStruct(lhs_shape, rhs_dtype)
 

@@ -42,7 +42,10 @@ _DEFAULT_MEMORY_BUDGET = 32 * 2**20
 
 
 def set_memory_budget(nbytes: int) -> int:
-  """Sets the default patch-matrix budget in bytes; returns the previous value.
+  """Sets the default tile working-set budget in bytes; returns the previous value.
+
+  The budget is read when a convolution is traced: functions already compiled
+  keep the tiling they were traced with.
 
   Example:
     >>> import convmm
@@ -67,7 +70,7 @@ def _check_method(fn: str, method: Any, memory_budget: Any) -> tuple[str, int]:
   return method, memory_budget
 
 
-def choose_method(spec: ConvSpec, method: str) -> str:
+def choose_method(spec: ConvSpec, method: str, fn: str = "conv_general_dilated") -> str:
   """Resolves ``method="auto"`` for a convolution (static, shape-based).
 
   'depthwise' where each group has a single input feature (a multiply-accumulate
@@ -78,7 +81,7 @@ def choose_method(spec: ConvSpec, method: str) -> str:
   depthwise_ok = cg == 1 and spec.batch_group_count == 1
   if method == "depthwise" and not depthwise_ok:
     raise ValueError(
-        "conv_general_dilated: `method`='depthwise' needs one input feature per group "
+        f"{fn}: `method`='depthwise' needs one input feature per group "
         f"(feature_group_count == lhs features); got feature_group_count="
         f"{spec.feature_group_count} for {geometry.in_features} features")
   if method != "auto":
@@ -331,7 +334,7 @@ def conv_general_dilated(
                    batch_group_count)
   check_same_dtype(fn, lhs_dtype, rhs_dtype)
   method, memory_budget = _check_method(fn, method, memory_budget)
-  choose_method(spec, method)
+  choose_method(spec, method, fn)
   out = conv_with_spec(jnp.asarray(lhs), jnp.asarray(rhs), spec, precision,
                        preferred_element_type, method, memory_budget)
   if out_sharding is not None:
