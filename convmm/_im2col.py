@@ -2,17 +2,17 @@
 
 The input is brought to channels-last canonical order ``(N, *spatial, C)``,
 dilated and padded by a single ``lax.pad`` (interior padding is the input
-dilation, negative padding crops), and each kernel tap is one strided
-``lax.slice``. Stacking the taps gives the patch tensor ``(N, *out, T, C)``
-with ``T = prod(filter_shape)``: contiguous channels for each tap, which is
-the layout the GEMM wants. No arithmetic touches the values, so patches are
-exact at any precision on any backend.
+dilation, negative padding crops), then unfolded one spatial dimension at a
+time by strided ``lax.slice``s stacked on a tap axis. The result is the patch
+tensor ``(N, *out, T, C)`` with ``T = prod(filter_shape)`` in row-major tap
+order: contiguous channels for each tap, which is the layout the GEMM wants.
+No arithmetic touches the values, so patches are exact at any precision on any
+backend.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from typing import Any
 
 import jax
@@ -223,10 +223,4 @@ def col2im(
   primal = jax.ShapeDtypeStruct(lhs_shape, dtype)
   (out,) = jax.linear_transpose(lambda x: _im2col(x, geometry), primal)(jnp.asarray(patches))
   return out
-
-
-def patch_count(geometry: ConvGeometry) -> int:
-  """Number of patch entries, ``N * prod(out) * T * C`` (for memory budgets)."""
-  return geometry.batch * math.prod(geometry.out_spatial) * geometry.num_taps * (
-      geometry.in_features)
 
