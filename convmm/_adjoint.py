@@ -105,7 +105,9 @@ def conv_adjoint(
     return conv_with_spec(x, rhs, spec, precision, preferred_element_type, method,
                           memory_budget)
 
-  out_dtype = jax.eval_shape(forward, primal).dtype
+  # lax's rule: the output has the operands' dtype unless one is preferred.
+  out_dtype = (rhs_dtype if preferred_element_type is None
+               else jax.dtypes.canonicalize_dtype(preferred_element_type))
   if np.dtype(ct_dtype) != np.dtype(out_dtype):
     raise TypeError(
         f"{fn}: `cotangent` must have the forward output dtype {np.dtype(out_dtype)}, "
@@ -222,19 +224,18 @@ def conv_transpose(
   # (k_eff - 1 - lo, k_eff - 1 - hi): the adjoint pads its dilated cotangent by
   # exactly (lo, hi). Taking this route runs the GEMM on the undilated input
   # (s^nsp times fewer rows) instead of multiplying inserted zeros.
-  padded = [(n - 1) * s + 1 + lo + hi for n, s, (lo, hi) in zip(in_spatial, strides, pads)]
-  if any(p < 0 for p in padded):
-    raise ValueError(
-        f"{fn}: `padding` {pads!r} crops more than the dilated input "
-        f"{tuple((n - 1) * s + 1 for n, s in zip(in_spatial, strides))!r} allows")
-  out_spatial = [max(0, p - k + 1) for p, k in zip(padded, k_eff)]
+  # The fractionally strided conv, validated by the one shape rule (k' has I and O
+  # swapped when transpose_kernel).
+  prime_shape = list(rhs_shape)
+  if transpose_kernel:
+    prime_shape[rhs_spec[0]], prime_shape[rhs_spec[1]] = rhs_shape[rhs_spec[1]], kernel_in
+  spec = conv_spec(fn, lhs_shape, prime_shape, (1,) * nsp, pads, strides, rhs_dil, dnums, 1, 1)
   rhs = jnp.asarray(rhs)
   if not jnp.issubdtype(rhs.dtype, jnp.inexact) and preferred_element_type is None:
-    # Integers have no autodiff adjoint: run lax's own formulation, the stride-1
-    # conv over the s-dilated input, through the im2col conv.
+    # Integers have no autodiff adjoint: run lax's own formulation through the
+    # im2col conv.
     if transpose_kernel:
       rhs = jnp.swapaxes(jnp.flip(rhs, axis=tuple(rhs_spec[2:])), rhs_spec[0], rhs_spec[1])
-    spec = conv_spec(fn, lhs_shape, rhs.shape, (1,) * nsp, pads, strides, rhs_dil, dnums, 1, 1)
     method, memory_budget = _check_method(fn, method, memory_budget)
     return conv_with_spec(jnp.asarray(lhs), rhs, spec, precision, None, method, memory_budget)
   if transpose_kernel:
@@ -245,7 +246,7 @@ def conv_transpose(
   forward_dnums = ConvDimensionNumbers(out_spec, forward_rhs_spec, lhs_spec)
   out_features = rhs_shape[forward_rhs_spec[1]]
   forward_in_shape = layout_shape(out_spec, (lhs_shape[lhs_spec[0]], out_features,
-                                             *out_spatial))
+                                             *spec.geometry.out_spatial))
   forward_pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(k_eff, pads))
   lhs = jnp.asarray(lhs)
   if preferred_element_type is not None:

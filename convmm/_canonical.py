@@ -235,7 +235,7 @@ def output_spatial(
 ) -> tuple[int, ...]:
   """The output-size rule: ``floor((padded - k_eff) / stride) + 1``, or 0."""
   return tuple(
-      max(0, (p - k) // s + 1) if p >= k else 0
+      (p - k) // s + 1 if p >= k else 0
       for p, k, s in zip(padded_spatial, effective_filter_shape, window_strides))
 
 

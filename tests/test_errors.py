@@ -310,6 +310,9 @@ RULES = {
     "conv_transpose_padding_string": rule(
         convmm.conv_transpose, (XT, WT), dict(strides=(2, 2), padding="SAME_LOWER"),
         ValueError, r"^conv_transpose: `padding`.*'SAME_LOWER'"),
+    "conv_transpose_padding_crops_everything": rule(
+        convmm.conv_transpose, (XT, WT), dict(strides=(2, 2), padding=((-8, 0), (0, 0))),
+        ValueError, r"^conv_transpose: negative `padding`.*crops more than the \(dilated\) input"),
     "conv_transpose_zero_stride": rule(
         convmm.conv_transpose, (XT, WT), dict(strides=(0, 2), padding="SAME"),
         ValueError, r"^conv_transpose: `strides`.*\(0, 2\)"),
