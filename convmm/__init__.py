@@ -13,6 +13,7 @@ from convmm._im2col import col2im as col2im
 from convmm._im2col import im2col as im2col
 from convmm._local import conv_general_dilated_local as conv_general_dilated_local
 from convmm._matrix import conv_matrix as conv_matrix
+from convmm._replace import replace_convs as replace_convs
 from convmm._signal import convolve as convolve
 from convmm._signal import correlate as correlate
 from convmm._spectral import circular_singular_values as circular_singular_values

@@ -225,7 +225,8 @@ def _depthwise(x_padded, w_tio, spec, precision, preferred_element_type):
   w = w_tio.reshape(geometry.num_taps, c, mult).astype(acc_dtype)  # o = c * mult + j
   y = None
   for t, offset in enumerate(tap_offsets(geometry)):
-    term = tap_slice(x_padded, geometry, offset)[..., None] * w[t]
+    tap = tap_slice(x_padded, geometry, offset)[..., None]  # (N, *out, C, 1)
+    term = tap * w[t].reshape((1,) * (tap.ndim - 2) + w[t].shape)  # no implicit rank promotion
     y = term if y is None else y + term
   return y.reshape(*y.shape[:-2], c * mult).astype(out_dtype)
 

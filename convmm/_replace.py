@@ -1,0 +1,389 @@
+"""replace_convs: a JAX transformation that computes a function's convolutions with convmm.
+
+A custom interpreter in the style of JAX's "Writing custom interpreters" guide:
+the function is traced to a jaxpr, which is evaluated equation by equation,
+binding every primitive as it is except ``conv_general_dilated``, which becomes
+a call of :func:`convmm.conv_general_dilated` with the equation's parameters.
+Primitives that carry jaxprs (jit, scan, while, cond, remat, custom_jvp/vjp,
+shard_map, ...) are re-bound with their jaxprs rewritten the same way, so the
+program keeps its structure. Everything runs at trace time; the result composes
+with jit, grad, vmap and the rest like any JAX function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax import lax
+from jax._src import (
+  ad_checkpoint,
+  compute_on,
+  core,
+  custom_derivatives,
+  pjit,
+  shard_map,
+  source_info_util,
+)
+from jax._src import linear_util as lu
+from jax._src.interpreters import partial_eval as pe
+from jax._src.lax import eval_jaxpr as lax_eval_jaxpr
+from jax._src.lax import lax as lax_internal
+from jax._src.lax.control_flow import conditionals, loops, solves
+from jax._src.tree_util import FlatTree
+
+import convmm
+from convmm._conv import _check_method
+
+_CONV = lax.conv_general_dilated_p
+# The parameters of lax's conv primitive that `where` receives (and convmm takes).
+_CONV_PARAMS = (
+  "window_strides",
+  "padding",
+  "lhs_dilation",
+  "rhs_dilation",
+  "dimension_numbers",
+  "feature_group_count",
+  "batch_group_count",
+  "precision",
+  "preferred_element_type",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  method: str
+  memory_budget: int | None
+  where: Callable[[dict[str, Any]], bool] | None
+
+
+def replace_convs(
+  fn: Callable[..., Any],
+  *,
+  method: str = "auto",
+  memory_budget: int | None = None,
+  where: Callable[[dict[str, Any]], bool] | None = None,
+) -> Callable[..., Any]:
+  """Returns ``fn`` with every XLA convolution computed by convmm (im2col + GEMM).
+
+  Works on any JAX function: a Flax ``model.apply``, an nnx, Equinox or Haiku
+  model wrapped in a pure function, or plain ``jax``/``lax`` code. ``fn`` is
+  traced to a jaxpr and re-evaluated with each ``lax.conv_general_dilated``
+  primitive replaced by :func:`convmm.conv_general_dilated` with the same
+  strides, padding, dilations, dimension numbers, group counts, precision and
+  preferred element type, including the convolutions inside ``jit``, ``scan``,
+  ``while_loop``, ``cond``, ``checkpoint``, ``custom_jvp``/``custom_vjp`` (and
+  their rules) and ``shard_map``. The convolutions that autodiff creates are
+  replaced too when ``fn`` is a gradient: ``replace_convs(jax.grad(f))``. The
+  result composes with ``jit``, ``grad``, ``vjp``, ``jvp`` and ``vmap``.
+
+  Array leaves of the arguments (``jax.Array``, NumPy arrays and scalars) are
+  traced; every other leaf (Python numbers, strings, functions) is passed to
+  ``fn`` as a constant, as ``equinox.filter_jit`` does; ``functools.partial``
+  and closures work as usual. ``fn`` is traced on each call, so call the result
+  under ``jax.jit`` as you would call ``fn``.
+
+  Args:
+    fn: the function to transform; positional and keyword arguments and
+      outputs may be pytrees.
+    method: passed to :func:`convmm.conv_general_dilated` for every replaced
+      convolution ('auto', 'im2col', 'shift' or 'depthwise').
+    memory_budget: passed to :func:`convmm.conv_general_dilated` (bytes; default
+      :func:`convmm.set_memory_budget`'s).
+    where: optional predicate choosing the convolutions to replace. It is called
+      once per convolution with a dict of that convolution's parameters (the
+      keys of lax's primitive: ``window_strides``, ``padding``, ``lhs_dilation``,
+      ``rhs_dilation``, ``dimension_numbers``, ``feature_group_count``,
+      ``batch_group_count``, ``precision``, ``preferred_element_type``) plus
+      ``lhs_shape``, ``rhs_shape`` and ``dtype``; a convolution for which it
+      returns ``False`` stays XLA's.
+
+  Returns:
+    A function with ``fn``'s signature and results.
+
+  Raises:
+    TypeError: ``fn`` or ``where`` is not callable, or ``where`` returns a
+      non-bool.
+    ValueError: unknown ``method``, bad ``memory_budget``, or ``where`` raised
+      (the original exception is chained).
+    NotImplementedError: ``fn`` contains a primitive carrying a jaxpr with a
+      convolution that replace_convs cannot rewrite (named in the message).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, convmm
+    >>> from jax import lax
+    >>> def f(x, w):
+    ...   return lax.conv_general_dilated(x, w, (1, 1), 'SAME')
+    >>> x, w = jnp.ones((2, 3, 8, 8)), jnp.ones((16, 3, 3, 3))
+    >>> g = convmm.replace_convs(f)
+    >>> g(x, w).shape
+    (2, 16, 8, 8)
+    >>> 'conv_general_dilated' in str(jax.make_jaxpr(g)(x, w))
+    False
+  """
+  name = "replace_convs"
+  if not callable(fn):
+    raise TypeError(f"{name}: `fn` must be callable, got {type(fn).__name__} {fn!r}")
+  if where is not None and not callable(where):
+    raise TypeError(
+      f"{name}: `where` must be None or a callable taking a dict of conv parameters, "
+      f"got {type(where).__name__} {where!r}"
+    )
+  method, _ = _check_method(name, method, memory_budget)
+  config = _Config(method, memory_budget, where)
+
+  @functools.wraps(fn)
+  def replaced(*args, **kwargs):
+    return _call_replaced(fn, args, kwargs, config)
+
+  return replaced
+
+
+def _is_array(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic, core.Tracer))
+
+
+def _call_replaced(
+  fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], config: _Config
+) -> Any:
+  """``fn(*args, **kwargs)``, traced and evaluated by the interpreter.
+
+  Non-array leaves in and out are constants of the trace (this also carries
+  autodiff's symbolic zeros through a custom_vjp's backward rule).
+  """
+  leaves, in_tree = jax.tree.flatten((tuple(args), kwargs))
+  is_dynamic = [_is_array(x) for x in leaves]
+  dynamic = [x for x, d in zip(leaves, is_dynamic) if d]
+  out_parts = {}
+
+  def flat_fn(*dynamic_leaves):
+    it = iter(dynamic_leaves)
+    a, k = jax.tree.unflatten(in_tree, [next(it) if d else x for x, d in zip(leaves, is_dynamic)])
+    out_leaves, out_tree = jax.tree.flatten(fn(*a, **k))
+    out_dynamic = [_is_array(x) for x in out_leaves]
+    out_parts.update(tree=out_tree, leaves=out_leaves, dynamic=out_dynamic)
+    return [x for x, d in zip(out_leaves, out_dynamic) if d]
+
+  closed = jax.make_jaxpr(flat_fn)(*dynamic)
+  dynamic = [
+    x
+    if isinstance(x, (jax.Array, core.Tracer))
+    else lax_internal._convert_element_type(x, aval.dtype, aval.weak_type)
+    for x, aval in zip(dynamic, closed.in_avals)
+  ]
+  it = iter(_eval_jaxpr(closed.jaxpr, closed.consts, dynamic, config))
+  outs = [next(it) if d else x for x, d in zip(out_parts["leaves"], out_parts["dynamic"])]
+  return jax.tree.unflatten(out_parts["tree"], outs)
+
+
+def _eval_jaxpr(
+  jaxpr: core.Jaxpr, consts: Sequence[Any], args: Sequence[Any], config: _Config
+) -> list[Any]:
+  """``core.eval_jaxpr`` with the rewrite of :func:`_eval_eqn` for each equation."""
+  env: dict[core.Var, Any] = {}
+
+  def read(v):
+    return v.val if isinstance(v, core.Literal) else env[v]
+
+  env.update(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  for eqn in jaxpr.eqns:
+    name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
+    with (
+      source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack),
+      eqn.ctx.manager,
+    ):
+      outs = _eval_eqn(eqn, [read(v) for v in eqn.invars], config)
+    env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]))
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _bind(eqn: core.JaxprEqn, invals: Sequence[Any], params: dict[str, Any] | None = None):
+  params = eqn.params if params is None else params
+  return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(params))
+
+
+def _eval_eqn(eqn: core.JaxprEqn, invals: Sequence[Any], config: _Config):
+  prim = eqn.primitive
+  if prim is _CONV:
+    return _conv(eqn, invals, config)
+  rule = _RULES.get(prim)
+  if rule is not None:
+    return rule(eqn, invals, config)
+  if any(_has_conv(j) for j in core.jaxprs_in_params(eqn.params)):
+    raise NotImplementedError(
+      f"replace_convs: primitive `{prim.name}` carries a jaxpr containing a convolution, "
+      f"and replace_convs does not know how to rewrite `{prim.name}`; the convolution would "
+      f"stay XLA's. Handled primitives: {sorted(p.name for p in _RULES)}"
+    )
+  return _bind(eqn, invals)
+
+
+def _has_conv(jaxpr: core.Jaxpr) -> bool:
+  return any(
+    eqn.primitive is _CONV or any(_has_conv(j) for j in core.jaxprs_in_params(eqn.params))
+    for eqn in jaxpr.eqns
+  )
+
+
+def _conv(eqn: core.JaxprEqn, invals: Sequence[Any], config: _Config):
+  lhs, rhs = invals
+  params = eqn.params
+  if config.where is not None and not _where(config.where, eqn):
+    return _bind(eqn, invals)
+  out = convmm.conv_general_dilated(
+    lhs,
+    rhs,
+    *(params[k] for k in _CONV_PARAMS),
+    params.get("out_sharding"),
+    method=config.method,
+    memory_budget=config.memory_budget,
+  )
+  aval = eqn.outvars[0].aval
+  if out.dtype != aval.dtype or out.shape != aval.shape:
+    raise AssertionError(
+      f"replace_convs: convmm returned {out.dtype}{out.shape} where lax "
+      f"returns {aval.str_short()}; please report this as a convmm bug"
+    )
+  return lax_internal._convert_element_type(out, aval.dtype, aval.weak_type)
+
+
+def _where(where: Callable[[dict[str, Any]], bool], eqn: core.JaxprEqn) -> bool:
+  lhs_aval, rhs_aval = (v.aval for v in eqn.invars)
+  info = {k: eqn.params[k] for k in _CONV_PARAMS}
+  info.update(lhs_shape=lhs_aval.shape, rhs_shape=rhs_aval.shape, dtype=lhs_aval.dtype)
+  try:
+    keep = where(info)
+  except Exception as e:
+    raise ValueError(
+      f"replace_convs: `where` raised {type(e).__name__}: {e} for the "
+      f"convolution with lhs_shape={lhs_aval.shape}, "
+      f"rhs_shape={rhs_aval.shape}"
+    ) from e
+  if not isinstance(keep, (bool, np.bool_)):
+    raise TypeError(
+      f"replace_convs: `where` must return a bool, got "
+      f"{type(keep).__name__} {keep!r} for lhs_shape={lhs_aval.shape}, "
+      f"rhs_shape={rhs_aval.shape}"
+    )
+  return bool(keep)
+
+
+# --- Rewriting the jaxprs that primitives carry ---------------------------------
+
+
+def _rewrite(jaxpr: core.Jaxpr, consts: Sequence[Any], config: _Config) -> core.ClosedJaxpr:
+  """The jaxpr of ``_eval_jaxpr(jaxpr, consts, ...)``: same inputs and outputs."""
+  fun = lu.wrap_init(
+    lambda *args: _eval_jaxpr(jaxpr, consts, args, config), debug_info=jaxpr.debug_info
+  )
+  new_jaxpr, _, new_consts = pe.trace_to_jaxpr_dynamic(fun, [v.aval for v in jaxpr.invars])
+  return core.ClosedJaxpr(new_jaxpr, new_consts)
+
+
+def _rewrite_closed(closed: core.ClosedJaxpr, config: _Config) -> core.ClosedJaxpr:
+  return _rewrite(closed.jaxpr, closed.consts, config)
+
+
+def _rewrite_param(value: Any, config: _Config) -> Any:
+  if isinstance(value, core.ClosedJaxpr):
+    return _rewrite_closed(value, config) if _has_conv(value.jaxpr) else value
+  if isinstance(value, tuple):  # cond's branches, custom_linear_solve's namedtuple
+    new = [_rewrite_param(v, config) for v in value]
+    return type(value)(*new) if hasattr(value, "_fields") else type(value)(new)
+  if isinstance(value, core.Jaxpr):
+    raise AssertionError("replace_convs: open jaxpr param")  # handled by dedicated rules
+  return value
+
+
+def _closed_jaxpr_params(eqn, invals, config):
+  """Primitives whose jaxprs are ClosedJaxprs that may simply be swapped for rewritten ones."""
+  params = {k: _rewrite_param(v, config) for k, v in eqn.params.items()}
+  return _bind(eqn, invals, params)
+
+
+def _remat(eqn, invals, config):
+  """checkpoint carries an open jaxpr: new constants become leading operands."""
+  if not _has_conv(eqn.params["jaxpr"]):
+    return _bind(eqn, invals)
+  new = _rewrite(eqn.params["jaxpr"], (), config)
+  params = dict(eqn.params, jaxpr=pe.convert_constvars_jaxpr(new.jaxpr))
+  return _bind(eqn, [*new.consts, *invals], params)
+
+
+def _shard_map(eqn, invals, config):
+  """shard_map is re-bound with the interpreter as its body, as JAX's own eval does."""
+  params = dict(eqn.params)
+  jaxpr, out_specs = params.pop("jaxpr"), params.pop("out_specs")
+
+  def body(*args):
+    return FlatTree.flatten(_eval_jaxpr(jaxpr, (), args, config)).with_aux(out_specs)
+
+  return eqn.primitive.bind(*invals, subfuns=(body,), debug_info=jaxpr.debug_info, **params)
+
+
+def _memoized(thunk: lu.WrappedFun, rewrite: Callable[..., Any]) -> lu.WrappedFun:
+  """``rewrite(thunk(*zeros))`` once per zero pattern, as a WrappedFun."""
+  cache: dict[tuple[Any, ...], Any] = {}
+
+  def wrapped(*zeros):
+    if zeros not in cache:
+      cache[zeros] = rewrite(*thunk.call_wrapped(*zeros))
+    return cache[zeros]
+
+  return lu.wrap_init(wrapped, debug_info=thunk.debug_info)
+
+
+def _custom_jvp(eqn, invals, config):
+  """The primal jaxpr and the lazily traced JVP rule are both rewritten."""
+
+  def rewrite_jvp(jvp_jaxpr, jvp_consts, out_zeros):
+    new = _rewrite(jvp_jaxpr, jvp_consts, config)
+    return new.jaxpr, new.consts, out_zeros
+
+  params = dict(
+    eqn.params,
+    call_jaxpr=_rewrite_closed(eqn.params["call_jaxpr"], config),
+    jvp_jaxpr_fun=_memoized(eqn.params["jvp_jaxpr_fun"], rewrite_jvp),
+  )
+  return _bind(eqn, invals, params)
+
+
+def _custom_vjp(eqn, invals, config):
+  """The primal and forward jaxprs are rewritten; the backward rule is run replaced."""
+
+  def rewrite_fwd(fwd_jaxpr, fwd_consts):
+    new = _rewrite(fwd_jaxpr, fwd_consts, config)
+    return new.jaxpr, new.consts
+
+  bwd = eqn.params["bwd"]
+  new_bwd = lu.wrap_init(
+    lambda *args: _call_replaced(bwd.call_wrapped, args, {}, config), debug_info=bwd.debug_info
+  )
+  params = dict(
+    eqn.params,
+    call_jaxpr=_rewrite_closed(eqn.params["call_jaxpr"], config),
+    fwd_jaxpr_thunk=_memoized(eqn.params["fwd_jaxpr_thunk"], rewrite_fwd),
+    bwd=new_bwd,
+  )
+  return _bind(eqn, invals, params)
+
+
+_RULES: dict[core.Primitive, Callable[..., Any]] = {
+  pjit.jit_p: _closed_jaxpr_params,
+  core.closed_call_p: _closed_jaxpr_params,
+  loops.scan_p: _closed_jaxpr_params,
+  loops.while_p: _closed_jaxpr_params,
+  conditionals.cond_p: _closed_jaxpr_params,
+  solves.linear_solve_p: _closed_jaxpr_params,
+  compute_on.compute_on_p: _closed_jaxpr_params,
+  lax_eval_jaxpr.eval_jaxpr_p: _closed_jaxpr_params,
+  ad_checkpoint.remat_p: _remat,
+  shard_map.shard_map_p: _shard_map,
+  custom_derivatives.custom_jvp_call_p: _custom_jvp,
+  custom_derivatives.custom_vjp_call_p: _custom_vjp,
+}
