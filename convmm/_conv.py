@@ -201,14 +201,29 @@ def _im2col_gemm(x_padded, w_tio, spec, precision, preferred_element_type):
                      preferred_element_type)
 
 
+def _accumulator_dtype(out_dtype: Any) -> Any:
+  """float32 for 16-bit floats (as a GEMM accumulates), else the output dtype."""
+  out_dtype = jnp.dtype(out_dtype)
+  if jnp.issubdtype(out_dtype, jnp.floating) and out_dtype.itemsize < 4:
+    return jnp.dtype(jnp.float32)
+  return out_dtype
+
+
 def _shift_gemm(x_padded, w_tio, spec, precision, preferred_element_type):
-  """Shift-and-accumulate: a sum over taps of slice @ kernel tap; no patch matrix."""
+  """Shift-and-accumulate: a sum over taps of slice @ kernel tap; no patch matrix.
+
+  Each tap's GEMM and the running sum are in float32 for 16-bit floats (one
+  rounding at the end, like one GEMM over all taps), so float16 does not
+  overflow in partial sums where a single accumulation would not.
+  """
+  out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(x_padded.dtype, w_tio.dtype))
+  acc_dtype = _accumulator_dtype(out_dtype)
   y = None
   for t, offset in enumerate(tap_offsets(spec.geometry)):
     tap = tap_slice(x_padded, spec.geometry, offset)[..., None, :]  # (N, *out, 1, C)
-    term = _group_gemm(tap, w_tio[t:t + 1], spec, precision, preferred_element_type)
+    term = _group_gemm(tap, w_tio[t:t + 1], spec, precision, acc_dtype)
     y = term if y is None else y + term
-  return y
+  return y.astype(out_dtype)
 
 
 def _depthwise(x_padded, w_tio, spec, precision, preferred_element_type):
@@ -218,11 +233,12 @@ def _depthwise(x_padded, w_tio, spec, precision, preferred_element_type):
   c = geometry.in_features
   mult = spec.out_features // c
   out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(x_padded.dtype, w_tio.dtype))
-  # Accumulate 16-bit floats in float32, as the GEMM would.
-  acc_dtype = jnp.float32 if jnp.issubdtype(out_dtype, jnp.floating) and (
-      out_dtype.itemsize < 4) else out_dtype
+  acc_dtype = _accumulator_dtype(out_dtype)  # as the GEMM would
   x_padded = x_padded.astype(acc_dtype)
-  w = w_tio.reshape(geometry.num_taps, c, mult).astype(acc_dtype)  # o = c * mult + j
+  # o = c * mult + j; leading unit axes broadcast each tap's (C, mult) weights over
+  # (N, *out) without relying on implicit rank promotion.
+  w = w_tio.reshape(geometry.num_taps, *(1,) * (1 + geometry.num_spatial), c, mult)
+  w = w.astype(acc_dtype)
   y = None
   for t, offset in enumerate(tap_offsets(geometry)):
     tap = tap_slice(x_padded, geometry, offset)[..., None]  # (N, *out, C, 1)

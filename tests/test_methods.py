@@ -1,5 +1,7 @@
 """Every computation method of the core against lax, and the memory budget."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -161,3 +163,43 @@ def test_method_argument_errors(kwargs, match):
   w = jnp.ones((3, 3, 2, 2))
   with pytest.raises(ValueError, match=match):
     convmm.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN, **kwargs)
+
+
+def _value_grads_vmap(conv, x, w):
+  grads = jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), (0, 1))(x, w)
+  return conv(x, w), grads, jax.vmap(conv, in_axes=(None, 0))(x, jnp.stack([w, -w]))
+
+
+@pytest.mark.parametrize("x_shape, w_shape, kw", CASES)
+def test_core_under_rank_promotion_raise(x_shape, w_shape, kw):
+  # JAX's own test suite runs with jax_numpy_rank_promotion='raise': the core, its
+  # gradients and vmap must not rely on implicit rank promotion. Every method, tiled
+  # or not, on the depthwise case (where it broke); the default path elsewhere.
+  x = jax.random.normal(jax.random.key(7), x_shape)
+  w = jax.random.normal(jax.random.key(8), w_shape)
+  reduction = int(np.prod(w_shape[:-1]))
+  ref = lax.conv_general_dilated(x, w, dimension_numbers=DN, precision=HIGHEST, **kw)
+  with jax.numpy_rank_promotion("raise"):
+    every = kw.get("feature_group_count", 1) == x_shape[-1]
+    for method in _methods_for(kw, x_shape[-1]) if every else ["auto"]:
+      for budget in [None, 1024] if every else [None]:
+        conv = functools.partial(convmm.conv_general_dilated, dimension_numbers=DN,
+                                 precision=HIGHEST, method=method, memory_budget=budget, **kw)
+        everything = jax.jit(functools.partial(_value_grads_vmap, conv))
+        y, (gx, gw), batched = everything(x, w)
+        assert_close(y, ref, reduction=reduction)
+        assert gx.shape == x.shape and gw.shape == w.shape
+        assert_close(batched[1], -ref, reduction=reduction)
+
+
+def test_shift_float16_accumulates_in_float32():
+  # Partial sums 4e4 + 4e4 overflow float16 (max 65504); the whole sum 4e4 does not.
+  x = jnp.ones((2, 1, 9), jnp.float16)
+  w = jnp.array([4e4, 4e4, -4e4], jnp.float16).reshape(1, 1, 3)
+  ref = lax.conv_general_dilated(x.astype(jnp.float32), w.astype(jnp.float32), (1,), "VALID",
+                                 precision=HIGHEST)
+  for method in ["shift", "im2col"]:
+    y = convmm.conv_general_dilated(x, w, (1,), "VALID", method=method)
+    assert y.dtype == jnp.float16
+    assert np.all(np.isfinite(np.asarray(y, np.float32))), (method, y)
+    assert_close(y, ref, dtype=jnp.float16, reduction=3)
