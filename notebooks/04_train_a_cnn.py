@@ -1,7 +1,7 @@
 # %% [markdown]
 # # 04 · Train a small CNN whose convolutions are convmm's
 #
-# The project's training example, `examples/train_cnn.py`, trains a small CNN (three 3x3
+# The project's training example, `examples/cnn/`, trains a small CNN (three 3x3
 # `convmm.linen.Conv` layers with ReLU, the second one strided, then a Dense head) on the 8x8
 # handwritten digits that ship with scikit-learn (nothing is downloaded). This notebook imports its
 # pieces (data, model, optimiser, train and eval steps) instead of copying them, then:
@@ -12,11 +12,9 @@
 #    (which calls `lax.conv_general_dilated`) on one batch, with the same parameters.
 #
 # The full program adds flags, a progress bar, checkpoints and data parallelism:
-# `python examples/train_cnn.py --help`.
+# `python -m examples.cnn.main --help`.
 
 # %%
-import pathlib
-import sys
 import time
 
 import jax
@@ -25,46 +23,33 @@ import matplotlib.pyplot as plt
 import numpy as np
 from jax import lax
 
-
-def find_repo_root(start: pathlib.Path) -> pathlib.Path:
-  """The nearest directory above `start` holding examples/train_cnn.py (the notebook runs from
-  notebooks/, the repository root, or a copy of notebooks/ next to the repository)."""
-  for directory in (start, *start.parents):
-    if (directory / "examples" / "train_cnn.py").is_file():
-      return directory
-  raise FileNotFoundError(f"examples/train_cnn.py not found above {start}")
-
-
-REPO = find_repo_root(pathlib.Path.cwd().resolve())
-sys.path.insert(0, str(REPO / "examples"))
-import train_cnn  # noqa: E402
-
-import convmm  # noqa: E402
+import convmm
+from examples.cnn import input_pipeline, models, train
 
 jax.config.update("jax_platforms", "cpu")
-print("train_cnn from", pathlib.Path(train_cnn.__file__).relative_to(REPO))
+print("the example's modules:", ", ".join(m.__name__ for m in (input_pipeline, models, train)))
 print("jax", jax.__version__, "| devices:", jax.devices())
 
 # %% [markdown]
 # ## The data and the model
 
 # %%
-data = train_cnn.load_digits()
+data = input_pipeline.load_digits()
 print("train:", data.train_images.shape, "test:", data.test_images.shape)
 assert len(data.train_labels) + len(data.test_labels) == 1797  # scikit-learn's digits
 assert data.train_images.shape[1:] == data.test_images.shape[1:] == (8, 8, 1)
-assert abs(len(data.test_labels) / 1797 - train_cnn.DIGITS_TEST_FRACTION) < 1e-3
+assert abs(len(data.test_labels) / 1797 - input_pipeline.DIGITS_TEST_FRACTION) < 1e-3
 assert data.train_images.min() >= 0 and data.train_images.max() <= 1
 assert set(np.unique(data.test_labels)) == set(range(10))
 
-model = train_cnn.CNN(conv="convmm")  # every Conv is convmm.linen.Conv
-tx = train_cnn.make_optimizer("adam")
+model = models.CNN(conv="convmm")  # every Conv is convmm.linen.Conv
+tx = train.make_optimizer("adam")
 SEED, BATCH_SIZE, EPOCHS = 0, 32, 4
-params, opt_state = train_cnn.init_state(model, tx, data.train_images.shape[1:], seed=SEED)
+params, opt_state = train.init_state(model, tx, data.train_images.shape[1:], seed=SEED)
 for path, value in jax.tree_util.tree_leaves_with_path(params):
   print(f"{'/'.join(key.key for key in path):14s} {str(value.shape):>16s}")
 print(f"{sum(value.size for value in jax.tree_util.tree_leaves(params)):,} parameters")
-assert train_cnn.conv_class("convmm", "linen") is convmm.linen.Conv
+assert models.conv_class("convmm", "linen") is convmm.linen.Conv
 
 # %% [markdown]
 # ## 1. Training
@@ -74,8 +59,8 @@ assert train_cnn.conv_class("convmm", "linen") is convmm.linen.Conv
 # `evaluate` on the held-out test digits after every epoch.
 
 # %%
-train_step = train_cnn.make_train_step(model, tx)
-eval_step = train_cnn.make_eval_step(model)
+train_step = train.make_train_step(model, tx)
+eval_step = train.make_eval_step(model)
 
 history = {key: [] for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy",
                                "epoch_seconds")}
@@ -83,7 +68,7 @@ step_losses = []
 steps_per_epoch = len(data.train_labels) // BATCH_SIZE
 for epoch in range(EPOCHS):
   start = time.perf_counter()
-  order = train_cnn.epoch_order(len(data.train_labels), SEED, epoch)
+  order = input_pipeline.epoch_order(len(data.train_labels), SEED, epoch)
   losses, accuracies = [], []
   for step in range(steps_per_epoch):
     batch = order[step * BATCH_SIZE:(step + 1) * BATCH_SIZE]
@@ -91,8 +76,8 @@ for epoch in range(EPOCHS):
       params, opt_state, data.train_images[batch], data.train_labels[batch])
     losses.append(float(loss))
     accuracies.append(float(accuracy))
-  test_loss, test_accuracy = train_cnn.evaluate(eval_step, params, data.test_images,
-                                                data.test_labels, BATCH_SIZE)
+  test_loss, test_accuracy = train.evaluate(eval_step, params, data.test_images,
+                                            data.test_labels, BATCH_SIZE)
   step_losses += losses
   history["train_loss"].append(float(np.mean(losses)))
   history["train_accuracy"].append(float(np.mean(accuracies)))
@@ -100,7 +85,7 @@ for epoch in range(EPOCHS):
   history["test_accuracy"].append(test_accuracy)
   history["epoch_seconds"].append(time.perf_counter() - start)
 
-print(train_cnn.summary_table(history))
+print(train.summary_table(history))
 assert history["train_loss"][-1] < history["train_loss"][0] / 3  # it learns
 assert history["test_accuracy"][-1] >= 0.95, history["test_accuracy"]
 
@@ -161,15 +146,15 @@ if len(wrong):
 # %% [markdown]
 # ## 3. convmm's gradients versus lax's, on one batch
 #
-# `train_cnn.CNN(conv="lax")` is the same network on Flax's own `nn.Conv`, which calls
+# `models.CNN(conv="lax")` is the same network on Flax's own `nn.Conv`, which calls
 # `lax.conv_general_dilated`; both create the same parameters, so the trained parameters can be fed
 # to either. On one training batch, the loss and the gradient of every parameter are compared, at
 # `precision=HIGHEST` so that both sides compute in full float32.
 
 # %%
 HIGHEST = lax.Precision.HIGHEST
-model_convmm = train_cnn.CNN(conv="convmm", precision=HIGHEST)
-model_lax = train_cnn.CNN(conv="lax", precision=HIGHEST)
+model_convmm = models.CNN(conv="convmm", precision=HIGHEST)
+model_lax = models.CNN(conv="lax", precision=HIGHEST)
 images, labels = data.train_images[:BATCH_SIZE], data.train_labels[:BATCH_SIZE]
 
 
@@ -177,7 +162,7 @@ images, labels = data.train_images[:BATCH_SIZE], data.train_labels[:BATCH_SIZE]
 def loss_and_grads(params, images, labels):
   out = {}
   for name, net in (("convmm", model_convmm), ("lax", model_lax)):
-    (loss, _), grads = jax.value_and_grad(train_cnn.loss_fn, argnums=1, has_aux=True)(
+    (loss, _), grads = jax.value_and_grad(train.loss_fn, argnums=1, has_aux=True)(
       net, params, images, labels)
     out[name] = (loss, grads)
   return out

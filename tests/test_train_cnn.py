@@ -1,5 +1,5 @@
-"""Tests of examples/train_cnn.py: gradients against Flax's own layers, learning, data
-parallelism over devices and processes, the IDX reader, and checkpoint/resume.
+"""Tests of the training example (examples/cnn/): gradients against Flax's own layers, learning,
+data parallelism over devices and processes, the IDX reader, checkpoint/resume and its faults.
 
 The training runs are tiny (256 examples, 2 epochs) so that the file stays fast; runs that
 need more than one device are subprocesses, because XLA fixes the device count when JAX starts.
@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import importlib.util
 import io
 import json
 import os
+import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -29,30 +32,23 @@ from tolerances import assert_close, tol
 
 import convmm.linen
 import convmm.nnx
+from examples.cnn import checkpoints, input_pipeline, models, train
+from examples.cnn.main import main, parse_args
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_cnn.py"
+REPO = Path(__file__).resolve().parents[1]
+# The example as a program, exactly as the README runs it (from the repository root).
+COMMAND = [sys.executable, "-m", "examples.cnn.main"]
 HIGHEST = lax.Precision.HIGHEST
 # A small run shared by the comparisons: 8 steps of 32 per epoch, 2 epochs.
 RUN_FLAGS = ["--train-limit", "256", "--test-limit", "100", "--epochs", "2", "--no-progress"]
 SUBPROCESS_TIMEOUT = 240  # seconds; a run takes ~10-30 s on a loaded 2-core machine
 
 
-def load_example():
-  spec = importlib.util.spec_from_file_location("train_cnn", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules["train_cnn"] = module  # flax dataclasses resolve annotations through sys.modules
-  spec.loader.exec_module(module)
-  return module
-
-
-train_cnn = load_example()
-
-
 def run_main(argv):
   """``(metrics, stdout)`` of an in-process run."""
   stdout = io.StringIO()
   with contextlib.redirect_stdout(stdout):
-    metrics = train_cnn.main(argv)
+    metrics = main(argv)
   return metrics, stdout.getvalue()
 
 
@@ -60,9 +56,9 @@ def script_env():
   return {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
-def run_script(args, cwd):
+def run_script(args, cwd=REPO):
   """Runs the example as a program; fails the test with its output if it fails."""
-  proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=script_env(),
+  proc = subprocess.run([*COMMAND, *args], cwd=cwd, env=script_env(),
                         capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
   assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
   return proc.stdout
@@ -80,7 +76,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def digits_batch():
-  data = train_cnn.load_digits()
+  data = input_pipeline.load_digits()
   return jnp.asarray(data.train_images[:16]), jnp.asarray(data.train_labels[:16])
 
 
@@ -94,7 +90,7 @@ def one_device_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_device_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("two_devices")
-  stdout = run_script([*RUN_FLAGS, "--devices", "2", "--out", str(out)], cwd=out)
+  stdout = run_script([*RUN_FLAGS, "--devices", "2", "--out", str(out)])
   return out, read_metrics(out), stdout
 
 
@@ -108,10 +104,10 @@ def assert_nonzero(grads):
 
 def test_linen_cnn_gradients_match_flax_conv(digits_batch):
   images, labels = digits_batch
-  ours = train_cnn.CNN(conv="convmm", precision=HIGHEST)
-  flax_own = train_cnn.CNN(conv="lax", precision=HIGHEST)
+  ours = models.CNN(conv="convmm", precision=HIGHEST)
+  flax_own = models.CNN(conv="lax", precision=HIGHEST)
   params = ours.init(jax.random.key(0), images)["params"]
-  grad_fn = jax.jit(jax.value_and_grad(train_cnn.loss_fn, argnums=1, has_aux=True),
+  grad_fn = jax.jit(jax.value_and_grad(train.loss_fn, argnums=1, has_aux=True),
                     static_argnums=0)
   (loss, logits), grads = grad_fn(ours, params, images, labels)
   (ref_loss, ref_logits), ref_grads = grad_fn(flax_own, params, images, labels)
@@ -125,14 +121,14 @@ def test_linen_cnn_gradients_match_flax_conv(digits_batch):
 
 def test_nnx_cnn_gradients_match_flax_conv(digits_batch):
   images, labels = digits_batch
-  ours = train_cnn.NnxCNN("convmm", precision=HIGHEST, rngs=nnx.Rngs(0))
-  flax_own = train_cnn.NnxCNN("lax", precision=HIGHEST, rngs=nnx.Rngs(1))
+  ours = models.NnxCNN("convmm", precision=HIGHEST, rngs=nnx.Rngs(0))
+  flax_own = models.NnxCNN("lax", precision=HIGHEST, rngs=nnx.Rngs(1))
   assert isinstance(ours.convs[0], convmm.nnx.Conv)
   assert type(flax_own.convs[0]) is nnx.Conv
   nnx.update(flax_own, nnx.state(ours, nnx.Param))  # the same parameters in both
 
   def loss(model):
-    return train_cnn.cross_entropy(model(images), labels)
+    return train.cross_entropy(model(images), labels)
 
   ref_loss, ref_grads = nnx.jit(nnx.value_and_grad(loss))(flax_own)
   got_loss, grads = nnx.jit(nnx.value_and_grad(loss))(ours)
@@ -142,10 +138,10 @@ def test_nnx_cnn_gradients_match_flax_conv(digits_batch):
 
 
 def test_conv_class_picks_the_implementation():
-  assert train_cnn.conv_class("convmm", "linen") is convmm.linen.Conv
-  assert train_cnn.conv_class("lax", "linen") is nn.Conv
+  assert models.conv_class("convmm", "linen") is convmm.linen.Conv
+  assert models.conv_class("lax", "linen") is nn.Conv
   with pytest.raises(ValueError, match=r"conv_class: expected `conv`.*conv='torch'"):
-    train_cnn.conv_class("torch")
+    models.conv_class("torch")
 
 
 # ----------------------------------------------------------------------------- training
@@ -177,9 +173,9 @@ def test_two_processes_match_two_devices(two_device_run, tmp_path):
   _, two, _ = two_device_run
   coordinator = f"127.0.0.1:{free_port()}"
   procs = [subprocess.Popen(
-      [sys.executable, str(SCRIPT), *RUN_FLAGS, "--num-processes", "2", "--process-id", str(i),
+      [*COMMAND, *RUN_FLAGS, "--num-processes", "2", "--process-id", str(i),
        "--coordinator", coordinator, "--init-timeout", "120", "--out", str(tmp_path)],
-      cwd=tmp_path, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
   outputs = []
   try:
@@ -227,35 +223,35 @@ def test_resume_without_checkpoint_is_an_error(tmp_path):
 
 
 def test_checkpoint_round_trip(tmp_path):
-  model, tx = train_cnn.CNN(), train_cnn.make_optimizer("sgd", 0.1, momentum=0.9)
-  params, opt_state = train_cnn.init_state(model, tx, (8, 8, 1), seed=3)
+  model, tx = models.CNN(), train.make_optimizer("sgd", 0.1, momentum=0.9)
+  params, opt_state = train.init_state(model, tx, (8, 8, 1), seed=3)
   # Make the optimizer state non-trivial so that a restore of zeros would be caught.
   opt_state = jax.tree.map(lambda x: x + 1, opt_state)
   meta = {"epoch": 5, "history": {"train_loss": [0.5, 0.25]}}
-  manager = train_cnn.checkpoint_manager(tmp_path)
-  train_cnn.save_checkpoint(manager, 5, params, opt_state, meta)
+  manager = checkpoints.checkpoint_manager(tmp_path)
+  checkpoints.save_checkpoint(manager, 5, params, opt_state, meta)
   manager.close()
   zeros = jax.tree.map(jnp.zeros_like, (params, opt_state))
-  epoch, got_params, got_opt_state, got_meta = train_cnn.restore_checkpoint(
-      train_cnn.checkpoint_manager(tmp_path), *zeros)
+  epoch, got_params, got_opt_state, got_meta = checkpoints.restore_checkpoint(
+      checkpoints.checkpoint_manager(tmp_path), *zeros)
   assert epoch == 5 and got_meta == meta
   jax.tree.map(np.testing.assert_array_equal, (got_params, got_opt_state), (params, opt_state))
 
 
 def test_flag_checks():
   with pytest.raises(SystemExit):
-    train_cnn.parse_args(["--devices", "2", "--batch-size", "33"])
+    parse_args(["--devices", "2", "--batch-size", "33"])
   with pytest.raises(SystemExit):
-    train_cnn.parse_args(["--num-processes", "2"])  # no --coordinator
+    parse_args(["--num-processes", "2"])  # no --coordinator
   with pytest.raises(SystemExit):
-    train_cnn.parse_args(["--resume"])  # no --out
-  assert train_cnn.parse_args(["--optimizer", "sgd"]).lr == train_cnn.DEFAULT_LR["sgd"]
+    parse_args(["--resume"])  # no --out
+  assert parse_args(["--optimizer", "sgd"]).lr == train.DEFAULT_LR["sgd"]
 
 
 def test_epoch_order_depends_only_on_seed_and_epoch():
-  a = train_cnn.epoch_order(100, seed=0, epoch=1)
-  np.testing.assert_array_equal(a, train_cnn.epoch_order(100, seed=0, epoch=1))
-  assert not np.array_equal(a, train_cnn.epoch_order(100, seed=0, epoch=2))
+  a = input_pipeline.epoch_order(100, seed=0, epoch=1)
+  np.testing.assert_array_equal(a, input_pipeline.epoch_order(100, seed=0, epoch=1))
+  assert not np.array_equal(a, input_pipeline.epoch_order(100, seed=0, epoch=2))
   np.testing.assert_array_equal(np.sort(a), np.arange(100))
 
 
@@ -264,7 +260,7 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
 
 def write_idx(path: Path, array: np.ndarray, type_code: int = 0x08) -> bytes:
   """Writes ``array`` in IDX format (big-endian), gzipped if the name ends in .gz."""
-  dtype = np.dtype(train_cnn.IDX_DTYPES[type_code])
+  dtype = np.dtype(input_pipeline.IDX_DTYPES[type_code])
   raw = (bytes([0, 0, type_code, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
          + np.asarray(array, dtype).tobytes())
   path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
@@ -276,7 +272,7 @@ def write_idx(path: Path, array: np.ndarray, type_code: int = 0x08) -> bytes:
 def test_read_idx_round_trip(tmp_path, name):
   images = np.random.default_rng(0).integers(0, 256, (3, 4, 5), dtype=np.uint8)
   write_idx(tmp_path / name, images)
-  got = train_cnn.read_idx(tmp_path / name)
+  got = input_pipeline.read_idx(tmp_path / name)
   assert got.dtype == np.uint8
   np.testing.assert_array_equal(got, images)
 
@@ -284,7 +280,7 @@ def test_read_idx_round_trip(tmp_path, name):
 def test_read_idx_big_endian_int32(tmp_path):
   values = np.array([[1, -2, 70000], [3, 4, -5]], np.int32)
   write_idx(tmp_path / "v-idx2-int", values, type_code=0x0C)
-  got = train_cnn.read_idx(tmp_path / "v-idx2-int")
+  got = input_pipeline.read_idx(tmp_path / "v-idx2-int")
   assert got.dtype == np.int32
   np.testing.assert_array_equal(got, values)
 
@@ -295,21 +291,21 @@ def test_read_idx_errors_name_the_file(tmp_path):
   (tmp_path / "cut-idx3-ubyte").write_bytes(raw[:-7])
   with pytest.raises(ValueError, match=r"'.*cut-idx3-ubyte' is truncated: shape \(3, 4, 5\) "
                                        r"of uint8 needs 60 data bytes, found 53"):
-    train_cnn.read_idx(tmp_path / "cut-idx3-ubyte")
+    input_pipeline.read_idx(tmp_path / "cut-idx3-ubyte")
   (tmp_path / "cut-idx3-ubyte.gz").write_bytes(gzip.compress(raw)[:-12])
   with pytest.raises(ValueError, match=r"cut-idx3-ubyte\.gz' is not a readable gzip file"):
-    train_cnn.read_idx(tmp_path / "cut-idx3-ubyte.gz")
+    input_pipeline.read_idx(tmp_path / "cut-idx3-ubyte.gz")
   (tmp_path / "header-idx3-ubyte").write_bytes(raw[:9])
   with pytest.raises(ValueError, match=r"header-idx3-ubyte' is truncated: its header declares 3"):
-    train_cnn.read_idx(tmp_path / "header-idx3-ubyte")
+    input_pipeline.read_idx(tmp_path / "header-idx3-ubyte")
   (tmp_path / "long-idx3-ubyte").write_bytes(raw + b"\0")
   with pytest.raises(ValueError, match=r"long-idx3-ubyte' has trailing bytes"):
-    train_cnn.read_idx(tmp_path / "long-idx3-ubyte")
+    input_pipeline.read_idx(tmp_path / "long-idx3-ubyte")
   (tmp_path / "text-idx3-ubyte").write_text("hello world")
   with pytest.raises(ValueError, match=r"text-idx3-ubyte' is not an IDX file"):
-    train_cnn.read_idx(tmp_path / "text-idx3-ubyte")
+    input_pipeline.read_idx(tmp_path / "text-idx3-ubyte")
   with pytest.raises(FileNotFoundError, match=r"missing-idx3-ubyte' does not exist"):
-    train_cnn.read_idx(tmp_path / "missing-idx3-ubyte")
+    input_pipeline.read_idx(tmp_path / "missing-idx3-ubyte")
 
 
 def write_mnist(directory: Path, gz: bool, num_train: int = 6, num_test: int = 4):
@@ -327,7 +323,7 @@ def write_mnist(directory: Path, gz: bool, num_train: int = 6, num_test: int = 4
 @pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
 def test_load_mnist(tmp_path, gz):
   arrays = write_mnist(tmp_path, gz)
-  data = train_cnn.load_mnist(tmp_path)
+  data = input_pipeline.load_mnist(tmp_path)
   assert data.train_images.shape == (6, 7, 7, 1) and data.test_images.shape == (4, 7, 7, 1)
   assert data.train_images.dtype == np.float32
   np.testing.assert_allclose(data.train_images[..., 0], arrays["train"][0] / 255.0, rtol=1e-6)
@@ -338,18 +334,247 @@ def test_load_mnist_errors(tmp_path):
   write_mnist(tmp_path, gz=False)
   write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(3, np.uint8))  # 4 images, 3 labels
   with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte' should hold 4 labels"):
-    train_cnn.load_mnist(tmp_path)
+    input_pipeline.load_mnist(tmp_path)
   (tmp_path / "t10k-labels-idx1-ubyte").unlink()
   with pytest.raises(FileNotFoundError, match=r"no t10k labels file in `data_dir`"):
-    train_cnn.load_mnist(tmp_path)
+    input_pipeline.load_mnist(tmp_path)
   with pytest.raises(FileNotFoundError, match=r"no train images file"):
     run_main(["--data", "mnist", "--data-dir", str(tmp_path / "empty"), "--out",
               str(tmp_path / "out")])
 
 
 def test_digits_split_is_fixed():
-  a, b = train_cnn.load_digits(), train_cnn.load_digits()
+  a, b = input_pipeline.load_digits(), input_pipeline.load_digits()
   assert len(a.train_labels) + len(a.test_labels) == 1797
   np.testing.assert_array_equal(a.test_labels, b.test_labels)
   np.testing.assert_array_equal(a.test_images, b.test_images)
   assert a.train_images.max() == 1.0 and a.train_images.min() == 0.0
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+@pytest.fixture(scope="module")
+def adam_state():
+  """The CNN's ``(params, opt_state)`` for adam (Flax's convolutions: the same tree, and it
+  compiles faster)."""
+  return train.init_state(models.CNN(conv="lax"), train.make_optimizer("adam"), (8, 8, 1), seed=0)
+
+
+def shifted(state, offset):
+  """``state`` with ``offset`` added to every float leaf (a state that differs from it)."""
+  return jax.tree.map(lambda x: x + offset if jnp.issubdtype(x.dtype, jnp.inexact) else x, state)
+
+
+def save_epochs(out: Path, states: dict, config: dict | None = None):
+  """Saves ``{epoch: (params, opt_state)}`` as the example does."""
+  manager = checkpoints.checkpoint_manager(out)
+  for epoch, (params, opt_state) in states.items():
+    meta = {"epoch": epoch, "config": config or {}, "history": {"train_loss": [1.0] * epoch}}
+    assert checkpoints.save_checkpoint(manager, epoch, params, opt_state, meta)
+  manager.close()
+
+
+def flip_bytes(directory: Path, count: int = 8):
+  """Inverts ``count`` bytes in the middle of the largest file under ``directory``."""
+  path = max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  data = bytearray(path.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+  path.write_bytes(bytes(data))
+
+
+def restore(out: Path, like, config=None):
+  skipped = []
+  result = checkpoints.restore_checkpoint(checkpoints.checkpoint_manager(out), *like, config,
+                                          on_skip=lambda epoch, why: skipped.append((epoch, why)))
+  return result, skipped
+
+
+@pytest.mark.parametrize("damage", ["array_bytes", "meta_json", "non_finite"])
+def test_resume_falls_back_past_a_damaged_latest_checkpoint(tmp_path, damage, adam_state):
+  one, two = shifted(adam_state, 1.0), shifted(adam_state, 2.0)
+  if damage == "non_finite":  # saved as such, digest and all: a diverged run
+    two = shifted(adam_state, np.nan)
+  save_epochs(tmp_path, {1: one, 2: two})
+  latest = tmp_path / "checkpoints" / "2"
+  if damage == "array_bytes":
+    flip_bytes(latest / "state")
+  elif damage == "meta_json":
+    (latest / "meta" / "metadata").write_text('{"epoch": 2, "hist')
+  (epoch, params, opt_state, _), skipped = restore(tmp_path, adam_state)
+  assert epoch == 1
+  jax.tree.map(np.testing.assert_array_equal, (params, opt_state), checkpoints.host_tree(one))
+  why = {"array_bytes": r"digest mismatch|unreadable arrays", "meta_json": "unreadable metadata",
+         "non_finite": "non-finite"}[damage]
+  assert [e for e, _ in skipped] == [2] and re_search(why, skipped[0][1]), skipped
+
+
+def re_search(pattern, text):
+  return re.search(pattern, text) is not None
+
+
+def test_resume_with_every_checkpoint_damaged_says_so(tmp_path, adam_state):
+  save_epochs(tmp_path, {1: adam_state})
+  flip_bytes(tmp_path / "checkpoints" / "1" / "state")
+  with pytest.raises(checkpoints.NoCheckpointError,
+                     match=r"no usable checkpoint in .*\(epoch 1: .*\); run without --resume"):
+    restore(tmp_path, adam_state)
+
+
+def test_resume_after_a_kill_before_the_first_checkpoint(tmp_path, adam_state):
+  # What a kill during the first save leaves: Orbax's unfinished temporary directory.
+  (tmp_path / "checkpoints" / "1.orbax-checkpoint-tmp-1795813000").mkdir(parents=True)
+  with pytest.raises(FileNotFoundError,
+                     match=r"no checkpoint in .* \(only unfinished saves: 1\.orbax-checkpoint-tmp"):
+    restore(tmp_path, adam_state)
+  (tmp_path / "checkpoints" / "1.orbax-checkpoint-tmp-1795813000").rmdir()  # empty checkpoints/
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*checkpoints'; run without"):
+    restore(tmp_path, adam_state)
+
+
+def test_resume_command_without_checkpoint_is_one_line(tmp_path):
+  (tmp_path / "checkpoints" / "1.orbax-checkpoint-tmp-1795813000").mkdir(parents=True)
+  proc = subprocess.run([*COMMAND, *RUN_FLAGS, "--out", str(tmp_path), "--resume"], cwd=REPO,
+                        env=script_env(), capture_output=True, text=True,
+                        timeout=SUBPROCESS_TIMEOUT)
+  assert proc.returncode == 1, (proc.stdout, proc.stderr)
+  assert "Traceback" not in proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if "train_cnn" in line]
+  assert len(errors) == 1 and "no checkpoint in" in errors[0], proc.stderr
+
+
+def test_resume_with_another_optimizer_is_a_flag_error(one_device_run):
+  out, _, _ = one_device_run
+  with pytest.raises(ValueError, match=r"`--optimizer` \(=sgd\) differs from the checkpoint's "
+                                       r"\(=adam\)"):
+    run_main([*RUN_FLAGS, "--out", str(out), "--resume", "--optimizer", "sgd"])
+
+
+def test_new_run_into_an_out_with_checkpoints_refuses(one_device_run):
+  out, _, _ = one_device_run
+  before = sorted(p.name for p in (out / "checkpoints").iterdir())
+  stdout = io.StringIO()
+  with contextlib.redirect_stdout(stdout), pytest.raises(
+      FileExistsError, match=r"already holds checkpoints of a run \(epochs 1, 2\); pass --resume"):
+    main([*RUN_FLAGS, "--out", str(out)])
+  assert "wrote" not in stdout.getvalue()
+  assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def test_wrote_line_lists_the_checkpoints_saved(one_device_run):
+  out, _, stdout = one_device_run
+  assert f"checkpoints of epochs 1-2 in {out.absolute() / 'checkpoints'}" in stdout
+  assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1", "2"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "nan"], "`--lr` must be a positive finite number, got nan"),
+    (["--lr", "-1"], "`--lr` must be a positive finite number, got -1.0"),
+    (["--lr", "inf"], "`--lr` must be a positive finite number, got inf"),
+    (["--momentum", "-3"], r"`--momentum` must be in \[0, 1\), got -3.0"),
+    (["--momentum", "nan"], r"`--momentum` must be in \[0, 1\), got nan"),
+    (["--test-limit", "0"], "`--test-limit` must be at least 1, got 0"),
+    (["--train-limit", "-5"], "`--train-limit` must be at least 1, got -5"),
+    (["--seed", "-1"], "`--seed` must be at least 0, got -1"),
+    (["--heartbeat-timeout", "0"], "`--heartbeat-timeout` must be at least 1, got 0"),
+], ids=["lr_nan", "lr_negative", "lr_inf", "momentum_negative", "momentum_nan", "test_limit_0",
+        "train_limit_negative", "seed_negative", "heartbeat_0"])
+def test_flags_out_of_range_are_one_line_errors(flags, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    parse_args(flags)
+  assert exit_info.value.code == 2
+  error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+  assert len(error_lines) == 1 and re_search(message, error_lines[0]), error_lines
+
+
+def test_metrics_json_is_valid_json_when_training_diverges(tmp_path):
+  metrics, _ = run_main(["--train-limit", "64", "--test-limit", "16", "--epochs", "1",
+                         "--no-progress", "--lr", "1e30", "--conv", "lax", "--out", str(tmp_path)])
+  assert metrics["train_loss"] == [None]  # the loss is NaN: JSON null, not a bare NaN
+
+  def reject(constant):
+    raise AssertionError(f"metrics.json holds {constant}, which is not JSON")
+
+  assert json.loads((tmp_path / "metrics.json").read_text(), parse_constant=reject) == metrics
+
+
+def start_processes(flags_of, tmp_path: Path) -> list[tuple[subprocess.Popen, Path]]:
+  """Starts the two processes of a run, ``flags_of(i)`` giving process i's own flags; their
+  stdout and stderr go to files (``<tmp_path>/process<i>.log``)."""
+  coordinator = f"127.0.0.1:{free_port()}"
+  started = []
+  for i in range(2):
+    log = tmp_path / f"process{i}.log"
+    with open(log, "w") as sink:
+      started.append((subprocess.Popen(
+          [*COMMAND, "--num-processes", "2", "--process-id", str(i), "--coordinator", coordinator,
+           "--init-timeout", "120", *flags_of(i)],
+          cwd=REPO, env=script_env(), stdout=sink, stderr=subprocess.STDOUT, text=True), log))
+  return started
+
+
+def stop_all(started):
+  for proc, _ in started:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
+@pytest.fixture(scope="module")
+def epoch_one_checkpoint(tmp_path_factory):
+  """An --out holding the checkpoint of epoch 1 of RUN_FLAGS, from a one-device run."""
+  out = tmp_path_factory.mktemp("epoch_one")
+  run_main([*RUN_FLAGS, "--epochs", "1", "--out", str(out)])
+  return out
+
+
+def test_two_processes_resume_without_a_shared_out(one_device_run, epoch_one_checkpoint,
+                                                   tmp_path):
+  # Process 0 resumes from its own --out; process 1's --out is empty and stays so.
+  _, uninterrupted, _ = one_device_run
+  outs = [tmp_path / "process0_out", tmp_path / "process1_out"]
+  shutil.copytree(epoch_one_checkpoint, outs[0])
+  started = start_processes(lambda i: [*RUN_FLAGS, "--resume", "--out", str(outs[i])], tmp_path)
+  try:
+    for proc, _ in started:
+      proc.wait(timeout=SUBPROCESS_TIMEOUT)
+  finally:
+    stop_all(started)
+  logs = [log.read_text() for _, log in started]
+  for (proc, _), text in zip(started, logs):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{text}"
+  metrics = read_metrics(outs[0])
+  assert metrics["processes"] == 2 and metrics["resumed_from_epoch"] == 1
+  assert f"resuming {outs[0]} after epoch 1" in logs[0]
+  np.testing.assert_allclose(metrics["train_loss"], uninterrupted["train_loss"],
+                             rtol=tol(np.float32))
+  np.testing.assert_allclose(metrics["test_loss"], uninterrupted["test_loss"],
+                             rtol=tol(np.float32))
+  assert not outs[1].exists() or not any(outs[1].iterdir())  # process 1 wrote nothing
+  assert sorted(p.name for p in (outs[0] / "checkpoints").iterdir()) == ["1", "2"]
+  assert logs[0].splitlines()[-1] == logs[1].splitlines()[-1]  # the same test accuracy
+
+
+def test_when_a_process_dies_the_other_stops_within_60_seconds(tmp_path):
+  flags = ["--train-limit", "256", "--test-limit", "100", "--epochs", "100000", "--no-progress",
+           "--conv", "lax"]
+  started = start_processes(lambda i: [*flags, "--out", str(tmp_path / f"out{i}")], tmp_path)
+  (survivor, survivor_log), (victim, _) = started
+  try:
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+    while "epoch 2/" not in survivor_log.read_text():  # training, checkpoints written
+      assert survivor.poll() is None and victim.poll() is None, survivor_log.read_text()
+      assert time.monotonic() < deadline, "the run did not start"
+      time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    survivor.wait(timeout=90)
+    seconds = time.monotonic() - killed
+  finally:
+    stop_all(started)
+  text = survivor_log.read_text()
+  assert survivor.returncode != 0 and seconds < 60, (survivor.returncode, seconds, text)
+  assert re_search(r"train_cnn: process 0 of 2: stopping, a collective with the other "
+                   r"processes failed \(another process died", text), text
+  assert "Traceback" not in text

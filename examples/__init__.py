@@ -1,0 +1,1 @@
+"""convmm's examples (``python -m examples.cnn.main`` from the repository root)."""
