@@ -578,3 +578,40 @@ def test_when_a_process_dies_the_other_stops_within_60_seconds(tmp_path):
   assert re_search(r"train_cnn: process 0 of 2: stopping, a collective with the other "
                    r"processes failed \(another process died", text), text
   assert "Traceback" not in text
+
+
+# ----------------------------------------------------------------------------- --conv replace
+
+
+def primitive_names(jaxpr) -> set[str]:
+  """Every primitive in ``jaxpr`` and in the jaxprs its equations carry, at any depth."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for value in eqn.params.values():
+      for item in value if isinstance(value, tuple | list) else (value,):
+        if hasattr(item, "eqns") or hasattr(getattr(item, "jaxpr", None), "eqns"):
+          names |= primitive_names(item)
+  return names
+
+
+def test_conv_replace_computes_every_convolution_with_convmm(digits_batch):
+  images, labels = digits_batch
+  replaced, flax_own = models.CNN(conv="replace"), models.CNN(conv="lax")
+  assert models.conv_class("replace", "linen") is nn.Conv  # Flax's own model, wrapped
+  params = jax.eval_shape(flax_own.init, jax.random.key(0), images)["params"]
+  grad_fn = jax.value_and_grad(train.loss_fn, argnums=1, has_aux=True)
+  # The loss and its gradient (the backward convolutions too) hold no XLA convolution. (The
+  # values: replace_convs's own tests compare Flax models with and without it.)
+  assert "conv_general_dilated" in primitive_names(
+      jax.make_jaxpr(lambda p: grad_fn(flax_own, p, images, labels))(params))
+  assert "conv_general_dilated" not in primitive_names(
+      jax.make_jaxpr(lambda p: grad_fn(replaced, p, images, labels))(params))
+
+
+def test_conv_replace_reaches_97_percent_on_digits(tmp_path):
+  metrics, stdout = run_main(["--conv", "replace", "--no-progress", "--out", str(tmp_path)])
+  assert metrics["conv"] == "replace" and metrics["epochs"] == 12  # the default run
+  assert metrics["test_accuracy"] >= 0.97, metrics["test_accuracy_per_epoch"]
+  assert stdout.splitlines()[-1] == f"test_accuracy={metrics['test_accuracy']:.4f}"

@@ -5,6 +5,7 @@ From the repository root:
 
   python -m examples.cnn.main                       # convmm convolutions, one device
   python -m examples.cnn.main --conv lax            # Flax's own convolutions, for comparison
+  python -m examples.cnn.main --conv replace        # Flax's own model, in convmm.replace_convs
   python -m examples.cnn.main --devices 2           # data-parallel over 2 (host) devices
   python -m examples.cnn.main --data mnist --data-dir ~/data/mnist   # IDX files you already have
 
@@ -43,7 +44,7 @@ from pathlib import Path
 
 import jax
 
-from examples.cnn import parallel, train
+from examples.cnn import models, parallel, train
 from examples.cnn.errors import UsageError
 from examples.cnn.train import DEFAULT_LR
 
@@ -62,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
   add("--optimizer", choices=("adam", "sgd"), default="adam", help="optax optimiser")
   add("--momentum", type=float, default=0.9, help="momentum of --optimizer sgd")
   add("--seed", type=int, default=0, help="seed of the initial parameters and the batch order")
-  add("--conv", choices=("convmm", "lax"), default="convmm",
-      help="what computes the convolutions: convmm (im2col + GEMM) or Flax's own (lax)")
+  add("--conv", choices=models.CONVS, default="convmm",
+      help="what computes the convolutions: convmm's layers (im2col + GEMM), Flax's own (lax), "
+      "or Flax's own model wrapped in convmm.replace_convs (replace)")
   add("--devices", type=int, default=1,
       help="local devices per process for data parallelism (on CPU, JAX is asked for this many "
       "devices through jax_num_cpu_devices)")

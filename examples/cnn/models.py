@@ -1,7 +1,9 @@
 """The CNN: three 3x3 convolutions (the second strided) and a Dense head, in Flax linen and NNX.
 
-``conv`` picks what computes the convolutions: ``'convmm'`` (convmm's layers, im2col + GEMM) or
-``'lax'`` (Flax's own layers, ``lax.conv_general_dilated``). Both create the same parameters.
+``conv`` picks what computes the convolutions: ``'convmm'`` (convmm's layers, im2col + GEMM),
+``'lax'`` (Flax's own layers, ``lax.conv_general_dilated``) or ``'replace'`` (Flax's own layers,
+with the model's function wrapped in :func:`convmm.replace_convs`, which computes every XLA
+convolution in it, forward and backward, with convmm). All create the same parameters.
 """
 
 from __future__ import annotations
@@ -22,13 +24,17 @@ FEATURES = (32, 64, 64)  # conv widths; the second conv has stride 2
 HIDDEN = 128
 
 
-def conv_class(conv: str = "convmm", api: str = "linen") -> type:
-  """The Conv layer class behind the CNN: convmm's (im2col + GEMM) or Flax's own ('lax').
+CONVS = ("convmm", "lax", "replace")
 
-  Both take the same arguments and create the same parameters.
+
+def conv_class(conv: str = "convmm", api: str = "linen") -> type:
+  """The Conv layer class behind the CNN: convmm's (im2col + GEMM) or Flax's own ('lax', and
+  'replace', where :func:`apply` wraps the model in convmm.replace_convs).
+
+  All take the same arguments and create the same parameters.
   """
-  if conv not in ("convmm", "lax") or api not in ("linen", "nnx"):
-    raise ValueError(f"conv_class: expected `conv` in ('convmm', 'lax') and `api` in "
+  if conv not in CONVS or api not in ("linen", "nnx"):
+    raise ValueError(f"conv_class: expected `conv` in {CONVS} and `api` in "
                      f"('linen', 'nnx'), got conv={conv!r}, api={api!r}")
   if api == "linen":
     return convmm.linen.Conv if conv == "convmm" else nn.Conv
@@ -79,3 +85,11 @@ class NnxCNN(nnx.Module):
     x = x.reshape(x.shape[0], -1)
     return self.head(nnx.relu(self.hidden(x)))
 
+
+
+def apply(model: CNN, variables: Any, images: jax.Array) -> jax.Array:
+  """``model.apply(variables, images)``; with ``conv='replace'``, through
+  ``convmm.replace_convs`` (the one line a user of any JAX model adds)."""
+  if model.conv == "replace":
+    return convmm.replace_convs(model.apply)(variables, images)
+  return model.apply(variables, images)

@@ -90,8 +90,7 @@ def start_jax(args: argparse.Namespace) -> None:
     # the others are stopped; one that exits is noticed at once by the next collective.
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                initialization_timeout=args.init_timeout,
-                               heartbeat_timeout_seconds=args.heartbeat_timeout,
-                               shutdown_timeout_seconds=args.heartbeat_timeout)
+                               heartbeat_timeout_seconds=args.heartbeat_timeout)
   if jax.local_device_count() < args.devices:
     raise ValueError(
         f"train_cnn: `--devices` (={args.devices}) exceeds the {jax.local_device_count()} local "

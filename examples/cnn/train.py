@@ -36,7 +36,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def loss_fn(model: nn.Module, params: Any, images: jax.Array, labels: jax.Array):
   """``(mean cross-entropy, logits)`` of a linen model on one batch."""
-  logits = model.apply({"params": params}, images)
+  logits = models.apply(model, {"params": params}, images)
   return cross_entropy(logits, labels), logits
 
 
@@ -73,7 +73,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 def make_eval_step(model: nn.Module, replicated: NamedSharding | None = None):
   """A jitted ``(params, images, labels, weights) -> (sum of loss, number correct)``."""
   def eval_step(params, images, labels, weights):
-    logits = model.apply({"params": params}, images)
+    logits = models.apply(model, {"params": params}, images)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = jnp.argmax(logits, -1) == labels
     return jnp.sum(losses * weights), jnp.sum(correct * weights)
