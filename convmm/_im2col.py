@@ -13,7 +13,7 @@ backend.
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,13 +23,13 @@ from convmm._canonical import ConvGeometry, canonical_shape, conv_geometry
 from convmm._shapes import layout_shape, shape_of
 
 
-def to_channels_last(x: jax.Array, spec: tuple[int, ...]) -> jax.Array:
+def to_channels_last(x: jax.Array, spec: Sequence[int]) -> jax.Array:
   """``spec`` layout -> canonical channels-last ``(N, *spatial, C)``."""
   perm = (spec[0], *spec[2:], spec[1])
   return x if perm == tuple(range(x.ndim)) else jnp.transpose(x, perm)
 
 
-def from_channels_last(y: jax.Array, spec: tuple[int, ...]) -> jax.Array:
+def from_channels_last(y: jax.Array, spec: Sequence[int]) -> jax.Array:
   """Canonical channels-last ``(N, *spatial, C)`` -> ``spec`` layout."""
   nsp = y.ndim - 2
   cl_axis = (0, nsp + 1, *range(1, nsp + 1))  # canonical axis k -> channels-last axis
@@ -120,14 +120,14 @@ def _im2col(x: jax.Array, geometry: ConvGeometry) -> jax.Array:
 
 def im2col(
     lhs: jax.typing.ArrayLike,
-    filter_shape: Any,
-    window_strides: Any,
-    padding: Any,
-    lhs_dilation: Any = None,
-    rhs_dilation: Any = None,
-    dimension_numbers: Any = None,
-    precision: Any = None,
-    preferred_element_type: Any = None,
+    filter_shape: Sequence[int],
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
+    precision: lax.PrecisionLike = None,
+    preferred_element_type: jax.typing.DTypeLike | None = None,
 ) -> jax.Array:
   """Extracts convolution patches, exactly like ``lax.conv_general_dilated_patches``.
 
@@ -174,13 +174,13 @@ def im2col(
 
 def col2im(
     patches: jax.typing.ArrayLike,
-    lhs_shape: Any,
-    filter_shape: Any,
-    window_strides: Any,
-    padding: Any,
-    lhs_dilation: Any = None,
-    rhs_dilation: Any = None,
-    dimension_numbers: Any = None,
+    lhs_shape: Sequence[int],
+    filter_shape: Sequence[int],
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
 ) -> jax.Array:
   """Sums patches back into an array of ``lhs_shape``: the adjoint of :func:`im2col`.
 

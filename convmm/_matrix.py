@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.experimental import sparse as jsparse
 
 from convmm._canonical import canonical_shape
@@ -87,12 +88,12 @@ def _assemble(rhs: jax.Array, rows: jax.Array, cols: jax.Array, taps_index: jax.
 
 def conv_matrix(
     rhs: jax.typing.ArrayLike,
-    lhs_shape: Any,
-    window_strides: Any,
-    padding: Any,
-    lhs_dilation: Any = None,
-    rhs_dilation: Any = None,
-    dimension_numbers: Any = None,
+    lhs_shape: Sequence[int],
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
     feature_group_count: int = 1,
     *,
     sparse: bool = False,

@@ -86,12 +86,12 @@ def _lanczos_top_vector(gram, v0: jax.Array, steps: int) -> jax.Array:
 
 def operator_norm(
     rhs: jax.typing.ArrayLike,
-    lhs_shape: Any,
-    window_strides: Any,
-    padding: Any,
-    lhs_dilation: Any = None,
-    rhs_dilation: Any = None,
-    dimension_numbers: Any = None,
+    lhs_shape: Sequence[int],
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
     feature_group_count: int = 1,
     *,
     num_iters: int = DEFAULT_NUM_ITERS,
@@ -169,17 +169,17 @@ def operator_norm(
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _operator_norm(rhs: jax.Array, key: jax.Array, single: tuple[int, ...],
                    conv_args: tuple[tuple[str, Any], ...], steps: int) -> jax.Array:
-  conv_args = dict(conv_args, precision=_HIGHEST)
+  kwargs: dict[str, Any] = dict(conv_args, precision=_HIGHEST)
 
   def forward(x, w):
-    return conv_general_dilated(x, w, **conv_args)
+    return conv_general_dilated(x, w, **kwargs)
 
   frozen = lax.stop_gradient(rhs)
 
   def gram(v):
     y = forward(v.reshape(single), frozen)
     # A^H = (conj A)^T, and conj(A_w) = A_conj(w): the conv is real in its indices.
-    return conv_adjoint(y, jnp.conj(frozen), single, **conv_args).reshape(-1)
+    return conv_adjoint(y, jnp.conj(frozen), single, **kwargs).reshape(-1)
 
   v0 = jax.random.normal(key, (math.prod(single),), rhs.dtype)
   v = lax.stop_gradient(_lanczos_top_vector(gram, v0 / jnp.linalg.norm(v0), steps))
@@ -187,7 +187,9 @@ def _operator_norm(rhs: jax.Array, key: jax.Array, single: tuple[int, ...],
   return sigma.astype(jnp.finfo(rhs.dtype).dtype)
 
 
-def circular_singular_values(kernel: jax.typing.ArrayLike, spatial_shape: Any) -> jax.Array:
+def circular_singular_values(
+    kernel: jax.typing.ArrayLike, spatial_shape: Sequence[int]
+) -> jax.Array:
   """All singular values of a stride-1 convolution with circular padding.
 
   On a periodic input of ``spatial_shape``, the layer

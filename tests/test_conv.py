@@ -62,13 +62,6 @@ def test_random_sweep_matches_lax(c):
 # ------------------------------------------------------------------------------- dtypes
 
 
-@pytest.fixture
-def x64():
-  """float64 for one test only: other test files share the process."""
-  with jax.enable_x64(True):
-    yield
-
-
 F64_CASES = ["1d_same_stride2", "2d_both_dilations", "2d_odd_layout", "2d_depthwise",
              "2d_batch_groups", "3d_pairs_rhs_dilation_groups"]
 

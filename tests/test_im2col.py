@@ -199,13 +199,6 @@ def test_im2col_vmap_and_grad():
 # ------------------------------------------------------------------------------ col2im
 
 
-@pytest.fixture
-def x64():
-  """float64 for one test only: other test files share the process."""
-  with jax.enable_x64(True):
-    yield
-
-
 def col2im_kwargs(c):
   return dict(patch_kwargs(c), lhs_shape=lhs_shape_of(c))
 

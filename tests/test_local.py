@@ -88,13 +88,6 @@ def jitted(fn, **kw):
   return jax.jit(functools.partial(fn, **kw))
 
 
-@pytest.fixture
-def x64():
-  """float64 for one test only: other test files share the process."""
-  with jax.enable_x64(True):
-    yield
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_lax(name):
   c = CASES[name]
