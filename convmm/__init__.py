@@ -5,7 +5,7 @@ The functional core mirrors ``jax.lax``: swap ``lax.conv_general_dilated`` for
 convolution is the exact adjoint of the forward one (``conv_adjoint``).
 """
 
-from typing import TYPE_CHECKING
+import typing
 
 import jax
 
@@ -24,7 +24,7 @@ from convmm._spectral import operator_norm as operator_norm
 
 conv_general_dilated_patches = im2col
 
-if TYPE_CHECKING:
+if typing.TYPE_CHECKING:
   from convmm._replace import replace_convs as replace_convs
 
 
