@@ -20,9 +20,11 @@ ROOT = HERE.parent.parent
 CASES = {
   "test_conv_general_dilated": pytest.mark.xfail(
     strict=True,
-    reason="NumPy float64 kernel with x64 off is rejected ('lhs and rhs must have the same "
-    "dtype') where lax canonicalises it to float32; behind it, under an Explicit mesh a 1-D "
-    "SAME conv returns width unsharded (issue 13, fixed by rules and tiling)",
+    reason="a NumPy float64 kernel with x64 off is rejected ('`lhs` and `rhs` must have the "
+    "same dtype') where lax canonicalises it to float32 (issue 13, fixed by rules); with a "
+    "float32 kernel the batch/width-sharded case passes, but an input whose features are "
+    "sharded, P('x', None, 'y'), gives an output sharded P('x', None, None) where lax raises "
+    "core.ShardingTypeError (issue 13 sharding, fixed by tiling)",
   ),
   "test_grad_conv_general_dilated": (),
   "test_vmap_conv_general_dilated": (),
