@@ -224,8 +224,11 @@ def _eval_eqn(eqn: core.JaxprEqn, invals: Sequence[Any], config: _Config):
 
 
 def _has_conv(jaxpr: core.Jaxpr) -> bool:
+  """Whether ``jaxpr`` may compute a convolution (custom rules are opaque: assume so)."""
   return any(
-    eqn.primitive is _CONV or any(_has_conv(j) for j in core.jaxprs_in_params(eqn.params))
+    eqn.primitive in _OPAQUE_RULES
+    or eqn.primitive is _CONV
+    or any(_has_conv(j) for j in core.jaxprs_in_params(eqn.params))
     for eqn in jaxpr.eqns
   )
 
@@ -387,3 +390,5 @@ _RULES: dict[core.Primitive, Callable[..., Any]] = {
   custom_derivatives.custom_jvp_call_p: _custom_jvp,
   custom_derivatives.custom_vjp_call_p: _custom_vjp,
 }
+# Their differentiation rules are Python functions whose convolutions cannot be seen.
+_OPAQUE_RULES = (custom_derivatives.custom_jvp_call_p, custom_derivatives.custom_vjp_call_p)
