@@ -242,7 +242,7 @@ def _depthwise(x_padded, w_tio, spec, precision, preferred_element_type):
   y = None
   for t, offset in enumerate(tap_offsets(geometry)):
     tap = tap_slice(x_padded, geometry, offset)[..., None]  # (N, *out, C, 1)
-    term = tap * w[t].reshape((1,) * (tap.ndim - 2) + w[t].shape)  # no implicit rank promotion
+    term = tap * w[t]
     y = term if y is None else y + term
   return y.reshape(*y.shape[:-2], c * mult).astype(out_dtype)
 
