@@ -6,16 +6,17 @@ is never rewritten by the tests. Every computing cell of a notebook asserts its 
 ``jax.lax`` or numpy, so a wrong number fails here, not only a crash. The notebooks are small
 (about 20 s each on a 2-core CPU, most of it starting the kernel and importing JAX).
 
-The cheap checks alongside: a committed notebook carries its outputs and no error, and its code
-matches its percent-format text twin (``notebooks/NN_name.py``, converted by notebooks/build.py).
+The cheap checks alongside: a committed notebook carries its outputs and no error, and its cells
+match its percent-format text twin (``notebooks/NN_name.py``, paired by jupytext through
+``notebooks/jupytext.toml``).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
+import jupytext
 import nbformat
 import pytest
 from nbclient import NotebookClient
@@ -24,13 +25,6 @@ from nbclient.exceptions import CellExecutionError
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 CELL_TIMEOUT = 300  # seconds per cell; the slowest cell takes a few seconds
-
-
-def _load_build():
-  spec = importlib.util.spec_from_file_location("notebook_build", NOTEBOOK_DIR / "build.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def test_there_are_notebooks():
@@ -80,8 +74,8 @@ def test_notebook_matches_its_text_twin(path):
   twin = path.with_suffix(".py")
   if not twin.exists():
     pytest.skip(f"{path.name} has no text twin")
-  from_twin = _load_build().parse_percent(twin.read_text())
+  from_twin = jupytext.read(twin, fmt="py:percent").cells
   committed = nbformat.read(path, as_version=4).cells
   assert [(c.cell_type, c.source) for c in committed] == \
       [(c.cell_type, c.source) for c in from_twin], (
-        f"{path.name} differs from {twin.name}: run `python notebooks/build.py {path.stem[:2]}`")
+        f"{path.name} differs from {twin.name}: rebuild it as README.md (Notebooks) says")
