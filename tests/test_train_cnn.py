@@ -433,6 +433,12 @@ def test_resume_after_a_kill_before_the_first_checkpoint(tmp_path, adam_state):
     restore(tmp_path, adam_state)
 
 
+def test_resume_into_a_missing_out_creates_nothing(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*missing.*\(no such directory\)"):
+    run_main([*RUN_FLAGS, "--out", str(tmp_path / "missing"), "--resume"])
+  assert not (tmp_path / "missing").exists()
+
+
 def test_resume_command_without_checkpoint_is_one_line(tmp_path):
   (tmp_path / "checkpoints" / "1.orbax-checkpoint-tmp-1795813000").mkdir(parents=True)
   proc = subprocess.run([*COMMAND, *RUN_FLAGS, "--out", str(tmp_path), "--resume"], cwd=REPO,

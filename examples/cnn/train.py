@@ -190,14 +190,29 @@ HISTORY_KEYS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "e
 START_ERRORS = {cls.__name__: cls for cls in (FlagError, NoCheckpointError, OutDirInUseError)}
 
 
-def find_start(args: argparse.Namespace, out: Path, manager, params, opt_state, config: dict,
-               log: Callable[..., None]) -> tuple[dict, Any]:
-  """Process 0's decision on where the run starts, as ``(outcome, state)``.
+def find_start(args: argparse.Namespace, out: Path, params, opt_state, config: dict,
+               log: Callable[..., None]) -> tuple[dict, Any, Any]:
+  """Process 0's decision on where the run starts, as ``(outcome, state, manager)``.
 
   ``outcome`` (JSON, broadcast to every process) is ``{"epoch": e, "history": ...}`` or
   ``{"error": [class name, message]}``; ``state`` is the restored ``(params, opt_state)`` as host
-  arrays, or None for a fresh start.
+  arrays, or None for a fresh start; ``manager`` saves the run's checkpoints (None on error).
   """
+  directory = checkpoints.checkpoint_dir(out)
+  if args.resume and not directory.is_dir():  # create nothing
+    message = (f"train_cnn: no checkpoint in {str(directory)!r} (no such directory); run "
+               f"without --resume to start afresh")
+    return {"error": [NoCheckpointError.__name__, message]}, None, None
+  out.mkdir(parents=True, exist_ok=True)
+  manager = checkpoints.checkpoint_manager(out)
+  outcome, state = _find_start(args, out, manager, params, opt_state, config, log)
+  if "error" in outcome:
+    manager.close()
+    manager = None
+  return outcome, state, manager
+
+
+def _find_start(args, out, manager, params, opt_state, config, log):
   try:
     if not args.resume:
       checkpoints.refuse_other_run(manager, out)
@@ -252,16 +267,11 @@ def train_and_evaluate(args: argparse.Namespace, wall_start: float) -> dict:
   config = {name: (str(v) if isinstance(v, Path) else v) for name, v in vars(args).items()}
 
   # Process 0 checks --out and, with --resume, restores a checkpoint, before anything compiles.
-  manager = None
-  outcome, restored = {}, None
+  outcome, restored, manager = {}, None, None
   if is_main:
-    out.mkdir(parents=True, exist_ok=True)
-    manager = checkpoints.checkpoint_manager(out)
-    outcome, restored = find_start(args, out, manager, *template, config, log)
+    outcome, restored, manager = find_start(args, out, *template, config, log)
   outcome = parallel.broadcast_json(outcome)
   if "error" in outcome:
-    if manager is not None:
-      manager.close()
     kind, message = outcome["error"]
     raise START_ERRORS[kind](message)
   start_epoch = outcome["epoch"]
