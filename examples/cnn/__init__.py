@@ -5,5 +5,6 @@
 - ``parallel``: the device mesh, data parallelism and cross-process broadcasts
 - ``checkpoints``: saving and choosing the checkpoint to resume from (Orbax)
 - ``train``: the jitted steps, the epoch loop and the outputs
+- ``errors``: the errors a user can fix, printed by the command line as one line
 - ``main``: the flags; ``python -m examples.cnn.main`` from the repository root
 """

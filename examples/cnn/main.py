@@ -17,8 +17,8 @@ Two processes (two terminals or two hosts; each --out may be its own local direc
   python -m examples.cnn.main --num-processes 2 --process-id 1 --coordinator 127.0.0.1:1234 \
       --out runs/mp
 
-If a process dies, the others stop with a one-line message (at once when it exits, within
---heartbeat-timeout seconds when it hangs).
+If a process dies, the others stop at once with a one-line message; if one hangs, JAX's
+coordination service stops the others after --heartbeat-timeout seconds (with its own message).
 
 Continue a run from its newest usable checkpoint, e.g. to 30 epochs in total:
 
