@@ -134,8 +134,7 @@ def restore_checkpoint(manager, params, opt_state, config: dict | None = None,
   target = host_tree({"params": params, "opt_state": opt_state})
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
-    partial = sorted(p.name for p in directory.glob("*") if "tmp" in p.name) \
-        if directory.is_dir() else []
+    partial = sorted(p.name for p in directory.glob("*.orbax-checkpoint-tmp*"))
     detail = f" (only unfinished saves: {', '.join(partial)})" if partial else ""
     raise NoCheckpointError(f"train_cnn: no checkpoint in {str(directory)!r}{detail}; run "
                             f"without --resume to start afresh")
@@ -154,7 +153,7 @@ def restore_checkpoint(manager, params, opt_state, config: dict | None = None,
       digest = integrity["state_sha256"]
       if not isinstance(meta, dict) or not isinstance(meta.get("history"), dict):
         raise ValueError("its metadata is not a run's")
-    except Exception as error:  # noqa: BLE001 - any failure to read makes it unusable
+    except Exception as error:  # any failure to read makes the checkpoint unusable
       skip(step, f"unreadable metadata ({_reason(error)})")
       continue
     if config is not None:
@@ -163,7 +162,7 @@ def restore_checkpoint(manager, params, opt_state, config: dict | None = None,
       state = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target)))["state"]
       state = host_tree(state)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:  # likewise
       skip(step, f"unreadable arrays ({_reason(error)})")
       continue
     if state_digest(state) != digest:
