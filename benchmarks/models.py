@@ -605,6 +605,20 @@ def tables(results: list[dict[str, Any]]) -> str:
   return f"{first}\n\n{second}"
 
 
+def report(results: list[dict[str, Any]], info: dict[str, Any]) -> str:
+  return (f"convmm / Flax layers; times are medians of {info['repeats']} interleaved "
+          f"repetitions, compile times medians of {info['compile_repeats']} (trace + lower + "
+          f"compile); {info['cpu']}, {info['cores']} cores, load average "
+          f"{info['load_average'][0]:.1f} at the start.\n\n{tables(results)}\n\n"
+          "err: max |convmm - flax| / max |flax| (worst parameter for gradients); for 16-bit "
+          "runs, each network's gradient error against Flax's in float32.")
+
+
+def write_json(path: str, info: dict[str, Any], results: list[dict[str, Any]]) -> None:
+  with open(path, "w") as f:
+    json.dump(dict(meta=info, results=results), f, indent=1)
+
+
 def machine_info(args) -> dict[str, Any]:
   cpu = platform.processor()
   try:
@@ -637,6 +651,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="compilations of each function (default 3; --quick 1)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
+  parser.add_argument("--table", metavar="PATH",
+                      help="print the tables of a JSON file written by --json, and exit")
   parser.add_argument("--quick", action="store_true",
                       help="small versions of the networks on tiny inputs, one repetition: "
                       "a smoke test (seconds per model)")
@@ -657,6 +673,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.table:
+    with open(args.table) as f:
+      saved = json.load(f)
+    print(report(saved["results"], saved["meta"]))
+    return 0
   suite = QUICK_MODELS if args.quick else MODELS
   log = functools.partial(print, file=sys.stderr, flush=True)
   info = machine_info(args)
@@ -679,16 +700,11 @@ def main(argv=None) -> int:
             f"step {fmt(q['step'])}x, compile step {fmt(q['compile_step'])}x; rel. err fwd "
             f"{err['fwd']:.1e}, grads {err['grads']:.1e}")
       results.append(result)
+      if args.json:  # after every network, so that an interrupted run keeps what it measured
+        write_json(args.json, info, results)
   log(f"done in {time.perf_counter() - start:.0f} s")
-  print(f"convmm / Flax layers; times are medians of {args.repeats} interleaved repetitions, "
-        f"compile times medians of {args.compile_repeats} (trace + lower + compile); "
-        f"{info['cpu']}, {info['cores']} cores.\n")
-  print(tables(results))
-  print("\nerr: max |convmm - flax| / max |flax| (worst parameter for gradients); for 16-bit "
-        "runs, each network's gradient error against Flax's in float32.")
+  print(report(results, info))
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(meta=info, results=results), f, indent=1)
     log(f"wrote {args.json}")
   return 1 if any("error" in r for r in results) else 0
 

@@ -43,7 +43,7 @@ def is_positive(value) -> bool:
   return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
-def test_quick_run_reports_every_field_and_convmm_matches_flax(tmp_path):
+def test_quick_run_reports_every_field_and_convmm_matches_flax(tmp_path, models, capsys):
   path = tmp_path / "models.json"
   proc = subprocess.run(
       [sys.executable, str(MODELS_PY), "--quick", "--models", "resnet18",
@@ -85,6 +85,9 @@ def test_quick_run_reports_every_field_and_convmm_matches_flax(tmp_path):
   table = proc.stdout
   assert "| model dtype" in table and "| resnet18 float32" in table, table
   assert "| resnet18 bfloat16" in table, table
+  # --table renders a saved run again, identically.
+  assert models.main(["--table", str(path)]) == 0
+  assert capsys.readouterr().out == table
 
 
 def test_convmm_models_run_no_lax_convolution(models):
