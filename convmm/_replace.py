@@ -24,6 +24,7 @@ from jax._src import (
   ad_checkpoint,
   compute_on,
   core,
+  custom_batching,
   custom_derivatives,
   pjit,
   shard_map,
@@ -41,16 +42,9 @@ from convmm._conv import _check_method
 
 _CONV = lax.conv_general_dilated_p
 # The parameters of lax's conv primitive that `where` receives (and convmm takes).
-_CONV_PARAMS = (
-  "window_strides",
-  "padding",
-  "lhs_dilation",
-  "rhs_dilation",
-  "dimension_numbers",
-  "feature_group_count",
-  "batch_group_count",
-  "precision",
-  "preferred_element_type",
+_CONV_PARAMS = tuple(
+  "window_strides padding lhs_dilation rhs_dilation dimension_numbers feature_group_count "
+  "batch_group_count precision preferred_element_type".split()
 )
 
 
@@ -76,8 +70,9 @@ def replace_convs(
   primitive replaced by :func:`convmm.conv_general_dilated` with the same
   strides, padding, dilations, dimension numbers, group counts, precision and
   preferred element type, including the convolutions inside ``jit``, ``scan``,
-  ``while_loop``, ``cond``, ``checkpoint``, ``custom_jvp``/``custom_vjp`` (and
-  their rules) and ``shard_map``. The convolutions that autodiff creates are
+  ``while_loop``, ``cond``, ``checkpoint``, ``custom_jvp``/``custom_vjp``/
+  ``custom_vmap`` (and their rules), ``shard_map``, ``custom_linear_solve`` and
+  ``lax.composite``. The convolutions that autodiff creates are
   replaced too when ``fn`` is a gradient: ``replace_convs(jax.grad(f))``. The
   result composes with ``jit``, ``grad``, ``vjp``, ``jvp`` and ``vmap``.
 
@@ -214,7 +209,7 @@ def _eval_eqn(eqn: core.JaxprEqn, invals: Sequence[Any], config: _Config):
   rule = _RULES.get(prim)
   if rule is not None:
     return rule(eqn, invals, config)
-  if any(_has_conv(j) for j in core.jaxprs_in_params(eqn.params)):
+  if any(_has_conv(j, opaque=False) for j in core.jaxprs_in_params(eqn.params)):
     raise NotImplementedError(
       f"replace_convs: primitive `{prim.name}` carries a jaxpr containing a convolution, "
       f"and replace_convs does not know how to rewrite `{prim.name}`; the convolution would "
@@ -223,12 +218,13 @@ def _eval_eqn(eqn: core.JaxprEqn, invals: Sequence[Any], config: _Config):
   return _bind(eqn, invals)
 
 
-def _has_conv(jaxpr: core.Jaxpr) -> bool:
-  """Whether ``jaxpr`` may compute a convolution (custom rules are opaque: assume so)."""
+def _has_conv(jaxpr: core.Jaxpr, opaque: bool = True) -> bool:
+  """Whether ``jaxpr`` computes a convolution; with ``opaque``, also whether it may (the
+  rules of custom_jvp/vjp/vmap are Python functions whose convolutions cannot be seen)."""
   return any(
-    eqn.primitive in _OPAQUE_RULES
-    or eqn.primitive is _CONV
-    or any(_has_conv(j) for j in core.jaxprs_in_params(eqn.params))
+    eqn.primitive is _CONV
+    or (opaque and eqn.primitive in _OPAQUE_RULES)
+    or any(_has_conv(j, opaque) for j in core.jaxprs_in_params(eqn.params))
     for eqn in jaxpr.eqns
   )
 
@@ -246,12 +242,8 @@ def _conv(eqn: core.JaxprEqn, invals: Sequence[Any], config: _Config):
     method=config.method,
     memory_budget=config.memory_budget,
   )
-  aval = eqn.outvars[0].aval
-  if out.dtype != aval.dtype or out.shape != aval.shape:
-    raise AssertionError(
-      f"replace_convs: convmm returned {out.dtype}{out.shape} where lax "
-      f"returns {aval.str_short()}; please report this as a convmm bug"
-    )
+  aval = eqn.outvars[0].aval  # lax's output type, which convmm's must be
+  assert (out.dtype, out.shape) == (aval.dtype, aval.shape), (out.dtype, out.shape, aval)
   return lax_internal._convert_element_type(out, aval.dtype, aval.weak_type)
 
 
@@ -263,15 +255,13 @@ def _where(where: Callable[[dict[str, Any]], bool], eqn: core.JaxprEqn) -> bool:
     keep = where(info)
   except Exception as e:
     raise ValueError(
-      f"replace_convs: `where` raised {type(e).__name__}: {e} for the "
-      f"convolution with lhs_shape={lhs_aval.shape}, "
-      f"rhs_shape={rhs_aval.shape}"
+      f"replace_convs: `where` raised {type(e).__name__}: {e} for the convolution with "
+      f"lhs_shape={lhs_aval.shape}, rhs_shape={rhs_aval.shape}"
     ) from e
   if not isinstance(keep, (bool, np.bool_)):
     raise TypeError(
-      f"replace_convs: `where` must return a bool, got "
-      f"{type(keep).__name__} {keep!r} for lhs_shape={lhs_aval.shape}, "
-      f"rhs_shape={rhs_aval.shape}"
+      f"replace_convs: `where` must return a bool, got {type(keep).__name__} {keep!r} for "
+      f"lhs_shape={lhs_aval.shape}, rhs_shape={rhs_aval.shape}"
     )
   return bool(keep)
 
@@ -298,8 +288,6 @@ def _rewrite_param(value: Any, config: _Config) -> Any:
   if isinstance(value, tuple):  # cond's branches, custom_linear_solve's namedtuple
     new = [_rewrite_param(v, config) for v in value]
     return type(value)(*new) if hasattr(value, "_fields") else type(value)(new)
-  if isinstance(value, core.Jaxpr):
-    raise AssertionError("replace_convs: open jaxpr param")  # handled by dedicated rules
   return value
 
 
@@ -376,6 +364,17 @@ def _custom_vjp(eqn, invals, config):
   return _bind(eqn, invals, params)
 
 
+def _custom_vmap(eqn, invals, config):
+  """The primal jaxpr is rewritten; the batching rule is run replaced."""
+  rule = eqn.params["rule"]
+
+  def new_rule(axis_size, in_batched, *args):
+    return _call_replaced(rule, (axis_size, in_batched, *args), {}, config)
+
+  params = dict(eqn.params, call=_rewrite_closed(eqn.params["call"], config), rule=new_rule)
+  return _bind(eqn, invals, params)
+
+
 _RULES: dict[core.Primitive, Callable[..., Any]] = {
   pjit.jit_p: _closed_jaxpr_params,
   core.closed_call_p: _closed_jaxpr_params,
@@ -385,10 +384,15 @@ _RULES: dict[core.Primitive, Callable[..., Any]] = {
   solves.linear_solve_p: _closed_jaxpr_params,
   compute_on.compute_on_p: _closed_jaxpr_params,
   lax_eval_jaxpr.eval_jaxpr_p: _closed_jaxpr_params,
+  lax_internal.composite_p: _closed_jaxpr_params,
   ad_checkpoint.remat_p: _remat,
   shard_map.shard_map_p: _shard_map,
   custom_derivatives.custom_jvp_call_p: _custom_jvp,
   custom_derivatives.custom_vjp_call_p: _custom_vjp,
+  custom_batching.custom_vmap_p: _custom_vmap,
 }
-# Their differentiation rules are Python functions whose convolutions cannot be seen.
-_OPAQUE_RULES = (custom_derivatives.custom_jvp_call_p, custom_derivatives.custom_vjp_call_p)
+_OPAQUE_RULES = (
+  custom_derivatives.custom_jvp_call_p,
+  custom_derivatives.custom_vjp_call_p,
+  custom_batching.custom_vmap_p,
+)

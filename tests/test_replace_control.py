@@ -87,6 +87,10 @@ def in_custom_vjp(x, w):
   return jnp.tanh(custom_vjp_conv(x, w))
 
 
+def in_linear_solve(x, w):  # conjugate gradients: a custom_linear_solve around a while loop
+  return jax.scipy.sparse.linalg.cg(lambda v: v + 0.05 * conv(v, w), x, maxiter=3)[0]
+
+
 def in_shard_map(x, w):
   mesh = jax.make_mesh((1,), ("d",), axis_types=(AxisType.Auto,))
   body = jax.shard_map(conv, mesh=mesh, in_specs=(P("d"), P()), out_specs=P("d"))
@@ -100,6 +104,7 @@ CASES = {
   "custom_jvp": (in_custom_jvp, "custom_jvp_call"),
   "custom_vjp": (in_custom_vjp, "custom_vjp_call"),
   "shard_map": (in_shard_map, "shard_map"),
+  "linear_solve": (in_linear_solve, "custom_linear_solve"),
 }
 
 
@@ -142,3 +147,37 @@ def test_nested_jit_and_closed_over_tracers():
   expected = jax.grad(lambda w: jnp.sum(jnp.sin(conv(X, w))))(W)
   assert convs_in(jax.grad(loss), W) == 0
   assert_trees_close(jax.jit(jax.grad(loss))(W), expected, K, grad=True)
+
+
+@jax.custom_batching.custom_vmap
+def custom_vmap_conv(x, w):
+  return conv(x, w)
+
+
+@custom_vmap_conv.def_vmap
+def _custom_vmap_rule(axis_size, in_batched, x, w):
+  # Batched x only: the vmapped batch folded into N; twice the true value, to show
+  # that the rule, not vmap of the primal, computes the batched call.
+  assert in_batched == [True, False]
+  y = conv(x.reshape(-1, *x.shape[2:]), w)
+  return 2 * y.reshape(x.shape[:2] + y.shape[1:]), True
+
+
+def test_custom_vmap():
+  xs = jnp.stack([X, -X])
+  batched = jax.vmap(custom_vmap_conv, in_axes=(0, None))
+  replaced = convmm.replace_convs(custom_vmap_conv)
+  assert convs_in(replaced, X, W) == 0 and "custom_vmap_call" in str(jax.make_jaxpr(replaced)(X, W))
+  assert_trees_close(jax.jit(replaced)(X, W), conv(X, W), K)
+  for fn in (jax.vmap(replaced, in_axes=(0, None)), convmm.replace_convs(batched)):
+    assert convs_in(fn, xs, W) == 0
+    assert_trees_close(jax.jit(fn)(xs, W), batched(xs, W), K)
+  assert_trees_close(batched(xs, W)[0], 2 * conv(X, W), K)
+
+
+def test_composite():  # lax.composite has no JVP rule: forward only
+  fn = lax.composite(lambda x, w: jnp.tanh(conv(x, w)), name="test.conv_tanh")
+  replaced = convmm.replace_convs(fn)
+  assert convs_in(fn, X, W) == 1 and convs_in(replaced, X, W) == 0
+  assert "composite" in str(jax.make_jaxpr(replaced)(X, W))
+  assert_trees_close(jax.jit(replaced)(X, W), fn(X, W), K)
