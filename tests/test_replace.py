@@ -17,6 +17,7 @@ from conv_cases import CASES, HIGHEST, conv_kwargs, make_operands, reduction
 from jax import lax
 from jax.extend import core as jex_core
 from replace_testing import assert_trees_close, convs_in
+from tolerances import assert_close
 
 import convmm
 
@@ -160,6 +161,43 @@ def test_where_selects_convolutions():
   assert_trees_close(jax.jit(g)(x), f(x), 36)
   assert convs_in(convmm.replace_convs(f, where=lambda conv: False), x) == 2
   assert convs_in(convmm.replace_convs(f, where=lambda conv: True), x) == 0
+
+
+@pytest.mark.parametrize(
+  "dtype, preferred",
+  [(jnp.bfloat16, None), (jnp.float16, jnp.float32)],
+  ids=["bf16", "f16_preferred_f32"],
+)
+def test_low_precision_dtypes(dtype, preferred):
+  """Output dtypes are lax's, values close at the dtype's tolerance, gradients too."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((2, 6, 6, 4)), dtype)
+  w = jnp.asarray(0.3 * rng.standard_normal((3, 3, 2, 4)), dtype)
+
+  def f(x, w):
+    y = lax.conv_general_dilated(
+      x,
+      w,
+      (2, 1),
+      "SAME",
+      dimension_numbers=NHWC,
+      feature_group_count=2,
+      preferred_element_type=preferred,
+    )
+    return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
+
+  grad = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
+  expected = jax.jit(grad)(x, w)
+  assert expected[0][1].dtype == (preferred or dtype)
+  for fn in (
+    convmm.replace_convs(grad),
+    jax.value_and_grad(convmm.replace_convs(f), (0, 1), has_aux=True),
+  ):
+    (loss, y), grads = jax.jit(fn)(x, w)
+    assert y.dtype == expected[0][1].dtype and grads[1].dtype == dtype
+    assert_close(y, expected[0][1], dtype=dtype, reduction=18)
+    for g, e in zip(grads, expected[1]):
+      assert_close(g, e, dtype=dtype, reduction=2 * 6 * 6, grad=True)
 
 
 @pytest.mark.parametrize("method", ["im2col", "shift"])

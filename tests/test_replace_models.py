@@ -188,3 +188,18 @@ def test_modules_as_arguments():
     replaced = convmm.replace_convs(call)
     assert convs_in(replaced, module, X) == 0
     assert_trees_close(jax.jit(replaced)(module, X), module(X), 36)
+
+
+def test_readme_where_example():
+  """The README's predicate keeps XLA for the dense strided conv, replaces the others."""
+  apply, params = linen_model()
+  seen = []
+
+  def grouped_or_transposed(c):
+    seen.append(c)
+    return c["feature_group_count"] > 1 or any(d > 1 for d in c["lhs_dilation"])
+
+  fast = convmm.replace_convs(apply, where=grouped_or_transposed)
+  assert convs_in(fast, params, X) == 1 and len(seen) == 3
+  assert [c["window_strides"] for c in seen] == [(2, 2), (1, 1), (1, 1)]
+  assert_trees_close(jax.jit(fast)(params, X), apply(params, X), 36)
