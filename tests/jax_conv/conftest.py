@@ -30,17 +30,6 @@ class KnownFailure:
   applies: Callable[[dict[str, Any]], bool] = lambda params: True
 
 
-def _depthwise(params: dict[str, Any]) -> bool:
-  # Upstream's unpermuted rhs shape is (O, I, H, W): one input feature per group.
-  return params["feature_group_count"] > 1 and params["rhs_shape"][1] == 1
-
-
-DEPTHWISE_RANK_PROMOTION = (
-  "depthwise conv under jax_numpy_rank_promotion='raise' (issue 13, fixed by tiling): "
-  "`_depthwise` multiplied a rank-5 tap by rank-2 weights; on main since cce6eb4 + 975e6f4 "
-  "the weights are reshaped twice, to rank 8, and every depthwise conv fails"
-)
-
 KNOWN_FAILURES: list[KnownFailure] = [
   KnownFailure(
     "testConvInvalidPadding",
@@ -48,8 +37,6 @@ KNOWN_FAILURES: list[KnownFailure] = [
     "(issue 13, fixed by rules)",
     TypeError,
   ),
-  KnownFailure("testConvGeneralDilatedGrad", DEPTHWISE_RANK_PROMOTION, ValueError, _depthwise),
-  KnownFailure("testConvGeneralDilatedBatching", DEPTHWISE_RANK_PROMOTION, ValueError, _depthwise),
 ]
 
 
