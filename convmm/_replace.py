@@ -6,8 +6,7 @@ binding every primitive as it is except ``conv_general_dilated``, which becomes
 a call of :func:`convmm.conv_general_dilated` with the equation's parameters.
 Primitives that carry jaxprs (jit, scan, while, cond, remat, custom_jvp/vjp,
 shard_map, ...) are re-bound with their jaxprs rewritten the same way, so the
-program keeps its structure. Everything runs at trace time; the result composes
-with jit, grad, vmap and the rest like any JAX function.
+program keeps its structure.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -76,11 +75,13 @@ def replace_convs(
   replaced too when ``fn`` is a gradient: ``replace_convs(jax.grad(f))``. The
   result composes with ``jit``, ``grad``, ``vjp``, ``jvp`` and ``vmap``.
 
-  Array leaves of the arguments (``jax.Array``, NumPy arrays and scalars) are
+  Array leaves of the arguments (``jax.Array``, NumPy arrays and NumPy scalars) are
   traced; every other leaf (Python numbers, strings, functions) is passed to
   ``fn`` as a constant, as ``equinox.filter_jit`` does; ``functools.partial``
   and closures work as usual. ``fn`` is traced on each call, so call the result
-  under ``jax.jit`` as you would call ``fn``.
+  under ``jax.jit`` as you would call ``fn``. For training prefer
+  ``jax.grad(replace_convs(f))``: lax's kernel-gradient convolution, which
+  ``replace_convs(jax.grad(f))`` computes with im2col, has an image-sized window.
 
   Args:
     fn: the function to transform; positional and keyword arguments and
@@ -193,16 +194,16 @@ def _eval_jaxpr(
       eqn.ctx.manager,
     ):
       outs = _eval_eqn(eqn, [read(v) for v in eqn.invars], config)
-    env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]))
+    env.update(zip(eqn.outvars, list(outs) if eqn.primitive.multiple_results else [outs]))
   return [read(v) for v in jaxpr.outvars]
 
 
-def _bind(eqn: core.JaxprEqn, invals: Sequence[Any], params: dict[str, Any] | None = None):
+def _bind(eqn: core.JaxprEqn, invals: Sequence[Any], params: dict[str, Any] | None = None) -> Any:
   params = eqn.params if params is None else params
   return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(params))
 
 
-def _eval_eqn(eqn: core.JaxprEqn, invals: Sequence[Any], config: _Config):
+def _eval_eqn(eqn: core.JaxprEqn, invals: Sequence[Any], config: _Config) -> Any:
   prim = eqn.primitive
   if prim is _CONV:
     return _conv(eqn, invals, config)
@@ -234,21 +235,22 @@ def _conv(eqn: core.JaxprEqn, invals: Sequence[Any], config: _Config):
   params = eqn.params
   if config.where is not None and not _where(config.where, eqn):
     return _bind(eqn, invals)
+  kwargs = {k: params[k] for k in _CONV_PARAMS}
   out = convmm.conv_general_dilated(
-    lhs,
-    rhs,
-    *(params[k] for k in _CONV_PARAMS),
-    params.get("out_sharding"),
-    method=config.method,
+    lhs, rhs, **kwargs, out_sharding=params.get("out_sharding"), method=config.method,
     memory_budget=config.memory_budget,
-  )
-  aval = eqn.outvars[0].aval  # lax's output type, which convmm's must be
+  )  # fmt: skip
+  aval = _shaped(eqn.outvars[0])  # lax's output type, which convmm's must be
   assert (out.dtype, out.shape) == (aval.dtype, aval.shape), (out.dtype, out.shape, aval)
   return lax_internal._convert_element_type(out, aval.dtype, aval.weak_type)
 
 
+def _shaped(v: core.Atom) -> core.ShapedArray:
+  return cast(core.ShapedArray, v.aval)
+
+
 def _where(where: Callable[[dict[str, Any]], bool], eqn: core.JaxprEqn) -> bool:
-  lhs_aval, rhs_aval = (v.aval for v in eqn.invars)
+  lhs_aval, rhs_aval = (_shaped(v) for v in eqn.invars)
   info = {k: eqn.params[k] for k in _CONV_PARAMS}
   info.update(lhs_shape=lhs_aval.shape, rhs_shape=rhs_aval.shape, dtype=lhs_aval.dtype)
   try:
@@ -264,9 +266,6 @@ def _where(where: Callable[[dict[str, Any]], bool], eqn: core.JaxprEqn) -> bool:
       f"lhs_shape={lhs_aval.shape}, rhs_shape={rhs_aval.shape}"
     )
   return bool(keep)
-
-
-# --- Rewriting the jaxprs that primitives carry ---------------------------------
 
 
 def _rewrite(jaxpr: core.Jaxpr, consts: Sequence[Any], config: _Config) -> core.ClosedJaxpr:
