@@ -51,7 +51,8 @@ def case_params(item) -> dict[str, Any]:
 
 def pytest_collection_modifyitems(config, items):
   for item in items:
-    if item.cls is None or not issubclass(item.cls, convmm_shims.ConvmmTestCase):
+    cls = getattr(item, "cls", None)  # doctest items (convmm/) have no class
+    if cls is None or not issubclass(cls, convmm_shims.ConvmmTestCase):
       continue
     fn = getattr(item.cls, item.name, None)
     test = getattr(getattr(fn, "__wrapped__", fn), "__name__", item.name)
