@@ -24,10 +24,9 @@ IMPL_KEYS = ["fwd_ms", "step_ms", "fwd_min_ms", "step_min_ms", "fwd_samples_ms",
              "temp_step_bytes"]
 RATIO_KEYS = ["fwd", "step", "compile_fwd", "compile_step", "temp_fwd", "temp_step"]
 ERROR_KEYS = ["fwd", "loss", "grads", "grads_worst_leaf", "model_state", "output_finite"]
-# max |convmm - flax| / max |flax| over the worst leaf, float32, these shallow --quick networks:
-# both sides round each reduction differently (~1e-7 relative), and a gradient leaf whose
-# scale is small relative to its rounding loses a few more digits (measured: 1e-4).
-TOLERANCE_F32 = {"fwd": 1e-5, "loss": 1e-5, "grads": 1e-3, "model_state": 1e-5}
+# max |convmm - flax| / max |flax| over each tree, float32, these shallow --quick networks:
+# both sides round each reduction differently (measured: 1e-7 to 1e-6).
+TOLERANCE_F32 = {"fwd": 1e-5, "loss": 1e-5, "grads": 1e-5, "model_state": 1e-5}
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +75,9 @@ def test_quick_run_reports_every_field_and_convmm_matches_flax(tmp_path, models,
   for key, bound in TOLERANCE_F32.items():
     assert f32["errors"][key] <= bound, (key, f32["errors"])
   # bfloat16: the two networks round differently, so each is compared with Flax's float32
-  # network; convmm must be about as accurate as Flax's own bfloat16 layers (measured: convmm's
-  # gradients 2-10x closer to float32 than Flax's), and not wildly off in absolute terms.
+  # network; convmm must be about as accurate as Flax's own bfloat16 layers (measured on this
+  # network: gradients 2.8e-2 from float32 for convmm, 1.5e-2 for Flax; outputs 2e-3 for both),
+  # and not wildly off in absolute terms.
   vs_f32 = bf16["errors"]["vs_float32"]
   for key in ("fwd", "loss", "grads"):
     assert vs_f32["convmm"][key] <= 2 * vs_f32["flax"][key] + 1e-2, (key, vs_f32)
