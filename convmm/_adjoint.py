@@ -12,11 +12,13 @@ forward convolution (groups, N-D, both dilations, any padding) carries over.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from convmm._canonical import (
     ConvDimensionNumbers,
@@ -32,16 +34,16 @@ from convmm._shapes import check_same_dtype, conv_spec, layout_shape, shape_of
 def conv_adjoint(
     cotangent: jax.typing.ArrayLike,
     rhs: jax.typing.ArrayLike,
-    lhs_shape: Any,
-    window_strides: Any,
-    padding: Any,
-    lhs_dilation: Any = None,
-    rhs_dilation: Any = None,
-    dimension_numbers: Any = None,
+    lhs_shape: Sequence[int],
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
     feature_group_count: int = 1,
     batch_group_count: int = 1,
-    precision: Any = None,
-    preferred_element_type: Any = None,
+    precision: lax.PrecisionLike = None,
+    preferred_element_type: jax.typing.DTypeLike | None = None,
     *,
     method: str = "auto",
     memory_budget: int | None = None,
@@ -135,13 +137,13 @@ def _transpose_padding(k: int, s: int, padding: Any) -> tuple[int, int]:
 def conv_transpose(
     lhs: jax.typing.ArrayLike,
     rhs: jax.typing.ArrayLike,
-    strides: Any,
-    padding: Any,
-    rhs_dilation: Any = None,
-    dimension_numbers: Any = None,
+    strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
     transpose_kernel: bool = False,
-    precision: Any = None,
-    preferred_element_type: Any = None,
+    precision: lax.PrecisionLike = None,
+    preferred_element_type: jax.typing.DTypeLike | None = None,
     use_consistent_padding: bool = False,
     *,
     method: str = "auto",

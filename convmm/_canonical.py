@@ -207,7 +207,7 @@ def canonical_padding(
           f"{fn}: string `padding` ({padding!r}) cannot be combined with "
           f"`lhs_dilation`={tuple(lhs_dilation)!r}; give explicit (low, high) pairs "
           f"or use conv_transpose / conv_adjoint")
-    return tuple(tuple(int(p) for p in pair) for pair in lax.padtype_to_pads(
+    return tuple((int(lo), int(hi)) for lo, hi in lax.padtype_to_pads(
         tuple(in_spatial), tuple(effective_filter_shape), tuple(window_strides), mode))
   if not isinstance(padding, Sequence | np.ndarray):
     raise TypeError(

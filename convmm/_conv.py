@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -223,6 +224,7 @@ def _shift_gemm(x_padded, w_tio, spec, precision, preferred_element_type):
     tap = tap_slice(x_padded, spec.geometry, offset)[..., None, :]  # (N, *out, 1, C)
     term = _group_gemm(tap, w_tio[t:t + 1], spec, precision, acc_dtype)
     y = term if y is None else y + term
+  assert y is not None  # every kernel has at least one tap
   return y.astype(out_dtype)
 
 
@@ -244,6 +246,7 @@ def _depthwise(x_padded, w_tio, spec, precision, preferred_element_type):
     tap = tap_slice(x_padded, geometry, offset)[..., None]  # (N, *out, C, 1)
     term = tap * w[t]
     y = term if y is None else y + term
+  assert y is not None  # every kernel has at least one tap
   return y.reshape(*y.shape[:-2], c * mult).astype(out_dtype)
 
 
@@ -281,16 +284,16 @@ def conv_channels_last(
 def conv_general_dilated(
     lhs: jax.typing.ArrayLike,
     rhs: jax.typing.ArrayLike,
-    window_strides: Any,
-    padding: Any,
-    lhs_dilation: Any = None,
-    rhs_dilation: Any = None,
-    dimension_numbers: Any = None,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
     feature_group_count: int = 1,
     batch_group_count: int = 1,
-    precision: Any = None,
-    preferred_element_type: Any = None,
-    out_sharding: Any = None,
+    precision: lax.PrecisionLike = None,
+    preferred_element_type: jax.typing.DTypeLike | None = None,
+    out_sharding: jax.sharding.NamedSharding | jax.sharding.PartitionSpec | None = None,
     *,
     method: str = "auto",
     memory_budget: int | None = None,

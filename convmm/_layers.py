@@ -24,7 +24,7 @@ import functools
 import math
 import operator
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -191,7 +191,8 @@ class LayerGeometry:
     """Applies the ``jnp.pad`` modes to a flat ``(N, *spatial, C)`` input."""
     if self.pad_width is None:
       return x
-    return jnp.pad(x, ((0, 0), *self.pad_width, (0, 0)), mode=_JNP_PAD_MODES[self.padding])
+    mode = _JNP_PAD_MODES[cast(str, self.padding)]  # a named mode when pad_width is set
+    return jnp.pad(x, ((0, 0), *self.pad_width, (0, 0)), mode=mode)
 
   def padded_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
     """Shape of a flat input after :meth:`pad`."""

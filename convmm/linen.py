@@ -38,7 +38,9 @@ default_kernel_init = nn.initializers.lecun_normal()
 default_bias_init = nn.initializers.zeros_init()
 
 
-def _parameters(module, kernel_shape, bias_shape, inputs) -> list[jax.Array | None]:
+def _parameters(
+    module: Any, kernel_shape: Sequence[int], bias_shape: Sequence[int], inputs: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
   """Creates 'kernel' and 'bias' as Flax does, masks the kernel, promotes dtypes."""
   _layers.check_mask(type(module).__name__, module.mask, kernel_shape)
   kernel = module.param("kernel", module.kernel_init, kernel_shape, module.param_dtype)
@@ -46,7 +48,8 @@ def _parameters(module, kernel_shape, bias_shape, inputs) -> list[jax.Array | No
     kernel *= module.mask
   bias = (module.param("bias", module.bias_init, bias_shape, module.param_dtype)
           if module.use_bias else None)
-  return module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
+  inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
+  return inputs, kernel, bias
 
 
 class _ConvFields(nn.Module):

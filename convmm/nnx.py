@@ -41,7 +41,7 @@ default_bias_init = nnx.initializers.zeros_init()
 
 
 def _init_parameters(
-    module: nnx.Module, kernel_shape: Sequence[int], bias_shape: Sequence[int], *,
+    module: Any, kernel_shape: Sequence[int], bias_shape: Sequence[int], *,
     use_bias: bool, kernel_init: Initializer, bias_init: Initializer, param_dtype: Dtype,
     rngs: nnx.Rngs, kernel_metadata: Mapping[str, Any], bias_metadata: Mapping[str, Any],
 ) -> None:
@@ -54,7 +54,7 @@ def _init_parameters(
   ) if use_bias else nnx.data(None)
 
 
-def _operands(module: nnx.Module, inputs: Array) -> tuple[Array, Array, Array | None]:
+def _operands(module: Any, inputs: Array) -> tuple[Array, Array, Array | None]:
   """Masks the kernel and promotes ``(inputs, kernel, bias)``, as flax.nnx does."""
   _layers.check_mask(type(module).__name__, module.mask, module.kernel_shape)
   kernel = module.kernel[...]
