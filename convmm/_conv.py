@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from convmm import _autodiff
 from convmm._im2col import (
     from_channels_last,
     pad_input,
@@ -180,10 +181,17 @@ def _group_gemm(
   n, *out, k, c = lhs.shape
   o = spec.out_features
   g, gb = spec.feature_group_count, spec.batch_group_count
+  out_dtype = None
+  if preferred_element_type is None and jnp.issubdtype(lhs.dtype, jnp.floating) and (
+      jnp.dtype(lhs.dtype).itemsize < 4):
+    # 16-bit floats accumulate in float32 and round once: more accurate, and on
+    # CPU bfloat16 x bfloat16 -> float32 is XLA's fast GEMM (2-3x float32's).
+    preferred_element_type, out_dtype = jnp.float32, lhs.dtype
   if g == 1 and gb == 1:
-    return lax.dot_general(
+    y = lax.dot_general(
         lhs, w, (((lhs.ndim - 2, lhs.ndim - 1), (0, 1)), ((), ())), precision=precision,
         preferred_element_type=preferred_element_type)
+    return y if out_dtype is None else y.astype(out_dtype)
   groups, og, cg = g * gb, o // (g * gb), c // g
   lhs = lhs.reshape(gb, n // gb, *out, k, g, cg)
   m = (n // gb) * math.prod(out)
@@ -193,7 +201,8 @@ def _group_gemm(
       lhs, w, (((2,), (1,)), ((0,), (0,))), precision=precision,
       preferred_element_type=preferred_element_type)  # (groups, M, Og)
   y = jnp.moveaxis(y.reshape(groups, n // gb, *out, og), 0, -2)
-  return y.reshape(n // gb, *out, o)
+  y = y.reshape(n // gb, *out, o)
+  return y if out_dtype is None else y.astype(out_dtype)
 
 
 def _im2col_gemm(x_padded, w_tio, spec, precision, preferred_element_type):
@@ -368,8 +377,14 @@ def conv_with_spec(
     memory_budget: int | None = None,
 ) -> jax.Array:
   """The convolution for an already validated :class:`ConvSpec`."""
-  lhs_spec, _, out_spec = spec.geometry.dimension_numbers
-  y = conv_channels_last(
-      to_channels_last(lhs, lhs_spec), kernel_taps_last(rhs, spec), spec, precision,
-      preferred_element_type, method, memory_budget)
+  lhs_spec, rhs_spec, out_spec = spec.geometry.dimension_numbers
+  x_cl = to_channels_last(lhs, lhs_spec)
+  if choose_method(spec, method) == "im2col":
+    # The primitive carries convmm's own derivatives (see _autodiff).
+    w = jnp.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))  # (*window, I, O)
+    y = _autodiff.conv(x_cl, w, spec, precision, preferred_element_type, "im2col",
+                       memory_budget)
+  else:
+    y = conv_channels_last(x_cl, kernel_taps_last(rhs, spec), spec, precision,
+                           preferred_element_type, method, memory_budget)
   return from_channels_last(y, out_spec)

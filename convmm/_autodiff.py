@@ -1,0 +1,353 @@
+"""The im2col convolution as a JAX primitive with hand-written derivatives.
+
+Autodiff through im2col works, but what it produces is not what a convolution
+wants: the backward pass keeps the patch matrix alive from the forward pass,
+scatters the input gradient back with one pad per kernel tap (col2im), and
+computes the kernel gradient as ``patches^T @ cotangent``, which XLA's CPU
+backend can only hand to its fast GEMM after transposing the whole patch matrix.
+
+``conv_p`` is bilinear, like ``lax.conv_general_dilated_p``: its JVP is the same
+convolution of the tangents (so forward mode, ``jacfwd`` and ``hessian`` work),
+and its two transposes are
+
+* the input gradient: for unit strides, the convolution of the cotangent with
+  the flipped, I/O-swapped kernel (lax's ``_conv_general_dilated_transpose_lhs``,
+  itself an im2col + GEMM through ``conv_p``); for strided convolutions, where
+  that would multiply the zeros inserted between cotangent entries,
+  ``cotangent @ kernel^T`` summed back into place (col2im);
+* the kernel gradient: one GEMM ``cotangent^T @ patches`` (cotangent first, so
+  only the small cotangent is transposed for the GEMM), with the patches
+  rebuilt from the input rather than kept from the forward pass.
+
+Both are linear in the cotangent and differentiable in the other operand, so
+derivatives of any order compose. Operands are canonical: input
+``(N, *spatial, C)``, kernel ``(*window, C // groups, O)``, output
+``(N // batch_groups, *out, O)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from convmm._canonical import ConvDimensionNumbers
+from convmm._im2col import pad_input, unfold_padded
+from convmm._shapes import ConvSpec, conv_spec
+
+
+def canonical_dimension_numbers(num_spatial: int) -> ConvDimensionNumbers:
+  """``(N, *spatial, C)``, ``(*window, I, O)``, ``(N, *spatial, C)`` as lax specs."""
+  spatial = tuple(range(1, num_spatial + 1))
+  channels_last = (0, num_spatial + 1, *spatial)
+  return ConvDimensionNumbers(
+      channels_last, (num_spatial + 1, num_spatial, *range(num_spatial)), channels_last)
+
+
+def canonical_spec(spec: ConvSpec) -> ConvSpec:
+  """``spec`` with canonical (channels-last) dimension numbers."""
+  dnums = canonical_dimension_numbers(spec.geometry.num_spatial)
+  return dataclasses.replace(
+      spec, geometry=dataclasses.replace(spec.geometry, dimension_numbers=dnums))
+
+
+def _forward(x, w, *, spec, precision, preferred_element_type, method, memory_budget):
+  from convmm._conv import conv_channels_last  # _conv imports this module
+
+  w_tio = w.reshape(spec.geometry.num_taps, *w.shape[-2:])
+  return conv_channels_last(x, w_tio, spec, precision, preferred_element_type, method,
+                            memory_budget)
+
+
+conv_p = Primitive("convmm_conv")
+conv_p.def_impl(jax.jit(_forward, static_argnames=(
+    "spec", "precision", "preferred_element_type", "method", "memory_budget")))
+mlir.register_lowering(conv_p, mlir.lower_fun(_forward, multiple_results=False))
+
+
+def _abstract_eval(x, w, *, spec, preferred_element_type, **_):
+  shape = (spec.out_batch, *spec.geometry.out_spatial, spec.out_features)
+  dtype = x.dtype if preferred_element_type is None else preferred_element_type
+  sharding = x.sharding
+  if not sharding.mesh.empty:
+    # lax's rule: batch and spatial dimensions keep the input's sharding where
+    # it still divides them; features are not sharded.
+    sizes = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_sizes))
+    parts = [*sharding.spec, *[None] * (x.ndim - len(sharding.spec))]
+    parts[-1] = None
+    parts = [p if p is None or size % math.prod(
+        sizes[a] for a in (p if isinstance(p, tuple) else (p,))) == 0 else None
+             for p, size in zip(parts, shape)]
+    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*parts))
+  return x.update(shape=shape, dtype=dtype, weak_type=False, sharding=sharding)
+
+
+conv_p.def_abstract_eval(_abstract_eval)
+
+
+def conv(x: jax.Array, w: jax.Array, spec: ConvSpec, precision: Any = None,
+         preferred_element_type: Any = None, method: str = "im2col",
+         memory_budget: int = 32 * 2**20) -> jax.Array:
+  """The convolution of canonical operands as one ``conv_p`` call.
+
+  Args:
+    x: input ``(N, *spatial, C)``.
+    w: kernel ``(*window, C // feature_group_count, O)``.
+    spec: the validated convolution (any dimension numbers; made canonical).
+    precision, preferred_element_type: passed to the GEMM.
+    method: the forward method (see :func:`convmm.conv_general_dilated`).
+    memory_budget: the tile budget in bytes.
+
+  Returns:
+    ``(N // batch_group_count, *out_spatial, O)``.
+  """
+  if preferred_element_type is not None:
+    preferred_element_type = np.dtype(preferred_element_type)
+  if isinstance(precision, list):
+    precision = tuple(precision)
+  return conv_p.bind(x, w, spec=canonical_spec(spec), precision=precision,
+                     preferred_element_type=preferred_element_type, method=method,
+                     memory_budget=memory_budget)
+
+
+def _rebind(x, w, spec, params):
+  return conv_p.bind(x, w, **{**params, "spec": spec})
+
+
+# ------------------------------------------------------------------ transposes
+
+
+def _lhs_transpose_padding(spec: ConvSpec) -> tuple[tuple[int, int], ...]:
+  # lax's _conv_general_vjp_lhs_padding: the input gradient is a conv of the
+  # cotangent dilated by the strides; its low pad is k_eff - 1 - lo, and the high
+  # pad restores the input rows the forward windows never reached.
+  g = spec.geometry
+  pads = []
+  for size, k_eff, s, out, (lo, _), d in zip(
+      g.in_spatial, g.effective_filter_shape, g.window_strides, g.out_spatial, g.padding,
+      g.lhs_dilation):
+    in_dilated = 0 if size == 0 else (size - 1) * d + 1
+    out_dilated = 0 if out == 0 else (out - 1) * s + 1
+    before = k_eff - 1 - lo
+    pads.append((before, in_dilated + k_eff - 1 - out_dilated - before))
+  return tuple(pads)
+
+
+def _split_axis(a, axis, parts):
+  return a.reshape(*a.shape[:axis], parts, a.shape[axis] // parts, *a.shape[axis + 1:])
+
+
+def _input_grad_conv(ct, w, spec, params):
+  """Input gradient as lax computes it: conv(ct, flip(w)^T, lhs_dilation=strides)."""
+  g = spec.geometry
+  nsp = g.num_spatial
+  groups = spec.feature_group_count * spec.batch_group_count
+  # (*k, cg, O) with O group-major -> (*k, og, groups * cg): the groups move from
+  # the kernel's output features into its (new) output features.
+  w = _split_axis(w, nsp + 1, groups)                       # (*k, cg, G, og)
+  w = jnp.moveaxis(w, nsp + 1, nsp)                         # (*k, G, cg, og)
+  w = w.reshape(*w.shape[:nsp], -1, w.shape[-1])
+  w = jnp.swapaxes(jnp.flip(w, tuple(range(nsp))), nsp, nsp + 1)  # (*k, og, G*cg)
+  t_spec = conv_spec(
+      "conv_general_dilated", ct.shape, w.shape, g.lhs_dilation, _lhs_transpose_padding(spec),
+      g.window_strides, g.rhs_dilation, canonical_dimension_numbers(nsp), groups, 1)
+  dx = _rebind(ct, w, t_spec, params)                       # (N', *in, G*cg)
+  if spec.batch_group_count > 1:  # the groups go back into the batch, group-major
+    dx = _split_axis(dx, nsp + 1, spec.batch_group_count)
+    dx = jnp.moveaxis(dx, nsp + 1, 0)
+    dx = dx.reshape(-1, *dx.shape[2:])
+  return dx
+
+
+def _patches(x, spec):
+  return unfold_padded(pad_input(x, spec.geometry), spec.geometry)  # (N, *out, T, C)
+
+
+def _patch_cotangent(ct, w, spec, precision, acc_dtype):
+  """``ct @ w^T`` per group: the cotangent of the patch matrix, ``(N, *out, T, C)``."""
+  g = spec.geometry
+  nsp, t = g.num_spatial, g.num_taps
+  groups, bg = spec.feature_group_count * spec.batch_group_count, spec.batch_group_count
+  if groups == 1:
+    return lax.dot_general(ct, w.reshape(t, *w.shape[-2:]), (((nsp + 1,), (2,)), ((), ())),
+                           precision=precision, preferred_element_type=acc_dtype)
+  w = w.reshape(t, w.shape[-2], groups, w.shape[-1] // groups)      # (T, cg, G, og)
+  ct = _split_axis(ct, nsp + 1, groups)                               # (N', *out, G, og)
+  dp = lax.dot_general(ct, w, (((nsp + 2,), (3,)), ((nsp + 1,), (2,))), precision=precision,
+                       preferred_element_type=acc_dtype)             # (G, N', *out, T, cg)
+  if bg > 1:  # batch groups: the group axis is the batch's major part
+    return dp.reshape(-1, *dp.shape[2:])
+  dp = jnp.moveaxis(dp, 0, -2)
+  return dp.reshape(*dp.shape[:-2], -1)
+
+
+def _input_grad_col2im(ct, w, spec, precision, acc_dtype):
+  """Input gradient as the GEMM ``ct @ w^T`` summed back into place (col2im)."""
+  # 16-bit cotangents: the overlapping windows are summed in the float32 accumulator.
+  dp = _patch_cotangent(ct, w, spec, precision, acc_dtype)
+  g = spec.geometry
+  primal = jax.ShapeDtypeStruct((g.batch, *g.in_spatial, g.in_features), dp.dtype)
+  (dx,) = jax.linear_transpose(lambda x: _patches(x, spec), primal)(dp)
+  return dx
+
+
+def _batch_chunk(spec: ConvSpec, itemsize: int, budget: int | None) -> int:
+  """Samples per chunk so that a chunk's patch matrix (and a copy) fits the budget."""
+  from convmm import _conv  # _conv imports this module
+
+  budget = _conv._DEFAULT_MEMORY_BUDGET if budget is None else budget
+  g = spec.geometry
+  sample = 2 * math.prod(g.out_spatial) * g.num_taps * g.in_features * itemsize
+  return max(1, min(g.batch, budget // max(sample, 1)))
+
+
+def _over_batch_chunks(fn, arrays, spec: ConvSpec, chunk: int):
+  """``fn(*array_chunks, chunk_spec)`` mapped over zero-padded batch chunks.
+
+  Returns the stacked per-chunk results ``(num_chunks, ...)``; one chunk's
+  patches exist at a time.
+  """
+  n = spec.geometry.batch
+  num = -(-n // chunk)
+  chunk_spec = dataclasses.replace(
+      spec, geometry=dataclasses.replace(spec.geometry, batch=chunk))
+  padded = [jnp.pad(a, ((0, num * chunk - n),) + ((0, 0),) * (a.ndim - 1)) for a in arrays]
+  chunks = [a.reshape(num, chunk, *a.shape[1:]) for a in padded]
+  return lax.map(lambda args: fn(*args, chunk_spec), chunks)
+
+
+def _acc_dtype(dtype, preferred):
+  """The GEMM's accumulation type: 16-bit floats accumulate in float32."""
+  if preferred is not None:
+    return preferred
+  dtype = np.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+    return np.dtype(np.float32)
+  return None
+
+
+def _lhs_rule(ct, x, w, **params):
+  spec, precision = params["spec"], params["precision"]
+  x_aval = x.aval
+  if ct.dtype != w.dtype:
+    w = w.astype(ct.dtype)
+  if ct.size == 0 or math.prod(x_aval.shape) == 0:
+    return jnp.zeros(x_aval.shape, x_aval.dtype)
+  acc_dtype = _acc_dtype(ct.dtype, None)
+  if all(s == 1 for s in spec.geometry.window_strides):
+    dx = _input_grad_conv(ct, w, spec, {**params, "preferred_element_type": None})
+  elif spec.batch_group_count > 1 or (chunk := _batch_chunk(
+      spec, ct.dtype.itemsize, params["memory_budget"])) >= spec.geometry.batch:
+    dx = _input_grad_col2im(ct, w, spec, precision, acc_dtype)
+  else:
+    dx = _over_batch_chunks(
+        lambda c, s: _input_grad_col2im(c, w, s, precision, acc_dtype), [ct], spec, chunk)
+    dx = dx.reshape(-1, *dx.shape[2:])[:spec.geometry.batch]
+  return dx.astype(x_aval.dtype)
+
+
+def _kernel_grad(x, ct, spec, precision, acc_dtype):
+  """``ct^T @ patches`` per group, as ``(*window, cg, O)``."""
+  g = spec.geometry
+  nsp, t = g.num_spatial, g.num_taps
+  fg, bg = spec.feature_group_count, spec.batch_group_count
+  groups = fg * bg
+  if fg > 1:  # (N, *sp, G, cg) -> (G * N, *sp, cg): one patch matrix per group
+    x = jnp.moveaxis(_split_axis(x, nsp + 1, fg), nsp + 1, 0)
+    x = x.reshape(-1, *x.shape[2:])
+  patches = _patches(x, dataclasses.replace(spec, geometry=dataclasses.replace(
+      g, batch=x.shape[0], in_features=x.shape[-1])))         # (G*N or N, *out, T, cg)
+  m = math.prod(ct.shape[:-1])
+  # The cotangent is the GEMM's left operand: XLA's fast CPU GEMM wants the
+  # contraction on the left operand's minor axis, and transposing the cotangent
+  # for that is cheaper than transposing the patches.
+  if groups == 1:
+    dw = lax.dot_general(ct.reshape(m, -1), patches.reshape(m, -1), (((0,), (0,)), ((), ())),
+                         precision=precision, preferred_element_type=acc_dtype)[None]
+  else:
+    patches = patches.reshape(groups, m, t * patches.shape[-1])  # group-major rows
+    ct = _split_axis(ct, nsp + 1, groups).reshape(m, groups, -1)
+    dw = lax.dot_general(ct, patches, (((0,), (1,)), ((1,), (0,))), precision=precision,
+                         preferred_element_type=acc_dtype)    # (G, og, T * cg)
+  dw = dw.reshape(groups, dw.shape[1], t, -1)
+  dw = jnp.transpose(dw, (2, 3, 0, 1))                        # (T, cg, G, og)
+  return dw.reshape(*g.filter_shape, dw.shape[1], -1)
+
+
+def _rhs_rule(ct, x, w, **params):
+  spec, precision = params["spec"], params["precision"]
+  w_aval = w.aval
+  if ct.dtype != x.dtype:
+    x = x.astype(ct.dtype)
+  if ct.size == 0 or x.size == 0:
+    return jnp.zeros(w_aval.shape, w_aval.dtype)
+  acc_dtype = _acc_dtype(ct.dtype, None)
+  chunk = _batch_chunk(spec, ct.dtype.itemsize, params["memory_budget"])
+  if spec.batch_group_count > 1 or chunk >= spec.geometry.batch:
+    dw = _kernel_grad(x, ct, spec, precision, acc_dtype)
+  else:
+    dw = _over_batch_chunks(
+        lambda xc, cc, s: _kernel_grad(xc, cc, s, precision, acc_dtype), [x, ct], spec,
+        chunk).sum(0)
+  return dw.astype(w_aval.dtype)
+
+
+ad.defbilinear(conv_p, _lhs_rule, _rhs_rule)
+
+
+# -------------------------------------------------------------------- batching
+
+
+def _batch_rule(args, dims, **params):
+  x, w = args
+  xd, wd = dims
+  spec: ConvSpec = params["spec"]
+  g = spec.geometry
+  nsp = g.num_spatial
+  fg, bg = spec.feature_group_count, spec.batch_group_count
+  if xd is not None and wd is None:
+    x = jnp.moveaxis(x, xd, 0)                                 # (B, N, *sp, C)
+    b = x.shape[0]
+    if bg > 1:  # keep the batch groups major: (B, G, n) -> (G, B, n)
+      x = jnp.swapaxes(_split_axis(x, 1, bg), 0, 1)
+    x = x.reshape(-1, *x.shape[2 if bg == 1 else 3:])
+    y = _rebind(x, w, _respec(spec, x.shape, w.shape, fg, bg), params)
+    return y.reshape(b, -1, *y.shape[1:]), 0
+  if xd is None:
+    w = jnp.moveaxis(w, wd, nsp + 1)                           # (*k, I, B, O)
+    b = w.shape[nsp + 1]
+    w = _split_axis(w, nsp + 2, fg * bg)                       # (*k, I, B, G, og)
+    w = jnp.swapaxes(w, nsp + 1, nsp + 2)                      # (*k, I, G, B, og)
+    w = w.reshape(*w.shape[:nsp + 1], -1)
+    y = _rebind(x, w, _respec(spec, x.shape, w.shape, fg, bg), params)
+    y = y.reshape(*y.shape[:-1], fg * bg, b, -1)               # (..., G, B, og)
+    y = jnp.moveaxis(y, -2, 0)
+    return y.reshape(*y.shape[:-2], -1), 0
+  if bg > 1:
+    return jax.vmap(functools.partial(_forward, **params), (xd, wd))(x, w), 0
+  # Both mapped: the map becomes the outermost feature group.
+  x = jnp.moveaxis(jnp.moveaxis(x, xd, 0), 0, -2)              # (N, *sp, B, C)
+  b = x.shape[-2]
+  x = x.reshape(*x.shape[:-2], -1)
+  w = jnp.moveaxis(w, wd, nsp + 1)                             # (*k, I, B, O)
+  w = w.reshape(*w.shape[:nsp + 1], -1)
+  y = _rebind(x, w, _respec(spec, x.shape, w.shape, fg * b, 1), params)
+  y = y.reshape(*y.shape[:-1], b, -1)
+  return jnp.moveaxis(y, -2, 0), 0
+
+
+def _respec(spec, x_shape, w_shape, fg, bg):
+  g = spec.geometry
+  return conv_spec("conv_general_dilated", x_shape, w_shape, g.window_strides, g.padding,
+                   g.lhs_dilation, g.rhs_dilation, g.dimension_numbers, fg, bg)
+
+
+batching.primitive_batchers[conv_p] = _batch_rule

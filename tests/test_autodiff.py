@@ -1,0 +1,183 @@
+"""convmm's own derivatives of the im2col convolution (``convmm._autodiff``).
+
+References are lax's derivatives of ``lax.conv_general_dilated`` at HIGHEST in
+float64 (forward mode, reverse mode, second order, transposition and batching),
+under ``jax_numpy_rank_promotion='raise'`` as JAX's own tests run.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conv_cases import case, conv_kwargs, make_operands, ours, ref
+from jax import lax
+from jax.test_util import check_grads
+from tolerances import assert_close
+
+import convmm
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+CASES = {
+    "stride1_same": case((2, 3, 5, 4), (4, 3, 3, 3), (1, 1), "SAME", dimension_numbers=NHWC),
+    "strided_negative_pads": case((2, 3, 7, 6), (4, 3, 3, 2), (2, 3), ((1, -1), (-1, 2))),
+    "both_dilations": case((1, 2, 5, 4), (2, 2, 2, 3), (2, 1), ((1, 1), (2, 0)),
+                           lhs_dilation=(2, 1), rhs_dilation=(1, 2)),
+    "feature_groups_strided": case((2, 4, 6, 5), (6, 2, 3, 2), (2, 1), "SAME",
+                                   feature_group_count=2, dimension_numbers=NHWC),
+    "batch_groups_strided": case((4, 3, 6, 5), (4, 3, 2, 3), (1, 2), ((0, 1), (-1, 1)),
+                                 batch_group_count=2),
+    "1d_rhs_dilation": case((2, 3, 9), (2, 3, 3), (1,), "VALID", rhs_dilation=(2,)),
+    "3d_feature_groups": case((1, 4, 4, 3, 4), (4, 2, 2, 2, 2), (1, 2, 1), "SAME",
+                              feature_group_count=2,
+                              dimension_numbers=("NDHWC", "DHWIO", "NDHWC")),
+}
+
+
+@pytest.fixture(autouse=True)
+def strict_ranks():
+  with jax.numpy_rank_promotion("raise"):
+    yield
+
+
+@pytest.fixture
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+def _conv(impl, **kw):
+  return jax.jit(functools.partial(impl, **kw))
+
+
+def test_convmm_primitive_replaces_lax_convolution():
+  c = CASES["stride1_same"]
+  lhs, rhs = make_operands(c)
+  kw = conv_kwargs(c)
+  loss = lambda x, w: jnp.sum(convmm.conv_general_dilated(x, w, **kw) ** 2)
+  jaxpr = str(jax.make_jaxpr(jax.value_and_grad(loss, (0, 1)))(lhs, rhs))
+  assert "convmm_conv" in jaxpr
+  assert "conv_general_dilated" not in jaxpr
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_check_grads_order2_float64(name, x64):
+  c = CASES[name]
+  lhs, rhs = make_operands(c, np.float64, seed=3)
+  check_grads(_conv(ours, **conv_kwargs(c)), (lhs, rhs), order=2, modes=("fwd", "rev"))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_vjp_and_jvp_match_lax_float64(name, x64):
+  c = CASES[name]
+  lhs, rhs = make_operands(c, np.float64, seed=5)
+  kw = conv_kwargs(c)
+  y, vjp = jax.vjp(_conv(ours, **kw), lhs, rhs)
+  y_ref, vjp_ref = jax.vjp(_conv(ref, **kw), lhs, rhs)
+  cotangent = jnp.asarray(np.random.default_rng(7).standard_normal(y.shape))
+  for got, want in zip(vjp(cotangent), vjp_ref(cotangent)):
+    assert got.dtype == want.dtype
+    assert_close(got, want)
+  tangents = make_operands(c, np.float64, seed=9)
+  _, t = jax.jvp(_conv(ours, **kw), (lhs, rhs), tangents)
+  _, t_ref = jax.jvp(_conv(ref, **kw), (lhs, rhs), tangents)
+  assert_close(t, t_ref)
+
+
+@pytest.mark.parametrize("name", ["strided_negative_pads", "feature_groups_strided",
+                                  "batch_groups_strided"])
+def test_hessian_matches_lax(name, x64):
+  c = CASES[name]
+  lhs, rhs = make_operands(c, np.float64, seed=11)
+  kw = conv_kwargs(c)
+
+  def hessian(impl):
+    loss = lambda x, w: jnp.sum(jnp.sin(impl(x, w, **kw)))
+    return jax.jit(jax.hessian(loss, (0, 1)))(lhs, rhs)
+
+  for got, want in zip(jax.tree.leaves(hessian(ours)), jax.tree.leaves(hessian(ref))):
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", ["stride1_same", "batch_groups_strided"])
+def test_linear_transpose_matches_lax(name, x64):
+  c = CASES[name]
+  lhs, rhs = make_operands(c, np.float64, seed=13)
+  kw = conv_kwargs(c)
+  y = ref(lhs, rhs, **kw)
+  for arg in (0, 1):
+    def transposed(impl, arg=arg):
+      f = (lambda x: impl(x, rhs, **kw)) if arg == 0 else (lambda w: impl(lhs, w, **kw))
+      return jax.linear_transpose(f, (lhs, rhs)[arg])(y)[0]
+    assert_close(transposed(ours), transposed(ref))
+
+
+@pytest.mark.parametrize("name", ["stride1_same", "feature_groups_strided",
+                                  "batch_groups_strided"])
+@pytest.mark.parametrize("in_axes", [(0, None), (None, 0), (0, 0)], ids=["x", "w", "both"])
+def test_vmap_of_grad_matches_lax(name, in_axes):
+  c = CASES[name]
+  lhs, rhs = make_operands(c, seed=17)
+  kw = conv_kwargs(c)
+  lhs, rhs = (jnp.stack([a, 2 * a]) if axis == 0 else a for a, axis in zip((lhs, rhs), in_axes))
+
+  def grads(impl):
+    loss = lambda x, w: jnp.sum(jnp.sin(impl(x, w, **kw)))
+    return jax.jit(jax.vmap(jax.grad(loss, (0, 1)), in_axes))(lhs, rhs)
+
+  for got, want in zip(grads(ours), grads(ref)):
+    assert_close(got, want, grad=True, reduction=math.prod(c["rhs"][1:]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16bit_gradients_accumulate_in_float32(dtype):
+  # The reference is the float32 gradient of the same (16-bit) operands; lax's
+  # 16-bit gradients round their partial sums and are further from it.
+  c = case((2, 16, 6, 6), (8, 16, 3, 3), (2, 1), "SAME", dimension_numbers=NHWC)
+  lhs, rhs = make_operands(c, dtype, seed=19)
+  kw = conv_kwargs(c)
+  loss = lambda impl: lambda x, w: jnp.sum(impl(x, w, **kw).astype(jnp.float32) ** 2)
+  grads = jax.jit(jax.grad(loss(ours), (0, 1)))(lhs, rhs)
+  exact = jax.jit(jax.grad(loss(ref), (0, 1)))(lhs.astype(jnp.float32), rhs.astype(jnp.float32))
+  for got, want in zip(grads, exact):
+    assert got.dtype == dtype
+    assert_close(got, want, dtype=dtype, reduction=144, grad=True)
+
+
+@pytest.mark.parametrize("name", ["stride1_same", "strided_negative_pads",
+                                  "feature_groups_strided"])
+def test_tiny_memory_budget_chunks_the_backward(name):
+  # A one-byte budget forces one sample per chunk in the kernel gradient and the
+  # strided input gradient (lax.map over batch chunks).
+  c = CASES[name]
+  lhs, rhs = make_operands(c, seed=23)
+  kw = conv_kwargs(c)
+  lhs = jnp.concatenate([lhs, lhs[:1]], axis=kw.get("dimension_numbers", "N")[0].index("N"))
+
+  def grads(impl, **extra):
+    loss = lambda x, w: jnp.sum(jnp.sin(impl(x, w, **kw, **extra)))
+    return jax.jit(jax.grad(loss, (0, 1)))(lhs, rhs)
+
+  for got, want in zip(grads(ours, memory_budget=1), grads(ref)):
+    assert_close(got, want, grad=True, reduction=math.prod(c["rhs"][1:]))
+
+
+def test_kernel_gradient_gemm_takes_the_cotangent_first():
+  # The kernel gradient contracts over batch and positions. With the cotangent
+  # as the GEMM's left operand XLA transposes the cotangent (O columns), not the
+  # 9x larger patch matrix, to reach its fast GEMM layout.
+  x = jnp.ones((2, 6, 6, 4))
+  w = jnp.ones((3, 3, 4, 5))
+  ct = jnp.ones((2, 6, 6, 5))
+  f = lambda x, w: convmm.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
+  jaxpr = jax.make_jaxpr(lambda x, w, ct: jax.vjp(f, x, w)[1](ct))(x, w, ct)
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+  kernel_dots = [e for e in dots if e.outvars[0].aval.shape == (5, 36)]
+  assert len(kernel_dots) == 1
+  assert kernel_dots[0].invars[0].aval.shape == (72, 5)
+  assert lax.conv_general_dilated_p not in {e.primitive for e in jaxpr.jaxpr.eqns}
