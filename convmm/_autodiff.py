@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax._src.core import ShardingTypeError  # lax's exception for sharding conflicts
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
@@ -79,7 +80,13 @@ def _abstract_eval(x, w, *, spec, preferred_element_type, **_):
   sharding = x.sharding
   if not sharding.mesh.empty:
     # lax's rule: batch and spatial dimensions keep the input's sharding where
-    # it still divides them; features are not sharded.
+    # it still divides them; sharded features or kernels need an out_sharding.
+    if sharding.spec[-1:] not in ((), (None,)) or not (
+        w.sharding.mesh.empty or w.sharding.is_fully_replicated):
+      raise ShardingTypeError(
+          "conv_general_dilated: the input's feature dimension and the kernel must not be "
+          f"sharded; got input {x.str_short(True)} and kernel {w.str_short(True)}; pass "
+          "`out_sharding`")
     sizes = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_sizes))
     parts = [*sharding.spec, *[None] * (x.ndim - len(sharding.spec))]
     parts[-1] = None
@@ -168,7 +175,21 @@ def _input_grad_conv(ct, w, spec, params):
 
 
 def _patches(x, spec):
-  return unfold_padded(pad_input(x, spec.geometry), spec.geometry)  # (N, *out, T, C)
+  """im2col ``(N, *out, T, C)``; 16-bit floats are moved as 16-bit integers."""
+  return from_bits(unfold_padded(pad_input(to_bits(x), spec.geometry), spec.geometry), x.dtype)
+
+
+def to_bits(x: jax.Array) -> jax.Array:
+  # XLA's CPU backend computes pads and concatenations of 16-bit floats in
+  # float32 (twice the bytes moved, plus conversions); the same bits as uint16
+  # are moved as they are. im2col is pure data movement, so this is exact.
+  if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
+    return lax.bitcast_convert_type(x, jnp.uint16)
+  return x
+
+
+def from_bits(x: jax.Array, dtype: Any) -> jax.Array:
+  return lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
 
 
 def _patch_cotangent(ct, w, spec, precision, acc_dtype):
@@ -269,14 +290,21 @@ def _kernel_grad(x, ct, spec, precision, acc_dtype):
   # The cotangent is the GEMM's left operand: XLA's fast CPU GEMM wants the
   # contraction on the left operand's minor axis, and transposing the cotangent
   # for that is cheaper than transposing the patches.
-  if groups == 1:
-    dw = lax.dot_general(ct.reshape(m, -1), patches.reshape(m, -1), (((0,), (0,)), ((), ())),
-                         precision=precision, preferred_element_type=acc_dtype)[None]
+  # The kernel is replicated even where the batch is sharded (lax's rule).
+  mesh = jax.typeof(ct).sharding.mesh
+  out_sharding = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+                  if jax.sharding.AxisType.Explicit in mesh.axis_types else None)
+  if groups == 1:  # contract (N, *out): multi-axis, so XLA canonicalises it for YNNPACK
+    patches = patches.reshape(*patches.shape[:-2], -1)
+    dims = tuple(range(nsp + 1))
+    dw = lax.dot_general(ct, patches, ((dims, dims), ((), ())), precision=precision,
+                         preferred_element_type=acc_dtype, out_sharding=out_sharding)[None]
   else:
     patches = patches.reshape(groups, m, t * patches.shape[-1])  # group-major rows
     ct = _split_axis(ct, nsp + 1, groups).reshape(m, groups, -1)
     dw = lax.dot_general(ct, patches, (((0,), (1,)), ((1,), (0,))), precision=precision,
-                         preferred_element_type=acc_dtype)    # (G, og, T * cg)
+                         preferred_element_type=acc_dtype,
+                         out_sharding=out_sharding)           # (G, og, T * cg)
   dw = dw.reshape(groups, dw.shape[1], t, -1)
   dw = jnp.transpose(dw, (2, 3, 0, 1))                        # (T, cg, G, og)
   return dw.reshape(*g.filter_shape, dw.shape[1], -1)

@@ -207,8 +207,9 @@ def _group_gemm(
 
 def _im2col_gemm(x_padded, w_tio, spec, precision, preferred_element_type):
   """Patches of a padded input, then one (batched) GEMM."""
-  return _group_gemm(unfold_padded(x_padded, spec.geometry), w_tio, spec, precision,
-                     preferred_element_type)
+  patches = _autodiff.from_bits(unfold_padded(_autodiff.to_bits(x_padded), spec.geometry),
+                                x_padded.dtype)
+  return _group_gemm(patches, w_tio, spec, precision, preferred_element_type)
 
 
 def _accumulator_dtype(out_dtype: Any) -> Any:

@@ -45,12 +45,6 @@ def strict_ranks():
     yield
 
 
-@pytest.fixture
-def x64():
-  with jax.enable_x64(True):
-    yield
-
-
 def _conv(impl, **kw):
   return jax.jit(functools.partial(impl, **kw))
 
