@@ -102,7 +102,7 @@ conv_p.def_abstract_eval(_abstract_eval)
 
 def conv(x: jax.Array, w: jax.Array, spec: ConvSpec, precision: Any = None,
          preferred_element_type: Any = None, method: str = "im2col",
-         memory_budget: int = 32 * 2**20) -> jax.Array:
+         memory_budget: int | None = None) -> jax.Array:
   """The convolution of canonical operands as one ``conv_p`` call.
 
   Args:
@@ -111,7 +111,7 @@ def conv(x: jax.Array, w: jax.Array, spec: ConvSpec, precision: Any = None,
     spec: the validated convolution (any dimension numbers; made canonical).
     precision, preferred_element_type: passed to the GEMM.
     method: the forward method (see :func:`convmm.conv_general_dilated`).
-    memory_budget: the tile budget in bytes.
+    memory_budget: the tile budget in bytes (None: the default at trace time).
 
   Returns:
     ``(N // batch_group_count, *out_spatial, O)``.
