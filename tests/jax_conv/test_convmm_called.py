@@ -1,8 +1,9 @@
 """The vendored JAX tests exercise convmm, not XLA's convolution.
 
-Two independent proofs: the jaxprs of the substituted functions (forward, JVP,
-VJP, batching) contain no ``conv_general_dilated`` primitive while lax's do,
-and the guard that the vendored tests run under rejects XLA's conv.
+Three independent proofs: the jaxprs of the substituted functions (forward, JVP,
+VJP, batching) contain no ``conv_general_dilated`` primitive while lax's do, their
+lowered programs contain no ``stablehlo.convolution``, and the guard that the
+vendored tests run under rejects XLA's conv.
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ def test_conv_general_dilated_jaxpr_has_no_xla_conv(transform):
   # The same transform of lax binds the primitive, so the check above can fail.
   lax_fn, _ = transforms(lax.conv_general_dilated)[transform]
   assert "conv_general_dilated" in cm.primitive_names(jax.make_jaxpr(lax_fn)(*args))
+
+
+@pytest.mark.parametrize("transform", ["forward", "vjp"])
+def test_conv_general_dilated_lowers_to_no_xla_convolution(transform):
+  # convmm's own primitives are opaque in a jaxpr: the compiled program is the proof.
+  fn, args = transforms(cm.conv_general_dilated)[transform]
+  assert "stablehlo.convolution" not in jax.jit(fn).lower(*args).as_text()
+  lax_fn, _ = transforms(lax.conv_general_dilated)[transform]
+  assert "stablehlo.convolution" in jax.jit(lax_fn).lower(*args).as_text()
 
 
 @pytest.mark.parametrize(
