@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -21,7 +20,15 @@ from convmm._im2col import (
     to_channels_last,
     unfold_padded,
 )
+from convmm._phases import phase_conv
 from convmm._shapes import ConvSpec, check_same_dtype, conv_spec, shape_of
+from convmm._tiling import (
+    check_budget,
+    current_memory_budget,
+    sharding_of,
+    tile_plan,
+    tiled,
+)
 
 
 def kernel_taps_last(rhs: jax.Array, spec: ConvSpec) -> jax.Array:
@@ -33,43 +40,12 @@ def kernel_taps_last(rhs: jax.Array, spec: ConvSpec) -> jax.Array:
 
 METHODS = ("auto", "im2col", "shift", "depthwise")
 
-# A tile's working set (patches and their companions, see `tile_plan`) larger than
-# this is never materialised whole: the work is tiled over the batch, then over
-# output rows. On CPU the budget is also a speed setting: XLA temporaries above
-# glibc's 32 MiB mmap threshold are mapped afresh and page-faulted on every call,
-# which can cost more than the GEMM; 32 MiB measured best across the benchmark
-# suite (16 and 64 MiB were slower on most layers). Change it per call with
-# `memory_budget=` or globally with `set_memory_budget`.
-_DEFAULT_MEMORY_BUDGET = 32 * 2**20
-
-
-def set_memory_budget(nbytes: int) -> int:
-  """Sets the default tile working-set budget in bytes; returns the previous value.
-
-  The budget is read when a convolution is traced: functions already compiled
-  keep the tiling they were traced with.
-
-  Example:
-    >>> import convmm
-    >>> old = convmm.set_memory_budget(64 * 2**20)
-    >>> _ = convmm.set_memory_budget(old)
-  """
-  global _DEFAULT_MEMORY_BUDGET
-  if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
-    raise ValueError(f"set_memory_budget: `nbytes` must be a positive int, got {nbytes!r}")
-  old, _DEFAULT_MEMORY_BUDGET = _DEFAULT_MEMORY_BUDGET, nbytes
-  return old
-
-
 def _check_method(fn: str, method: Any, memory_budget: Any) -> tuple[str, int]:
   if method not in METHODS:
     raise ValueError(f"{fn}: `method` must be one of {METHODS}, got {method!r}")
   if memory_budget is None:
-    return method, _DEFAULT_MEMORY_BUDGET
-  if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
-    raise ValueError(
-        f"{fn}: `memory_budget` must be a positive number of bytes, got {memory_budget!r}")
-  return method, memory_budget
+    return method, current_memory_budget()
+  return method, check_budget(fn, "memory_budget", memory_budget)
 
 
 def choose_method(spec: ConvSpec, method: str, fn: str = "conv_general_dilated") -> str:
@@ -91,82 +67,6 @@ def choose_method(spec: ConvSpec, method: str, fn: str = "conv_general_dilated")
   if depthwise_ok and spec.feature_group_count > 1:
     return "depthwise"
   return "im2col"
-
-
-def tile_plan(spec: ConvSpec, itemsize: int, budget: int,
-              patch_copies: int = 3) -> tuple[int, int]:
-  """Batch chunk ``b`` and output-row chunk ``r`` whose working set fits ``budget``.
-
-  A tile's working set is counted as ``patch_copies`` patch matrices (im2col:
-  three, as the backward pass holds the rematerialised patches, their cotangent
-  and a GEMM operand copy; depthwise builds none, but its backward holds one
-  shifted copy of the input per tap, about one patch matrix), the intermediate
-  of the first unfolding stage, and the padded input. Whole batches are split
-  first (batch groups are kept whole), then the first output spatial dimension;
-  both chunks divide evenly.
-  """
-  g = spec.geometry
-  n, out, padded = g.batch, g.out_spatial, g.padded_spatial
-  c = g.in_features * itemsize
-  sample = patch_copies * math.prod(out) * g.num_taps * c + math.prod(padded) * c
-  if len(out) > 1:  # unfold_padded's first stage: the last dim unfolded only
-    sample += math.prod(padded[:-1]) * out[-1] * g.filter_shape[-1] * c
-  rows = out[0] if out else 1
-  if n * sample <= budget or n == 0 or rows == 0:
-    return n, rows
-
-  def largest_divisor(size: int, unit: float) -> int:
-    fitting = [d for d in range(1, size + 1) if size % d == 0 and d * unit <= budget]
-    return max(fitting, default=1)
-
-  b = n if spec.batch_group_count > 1 else largest_divisor(n, sample)
-  if b * sample <= budget or not out:
-    return b, rows
-  return b, largest_divisor(rows, b * sample / rows)
-
-
-def _tiled(compute, x_cl: jax.Array, spec: ConvSpec, b: int, r: int) -> jax.Array:
-  """Runs ``compute(x_tile, tile_spec)`` over batch and output-row tiles.
-
-  Each batch chunk of ``x_cl`` is dilated and padded on its own (the padded
-  whole input is never built), then each tile is a convolution with no
-  padding of its own. Tiles go through ``lax.map`` (batch chunks, and
-  row windows within a chunk) with each body rematerialised in the backward
-  pass, so neither the forward nor autodiff keeps more than one tile's patches
-  alive.
-  """
-  g = spec.geometry
-  zeros = ((0, 0),) * g.num_spatial
-  ones = (1,) * g.num_spatial
-  padded = g.padded_spatial
-  n, out = g.batch, g.out_spatial
-  rows_in = (r - 1) * g.window_strides[0] + g.effective_filter_shape[0] if out else 0
-  tile_geometry = dataclasses.replace(
-      g, batch=b, padding=zeros, lhs_dilation=ones,
-      in_spatial=(rows_in if r < out[0] else padded[0], *padded[1:]) if out else (),
-      out_spatial=(r, *out[1:]) if out else ())
-  tile_spec = dataclasses.replace(spec, geometry=tile_geometry)
-  nr = out[0] // r if out and r else 1
-  remat = functools.partial(jax.checkpoint, prevent_cse=False)
-
-  def rows_of(xb):  # (b, *spatial, C) -> (b', *out, O)
-    xb = pad_input(xb, g)
-    if nr == 1:
-      return compute(xb, tile_spec)
-    step = r * g.window_strides[0]
-    windows = jnp.stack([lax.slice_in_dim(xb, i * step, i * step + rows_in, axis=1)
-                         for i in range(nr)])
-    ys = lax.map(remat(lambda w: compute(w, tile_spec)), windows)  # (nr, b', r, ..., O)
-    ys = jnp.swapaxes(ys, 0, 1)
-    return ys.reshape(ys.shape[0], *out, ys.shape[-1])
-
-  if b == n:
-    return rows_of(x_cl)
-  nb = n // b
-  # Batch chunks are a free reshape; row windows overlap, so they are cut inside
-  # each batch chunk and only one chunk's windows exist at a time.
-  ys = lax.map(remat(rows_of), x_cl.reshape(nb, b, *x_cl.shape[1:]))
-  return ys.reshape(nb * ys.shape[1], *ys.shape[2:])
 
 
 def _group_gemm(
@@ -253,8 +153,7 @@ def _depthwise(x_padded, w_tio, spec, precision, preferred_element_type):
   w = w.astype(acc_dtype)
   y = None
   for t, offset in enumerate(tap_offsets(geometry)):
-    tap = tap_slice(x_padded, geometry, offset)[..., None]  # (N, *out, C, 1)
-    term = tap * w[t]
+    term = tap_slice(x_padded, geometry, offset)[..., None] * w[t]  # (N, *out, C, mult)
     y = term if y is None else y + term
   assert y is not None  # every kernel has at least one tap
   return y.reshape(*y.shape[:-2], c * mult).astype(out_dtype)
@@ -280,15 +179,23 @@ def conv_channels_last(
   Returns:
     ``(N // batch_group_count, *out_spatial, O)``.
   """
+  out_dtype = preferred_element_type or jnp.result_type(x_cl.dtype, w_tio.dtype)
+  if any(d > 1 for d in spec.geometry.lhs_dilation):  # never multiply the dilation's holes
+    return phase_conv(
+        lambda x, w, s: conv_channels_last(x, w, s, precision, preferred_element_type, method,
+                                           memory_budget), x_cl, w_tio, spec, out_dtype)
   method = choose_method(spec, method)
-  budget = _DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+  budget = current_memory_budget() if memory_budget is None else memory_budget
   compute = functools.partial(_COMPUTE[method], w_tio=w_tio, precision=precision,
                               preferred_element_type=preferred_element_type)
   if method == "shift":  # builds no patches: nothing to tile
     return compute(pad_input(x_cl, spec.geometry), spec=spec)
-  b, r = tile_plan(spec, jnp.dtype(x_cl.dtype).itemsize, budget,
-                   patch_copies=1 if method == "depthwise" else 3)
-  return _tiled(lambda x, s: compute(x, spec=s), x_cl, spec, b, r)
+  batch_shards, sharded_spatial = sharding_of(x_cl)
+  plan = tile_plan(spec, jnp.dtype(x_cl.dtype).itemsize, budget,
+                   patch_copies=1 if method == "depthwise" else 3,
+                   out_itemsize=jnp.dtype(out_dtype).itemsize, batch_shards=batch_shards,
+                   sharded_spatial=sharded_spatial)
+  return tiled(lambda x, s: compute(x, spec=s), x_cl, spec, plan)
 
 
 def conv_general_dilated(
@@ -333,14 +240,19 @@ def conv_general_dilated(
     precision: passed to ``lax.dot_general``.
     preferred_element_type: accumulation and output dtype.
     out_sharding: optional sharding of the result (a ``NamedSharding`` or a
-      ``PartitionSpec`` under a mesh), applied with ``jax.sharding.reshard``.
+      ``PartitionSpec`` under a mesh): a ``jax.sharding.reshard`` on explicit
+      mesh axes, a sharding constraint on auto ones (which lax 0.10.2
+      rejects; convmm accepts them deliberately).
     method: keyword-only, how to compute it: 'im2col' (patches + one GEMM),
       'shift' (a sum of one GEMM per kernel tap, never building patches),
       'depthwise' (multiply-accumulate when each group has one input feature) or
       'auto' (default: depthwise where it applies, else im2col).
-    memory_budget: keyword-only, the largest patch matrix in bytes that im2col
-      may build at once (default 32 MiB, see :func:`set_memory_budget`); larger
-      work is mapped over batch chunks, then output-row chunks.
+    memory_budget: keyword-only, bytes a tile's whole working set may hold
+      (its input window, patches counted three times for the backward pass,
+      the unfolding's first stage and its output; default 32 MiB, see
+      :func:`convmm.memory_budget`); larger work is mapped over output rows,
+      then columns, then batch chunks. The padded input and the output are
+      held besides.
 
   Returns:
     The convolution, in the layout of ``dimension_numbers[2]``.
@@ -368,8 +280,16 @@ def conv_general_dilated(
   out = conv_with_spec(jnp.asarray(lhs), jnp.asarray(rhs), spec, precision,
                        preferred_element_type, method, memory_budget)
   if out_sharding is not None:
-    out = jax.sharding.reshard(out, out_sharding)
+    out = _constrain(out, out_sharding)
   return out
+
+
+def _constrain(y: jax.Array, sharding: Any) -> jax.Array:
+  """``out_sharding`` as lax applies it: a reshard on explicit axes, a constraint on auto ones."""
+  mesh = getattr(sharding, "mesh", None) or jax.sharding.get_abstract_mesh()
+  if any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+    return jax.sharding.reshard(y, sharding)
+  return lax.with_sharding_constraint(y, sharding)
 
 
 def conv_with_spec(

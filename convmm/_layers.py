@@ -36,6 +36,7 @@ from convmm import conv_adjoint as core_conv_adjoint
 from convmm import conv_general_dilated as core_conv_general_dilated
 from convmm import conv_transpose as core_conv_transpose
 from convmm import im2col as core_im2col
+from convmm._tiling import current_memory_budget
 
 CONV_PADDINGS = ("SAME", "SAME_LOWER", "VALID", "CIRCULAR", "REFLECT", "CAUSAL")
 TRANSPOSE_PADDINGS = ("SAME", "SAME_LOWER", "VALID", "CIRCULAR")
@@ -410,7 +411,22 @@ def _compiled(*static_argnames: str) -> Callable:
   # small ops (a slice per kernel tap, their transposes in the adjoint), which
   # eager use would compile and dispatch one by one; under an outer jit this
   # inner jit is simply inlined. The geometry and options are static.
-  return functools.partial(jax.jit, static_argnums=0, static_argnames=static_argnames)
+  # The memory budget in force is part of the cache key (it is read while tracing).
+  def decorate(fn: Callable) -> Callable:
+    def with_budget(*args, memory_budget_key: int, **kwargs):
+      del memory_budget_key
+      return fn(*args, **kwargs)
+
+    jitted = jax.jit(with_budget, static_argnums=0,
+                     static_argnames=(*static_argnames, "memory_budget_key"))
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+      return jitted(*args, memory_budget_key=current_memory_budget(), **kwargs)
+
+    return call
+
+  return decorate
 
 
 @_compiled("in_features", "precision", "preferred_element_type", "conv_general_dilated",

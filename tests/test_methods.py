@@ -104,20 +104,6 @@ def test_row_tiles_when_one_sample_exceeds_budget(method):
     assert_close(got, want, reduction=36 * 8 * 8, grad=True)
 
 
-def test_tile_plan_respects_budget_and_divides_evenly():
-  from convmm._conv import tile_plan
-  from convmm._shapes import conv_spec
-
-  spec = conv_spec("t", (6, 10, 7, 4), (3, 3, 4, 5), (1, 1), "SAME", None, None, DN, 1, 1)
-  # Per sample: patches three times, the first unfolding stage (12x7 rows x 3
-  # taps) and the padded input (12x9), all float32 with 4 channels.
-  sample = (3 * 10 * 7 * 9 + 12 * 7 * 3 + 12 * 9) * 4 * 4
-  assert tile_plan(spec, 4, 10**9) == (6, 10)  # fits whole
-  assert tile_plan(spec, 4, 3 * sample) == (3, 10)  # batch halves
-  assert tile_plan(spec, 4, sample // 2) == (1, 5)  # rows within one sample
-  assert tile_plan(spec, 4, 1) == (1, 1)  # never below one row
-
-
 def test_large_layer_temp_memory_stays_within_budget():
   # Issue target: a 32x112x112x64 input with a 3x3 kernel (a ~900 MiB patch matrix
   # if built whole) compiles to <= 160 MiB of temporaries for the forward, and a
@@ -203,3 +189,82 @@ def test_shift_float16_accumulates_in_float32():
     assert y.dtype == jnp.float16
     assert np.all(np.isfinite(np.asarray(y, np.float32))), (method, y)
     assert_close(y, ref, dtype=jnp.float16, reduction=3)
+
+
+def _dilated_conv_reference(x, w, strides, lo, lhs_dilation, rhs_dilation, out, groups=1):
+  """Channels-last NumPy float64 conv that only ever multiplies real input elements."""
+  x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  n, c, o = x.shape[0], x.shape[-1], w.shape[-1]
+  y = np.zeros((n, *out, o))
+  for tap in np.ndindex(*w.shape[:-2]):
+    # Input element i meets this tap at output (i * D + lo - t * rd) / stride, if whole.
+    ins, outs = [], []
+    for size, d, low, t, rd, s, o_size in zip(x.shape[1:-1], lhs_dilation, lo, tap,
+                                              rhs_dilation, strides, out):
+      pos = np.arange(size) * d + low - t * rd
+      keep = (pos % s == 0) & (pos >= 0) & (pos < o_size * s)
+      ins.append(np.arange(size)[keep])
+      outs.append(pos[keep] // s)
+    xs = x[np.ix_(range(n), *ins, range(c))]
+    for g in range(groups):
+      cg, og = c // groups, o // groups
+      term = xs[..., g * cg:(g + 1) * cg] @ w[tap][:, g * og:(g + 1) * og]
+      y[np.ix_(range(n), *outs, range(g * og, (g + 1) * og))] += term
+  return y
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, kw",
+    [
+        pytest.param((2, 7, 3), (3, 3, 4), dict(window_strides=(1,), lhs_dilation=(2,)),
+                     id="1d-d2"),
+        pytest.param((2, 5, 6, 3), (3, 4, 3, 2),
+                     dict(window_strides=(2, 1), lhs_dilation=(3, 2), rhs_dilation=(1, 2)),
+                     id="2d-d3x2-strided"),
+        pytest.param((2, 4, 4, 4), (2, 2, 1, 8), dict(window_strides=(1, 1), lhs_dilation=(2, 2),
+                                                   feature_group_count=4), id="depthwise-d2"),
+    ])
+def test_lhs_dilation_holes_are_not_multiplied(x_shape, w_shape, kw):
+  # An Inf in the kernel stays out of every output whose Inf tap only meets the holes
+  # between dilated input elements ('VALID': no zero padding, which may give NaN).
+  nsp = len(x_shape) - 2
+  dn = ("NWC", "WIO", "NWC") if nsp == 1 else DN
+  x = jax.random.normal(jax.random.key(9), x_shape)
+  w = jax.random.normal(jax.random.key(10), w_shape)
+  w = w.at[(1,) * nsp].set(jnp.inf)
+  kw = dict(kw, padding=((0, 0),) * nsp)
+  shape = jax.eval_shape(lambda x, w: lax.conv_general_dilated(x, w, dimension_numbers=dn, **kw),
+                         x, w).shape
+  ref = _dilated_conv_reference(x, w, kw["window_strides"], (0,) * nsp, kw["lhs_dilation"],
+                                kw.get("rhs_dilation", (1,) * nsp), shape[1:-1],
+                                kw.get("feature_group_count", 1))
+  finite = np.isfinite(ref)
+  assert finite.any() and not finite.all()
+  for method in _methods_for(kw, x_shape[-1]):
+    y = np.asarray(convmm.conv_general_dilated(x, w, dimension_numbers=dn, precision=HIGHEST,
+                                               method=method, **kw))
+    assert np.isfinite(y[finite]).all(), method
+    assert_close(y[finite], ref[finite].astype(np.float32), reduction=int(np.prod(w_shape[:-1])))
+  if nsp == 1:  # lax (XLA:CPU) skips the holes in 1-D too; in 2-D it gives NaN everywhere
+    lax_y = np.asarray(lax.conv_general_dilated(x, w, dimension_numbers=dn, precision=HIGHEST,
+                                                **kw))
+    assert_close(lax_y[finite], ref[finite].astype(np.float32), reduction=9)
+
+
+def test_lhs_dilation_matches_lax_randomized():
+  # Phases of the input dilation (strides, kernel dilations, negative padding) vs lax.
+  rng = np.random.default_rng(11)
+  for _ in range(12):
+    nsp = int(rng.integers(1, 3))
+    dilation, strides, rhs_dilation, k, size = (
+        tuple(int(v) for v in rng.integers(1, hi, nsp)) for hi in (4, 4, 3, 5, 7))
+    padding = tuple((int(a), int(b)) for a, b in rng.integers(-1, 4, (nsp, 2)))
+    x = rng.standard_normal((2, 3, *size)).astype(np.float32)
+    w = rng.standard_normal((4, 3, *k)).astype(np.float32)
+    args = (strides, padding, dilation, rhs_dilation)
+    try:
+      ref = lax.conv_general_dilated(x, w, *args, precision=HIGHEST)
+    except (ValueError, TypeError):  # an empty or invalid output: not this test's subject
+      continue
+    y = convmm.conv_general_dilated(x, w, *args, precision=HIGHEST)
+    assert_close(y, ref, reduction=3 * int(np.prod(k)))

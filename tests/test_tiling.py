@@ -1,0 +1,148 @@
+"""Tiling: bounded tracing, the memory budget, and how it is set (issue 13)."""
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from tolerances import assert_close
+
+import convmm
+from convmm._shapes import conv_spec
+from convmm._tiling import current_memory_budget, tile_cost, tile_plan
+
+HIGHEST = lax.Precision.HIGHEST
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _eqn_count(f, *shapes):
+  jaxpr = jax.make_jaxpr(f)(*(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes))
+
+  def count(jaxpr):
+    return sum(1 + sum(count(sub.jaxpr if hasattr(sub, "jaxpr") else sub)
+                       for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+               for eqn in jaxpr.eqns)
+
+  return count(jaxpr.jaxpr)
+
+
+def test_tracing_does_not_grow_with_the_number_of_tiles():
+  # 10^4 and 10^5 samples under a 4 KiB budget: ~100 and ~1000 tiles, one map body.
+  conv = lambda x, w: convmm.conv_general_dilated(x, w, (1,), "SAME", memory_budget=4096)  # noqa: E731
+  small, large = _eqn_count(conv, (1, 1, 10**4), (1, 1, 9)), _eqn_count(conv, (1, 1, 10**5),
+                                                                        (1, 1, 9))
+  assert small == large < 200, (small, large)
+
+
+def test_long_signal_matches_lax():
+  # 10^7 samples, k=9: dozens of tiles at the default budget, padded remainder.
+  n = 10**7
+  x = jax.random.normal(jax.random.key(0), (1, 1, n))
+  w = jax.random.normal(jax.random.key(1), (1, 1, 9))
+  spec = conv_spec("t", x.shape, w.shape, (1,), "SAME", None, None, None, 1, 1)
+  plan = tile_plan(spec, 4, current_memory_budget())
+  assert plan.num_tiles > 1 and n % plan.tile_out[0], plan  # tiled, last tile partial
+  f = jax.jit(lambda x, w: convmm.conv_general_dilated(x, w, (1,), "SAME", precision=HIGHEST))
+  ref = jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (1,), "SAME", precision=HIGHEST))
+  y, y_ref = f(x, w), ref(x, w)
+  t = plan.tile_out[0]
+  for start in [0, t - 5, 2 * t - 5, n - 1000]:  # the ends and two tile boundaries
+    assert_close(y[..., start:start + 1000], y_ref[..., start:start + 1000], reduction=9)
+  assert_close(jnp.sum(y, dtype=jnp.float32), jnp.sum(y_ref, dtype=jnp.float32),
+               reduction=9 * n)
+
+
+@pytest.mark.parametrize("rows", [1021, 2039], ids=["1021", "2039"])
+def test_prime_output_rows_get_big_tiles(rows):
+  x = jax.random.normal(jax.random.key(2), (1, rows, 5, 2))
+  w = jax.random.normal(jax.random.key(3), (3, 3, 2, 3))
+  budget = 64 * 1024
+  spec = conv_spec("t", x.shape, w.shape, (1, 1), "SAME", None, None, DN, 1, 1)
+  plan = tile_plan(spec, 4, budget)
+  assert plan.num_tiles > 1 and plan.tile_out[0] >= 32, plan  # big tiles, not one-row tiles
+  assert tile_cost(spec, 4, plan.batch, plan.tile_out, 3, 4) <= budget
+  kw = dict(dimension_numbers=DN, precision=HIGHEST)
+  y = jax.jit(lambda x, w: convmm.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                       memory_budget=budget, **kw))(x, w)
+  assert_close(y, lax.conv_general_dilated(x, w, (1, 1), "SAME", **kw), reduction=18)
+
+
+def test_tile_plan_fits_the_budget_and_covers_the_output():
+  spec = conv_spec("t", (6, 10, 7, 4), (3, 3, 4, 5), (1, 1), "SAME", None, None, DN, 1, 1)
+  whole = tile_cost(spec, 4, 6, (10, 7), 3, 4)
+  assert tile_plan(spec, 4, whole).num_tiles == 1  # fits whole
+  for budget in [whole - 1, whole // 3, whole // 20, 4096, 2000]:
+    plan = tile_plan(spec, 4, budget)
+    assert tile_cost(spec, 4, plan.batch, plan.tile_out, 3, 4) <= budget, (budget, plan)
+    assert all(c * t >= o for c, t, o in zip(plan.counts, plan.tile_out, (10, 7)))
+    assert 6 % plan.batch == 0
+  assert tile_plan(spec, 4, whole - 1).batch == 6  # rows split before the batch
+  assert tile_plan(spec, 4, 1).tile_out == (1, 1)  # nothing fits: the finest tiles
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape",
+    [((1, 512, 512, 8), (31, 31, 8, 8)), ((1, 2048, 2048, 16), (3, 3, 16, 16))],
+    ids=["512x512-k31", "2048x2048-k3"])
+def test_compiled_temporaries_within_budget_plus_input_and_output(x_shape, w_shape):
+  # Issue 13: these compiled to 525 and 641 MiB of temporaries. Compiled only.
+  x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+  w = jax.ShapeDtypeStruct(w_shape, jnp.float32)
+  f = jax.jit(lambda x, w: convmm.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                       dimension_numbers=DN))
+  memory = f.lower(x, w).compile().memory_analysis()
+  budget = current_memory_budget()
+  limit = budget + memory.argument_size_in_bytes + memory.output_size_in_bytes
+  assert memory.temp_size_in_bytes <= limit, (memory.temp_size_in_bytes / 2**20, limit / 2**20)
+
+
+def _is_tiled(f, *args):
+  # A fresh function each time: traces are cached per function, not per budget.
+  return "scan" in str(jax.make_jaxpr(lambda *a: f(*a))(*args))
+
+
+def test_memory_budget_context_manager():
+  x, w = jnp.ones((2, 16, 16, 4)), jnp.ones((3, 3, 4, 4))
+  conv = lambda x, w: convmm.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
+  assert not _is_tiled(conv, x, w)
+  with convmm.memory_budget(np.int64(4096)):
+    assert _is_tiled(conv, x, w)
+    with convmm.memory_budget(2**30):  # nested: the innermost wins
+      assert not _is_tiled(conv, x, w)
+    assert not _is_tiled(lambda x, w: convmm.conv_general_dilated(  # explicit argument wins
+        x, w, (1, 1), "SAME", dimension_numbers=DN, memory_budget=2**30), x, w)
+  assert not _is_tiled(conv, x, w)  # restored on exit
+  y = convmm.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN,
+                                  memory_budget=np.int64(4096))
+  assert_close(y, lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN,
+                                           precision=HIGHEST), reduction=36)
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-5, ValueError), (1.5, TypeError),
+                                        ("1", TypeError), (True, TypeError)],
+                         ids=["zero", "negative", "float", "str", "bool"])
+def test_memory_budget_errors(bad, error):
+  with pytest.raises(error, match=r"memory_budget: `nbytes`"):
+    with convmm.memory_budget(bad):
+      pass
+  with pytest.raises(error, match=r"conv_general_dilated: `memory_budget`"):
+    convmm.conv_general_dilated(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), (1, 1), "SAME",
+                                dimension_numbers=DN, memory_budget=bad)
+
+
+def test_layers_pick_up_a_new_budget():
+  # The layers' inner jit is keyed on the budget: a configuration traced once must
+  # be re-traced (and tiled) under a smaller budget.
+  from flax import linen as nn  # noqa: F401  (the layers need flax)
+
+  import convmm.linen
+
+  layer = convmm.linen.Conv(features=4, kernel_size=(3, 3))
+  x = jnp.ones((2, 16, 16, 4))
+  params = layer.init(jax.random.key(0), x)
+  y = layer.apply(params, x)
+  assert not _is_tiled(layer.apply, params, x)
+  with convmm.memory_budget(4096):
+    assert _is_tiled(layer.apply, params, x)
+    assert_close(jax.jit(lambda p, x: layer.apply(p, x))(params, x), y, reduction=36)
