@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from convmm._im2col import pad_input
 from convmm._shapes import ConvSpec
 
 # A tile's working set larger than this is never materialised whole. On CPU the
@@ -215,60 +214,93 @@ def sharding_of(x: jax.Array) -> tuple[int, frozenset[int]]:
   return sizes[0], frozenset(d for d in range(x.ndim - 2) if sizes[1 + d] > 1)
 
 
+def _explicit_spec(x: jax.Array) -> tuple | None:
+  """``x``'s partition spec, one entry per axis, when it is sharded over explicit axes."""
+  batch_shards, sharded_spatial = sharding_of(x)
+  if batch_shards == 1 and not sharded_spatial:
+    return None
+  spec = tuple(jax.typeof(x).sharding.spec)
+  return (*spec, *(None,) * (x.ndim - len(spec)))
+
+
+def _zero_extended_window(x: jax.Array, axis: int, start: jax.Array, size: int) -> jax.Array:
+  """``x[start:start + size]`` along ``axis``, zeros where the range leaves ``x``.
+
+  ``start`` is traced and may be negative or run past the end (the padding).
+  """
+  length = x.shape[axis]
+  if length < size:  # the window is mostly padding: make room once
+    x = lax.pad(x, jnp.zeros((), x.dtype),
+                [(0, size - length if a == axis else 0, 0) for a in range(x.ndim)])
+    length = size
+  clamped = jnp.clip(start, 0, length - size)
+  part = lax.dynamic_slice_in_dim(x, clamped, size, axis)
+  # Shift by start - clamped (in (-size, size)), filling with zeros.
+  part = lax.pad(part, jnp.zeros((), x.dtype),
+                 [(size, size, 0) if a == axis else (0, 0, 0) for a in range(x.ndim)])
+  return lax.dynamic_slice_in_dim(part, size + start - clamped, size, axis)
+
+
 def tiled(compute: Callable[[jax.Array, ConvSpec], jax.Array], x_cl: jax.Array,
           spec: ConvSpec, plan: TilePlan) -> jax.Array:
-  """``compute(window, window_spec)`` over the tiles of ``plan``, through one ``lax.map``.
+  """``compute(window, window_spec)`` over the tiles of ``plan``, through one ``lax.scan``.
 
-  Each step slices its window out of the padded input (the overlapping windows
-  are never stacked) and is rematerialised in the backward pass, so neither the
-  forward nor autodiff keeps more than one tile's patches alive.
+  Each step cuts its padded window out of the unpadded input (the overlapping
+  windows are never stacked, the padded input never built) and writes its output
+  into the result in place; the last tile along a dimension is moved back to end
+  at the edge (recomputing a few outputs) instead of padding a remainder. Each
+  step's convolution is rematerialised in the backward pass, so neither the
+  forward nor autodiff keeps more than one tile's patches alive. Needs
+  ``lhs_dilation`` of 1 (see :mod:`convmm._phases`).
   """
   g = spec.geometry
-  n, out = g.batch, g.out_spatial
+  n, out, nsp = g.batch, g.out_spatial, g.num_spatial
   b, tile_out, counts = plan.batch, plan.tile_out, plan.counts
   nb = n // b if b else 1
-  window = _window(spec, tile_out) if out and 0 not in out else g.padded_spatial
-  window = tuple(g.padded_spatial[d] if counts[d] == 1 else window[d] for d in range(len(out)))
-  # Extend the high padding so that the last, partial tile has a whole window.
-  need = [(c * t - 1) * s + k if c > 1 else p for c, t, s, k, p in zip(
-      counts, tile_out, g.window_strides, g.effective_filter_shape, g.padded_spatial)]
-  padding = tuple((lo, hi + max(0, m - p)) for (lo, hi), m, p in zip(
-      g.padding, need, g.padded_spatial))
-  x_padded = pad_input(x_cl, dataclasses.replace(g, padding=padding))
-  nsp = len(out)
+  tiles = [d for d in range(nsp) if counts[d] > 1]
+  window = tuple(_window(spec, tile_out)[d] if d in tiles else g.padded_spatial[d]
+                 for d in range(nsp))
   tile_spec = dataclasses.replace(spec, geometry=dataclasses.replace(
-      g, batch=b, padding=((0, 0),) * nsp, lhs_dilation=(1,) * nsp, in_spatial=window,
-      out_spatial=tile_out))
-  if nb == 1 and plan.num_tiles == 1:
-    return compute(x_padded, tile_spec)
+      g, batch=b, padding=((0, 0),) * nsp, in_spatial=window, out_spatial=tile_out))
+  static_pads = [(0, 0, 0)] + [(0, 0, 0) if d in tiles else (*g.padding[d], 0)
+                               for d in range(nsp)] + [(0, 0, 0)]
+  if nb == 1 and not tiles:
+    return compute(lax.pad(x_cl, jnp.zeros((), x_cl.dtype), static_pads), tile_spec)
   # Chunk k holds samples k, k + nb, ...: the major (possibly sharded) batch axis
   # stays whole and the chunk index is a minor axis.
-  x_chunks = x_padded.reshape(b, nb, *x_padded.shape[1:])
+  x_chunks = x_cl.reshape(b, nb, *x_cl.shape[1:])
 
-  def step(index):
-    chunk, position = jnp.divmod(index, plan.num_tiles)
+  def out_starts(position):
     starts = []
-    for count, t, s in zip(reversed(counts), reversed(tile_out), reversed(g.window_strides)):
-      position, i = jnp.divmod(position, count)
-      starts.append(i * t * s)
-    starts = [0, chunk, *reversed(starts), 0]
-    starts = [jnp.asarray(s, jnp.int32) for s in starts]
-    x = lax.dynamic_slice(x_chunks, starts, (b, 1, *window, x_padded.shape[-1]))
-    return compute(x.reshape(b, *window, x.shape[-1]), tile_spec)
+    for d in reversed(range(nsp)):
+      position, i = jnp.divmod(position, counts[d])
+      starts.append(jnp.minimum(i * tile_out[d], out[d] - tile_out[d]))
+    return starts[::-1]
 
-  remat = functools.partial(jax.checkpoint, prevent_cse=False)
-  ys = lax.map(remat(step), jnp.arange(nb * plan.num_tiles, dtype=jnp.int32))
-  # (nb * tiles, b', *tile_out, O) -> (b' * nb, *out, O), sample = i * nb + chunk
-  bo, o = ys.shape[1], ys.shape[-1]
-  ys = ys.reshape(nb, *counts, bo, *tile_out, o)
-  perm = [1 + nsp, 0] + [a for d in range(nsp) for a in (1 + d, 2 + nsp + d)] + [ys.ndim - 1]
-  ys = jnp.transpose(ys, perm)
-  shape = (bo * nb, *(c * t for c, t in zip(counts, tile_out)), o)
-  batch_shards, sharded_spatial = sharding_of(x_cl)
-  if batch_shards > 1 or sharded_spatial:  # explicit axes: say where the shards go
-    spec = jax.typeof(x_cl).sharding.spec
-    spec = (*spec, *(None,) * (x_cl.ndim - len(spec)))
-    ys = lax.reshape(ys, shape, out_sharding=jax.sharding.PartitionSpec(*spec[:-1], None))
-  else:
-    ys = ys.reshape(shape)
-  return lax.slice(ys, (0,) * ys.ndim, (ys.shape[0], *out, o))
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def tile(chunk, starts):
+    x = lax.dynamic_index_in_dim(x_chunks, chunk, axis=1, keepdims=False)
+    for d in tiles:
+      start = starts[d] * g.window_strides[d] - g.padding[d][0]
+      x = _zero_extended_window(x, 1 + d, start, window[d])
+    return compute(lax.pad(x, jnp.zeros((), x.dtype), static_pads), tile_spec)
+
+  zero = jnp.zeros((), jnp.int32)
+  y_tile = jax.eval_shape(tile, zero, [zero] * nsp)
+  bo, o = y_tile.shape[0], y_tile.shape[-1]
+  x_spec = _explicit_spec(x_cl)
+  shape = (bo, nb, *out, o)
+  init = jnp.zeros(shape, y_tile.dtype, out_sharding=None if x_spec is None else
+                   jax.sharding.PartitionSpec(x_spec[0], None, *x_spec[1:-1], None))
+
+  def step(y, index):
+    chunk, position = jnp.divmod(index, plan.num_tiles)
+    starts = out_starts(position)
+    update = tile(chunk, starts)[:, None]
+    return lax.dynamic_update_slice(y, update, [zero, chunk, *starts, zero]), None
+
+  y, _ = lax.scan(step, init, jnp.arange(nb * plan.num_tiles, dtype=jnp.int32))
+  if x_spec is None:
+    return y.reshape(bo * nb, *out, o)
+  return lax.reshape(y, (bo * nb, *out, o),
+                     out_sharding=jax.sharding.PartitionSpec(*x_spec[:-1], None))
