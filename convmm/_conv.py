@@ -277,11 +277,30 @@ def conv_general_dilated(
   check_same_dtype(fn, lhs_dtype, rhs_dtype)
   method, memory_budget = _check_method(fn, method, memory_budget)
   choose_method(spec, method, fn)
-  out = conv_with_spec(jnp.asarray(lhs), jnp.asarray(rhs), spec, precision,
-                       preferred_element_type, method, memory_budget)
+  lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+  # On explicit meshes, lax's sharding rule decides (and rejects what it rejects).
+  lax_sharding = None if out_sharding is not None else _lax_out_sharding(
+      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+      feature_group_count, batch_group_count, preferred_element_type)
+  out = conv_with_spec(lhs, rhs, spec, precision, preferred_element_type, method, memory_budget)
   if out_sharding is not None:
     out = _constrain(out, out_sharding)
+  elif lax_sharding is not None and jax.typeof(out).sharding.spec != lax_sharding.spec:
+    out = jax.sharding.reshard(out, lax_sharding.spec)
   return out
+
+
+def _lax_out_sharding(lhs: jax.Array, rhs: jax.Array, *args: Any) -> Any:
+  """lax's output sharding when an operand is sharded over explicit mesh axes, else None."""
+  def sharded(a):
+    spec = getattr(getattr(jax.typeof(a), "sharding", None), "spec", None)
+    return bool(spec) and any(entry is not None for entry in spec)
+
+  if not (sharded(lhs) or sharded(rhs)):
+    return None
+  *conv_args, preferred = args
+  return jax.eval_shape(lambda a, b: lax.conv_general_dilated(
+      a, b, *conv_args, preferred_element_type=preferred), lhs, rhs).sharding
 
 
 def _constrain(y: jax.Array, sharding: Any) -> jax.Array:
