@@ -308,7 +308,16 @@ def _constrain(y: jax.Array, sharding: Any) -> jax.Array:
   mesh = getattr(sharding, "mesh", None) or jax.sharding.get_abstract_mesh()
   if any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
     return jax.sharding.reshard(y, sharding)
-  return lax.with_sharding_constraint(y, sharding)
+  # On auto axes an unnamed dimension is left to the partitioner, as lax leaves it.
+  P = jax.sharding.PartitionSpec
+  spec = tuple(getattr(sharding, "spec", sharding))
+  if all(entry is None for entry in spec):
+    return y
+  spec = P(*(P.UNCONSTRAINED if e is None else e for e in spec),
+           *(P.UNCONSTRAINED,) * (y.ndim - len(spec)))
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return lax.with_sharding_constraint(y, jax.sharding.NamedSharding(sharding.mesh, spec))
+  return lax.with_sharding_constraint(y, spec)
 
 
 def conv_with_spec(
