@@ -7,6 +7,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402  (after JAX_PLATFORMS is set)
 import pytest  # noqa: E402
 
+# A script run in its own 2-device subprocess (it sets jax_num_cpu_devices at import),
+# not a test module: importing it here, as --doctest-modules would, fails.
+collect_ignore = ["sharding_checks.py"]
+
 
 @pytest.fixture
 def x64():
