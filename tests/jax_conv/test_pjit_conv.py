@@ -22,7 +22,7 @@ CASES = {
     strict=True,
     reason="a NumPy float64 kernel with x64 off is rejected ('`lhs` and `rhs` must have the "
     "same dtype') where lax canonicalises it to float32 (issue 13, fixed by rules); with a "
-    "float32 kernel the test passes",
+    "float32 kernel it fails as test_grad_conv_general_dilated does (XlaConvBound)",
   ),
   "test_grad_conv_general_dilated": pytest.mark.xfail(
     strict=True,
