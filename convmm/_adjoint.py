@@ -12,6 +12,7 @@ forward convolution (groups, N-D, both dilations, any padding) carries over.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,9 +27,18 @@ from convmm._canonical import (
     canonical_ints,
     canonical_padding,
     canonical_shape,
+    conv_transpose_padding,
+    dilate_dim,
 )
 from convmm._conv import _check_method, choose_method, conv_with_spec
-from convmm._shapes import check_same_dtype, conv_spec, layout_shape, shape_of
+from convmm._shapes import (
+    ConvSpec,
+    check_dtypes,
+    conv_spec,
+    layout_shape,
+    preferred_dtype,
+    shape_of,
+)
 
 
 def conv_adjoint(
@@ -47,7 +57,6 @@ def conv_adjoint(
     *,
     method: str = "auto",
     memory_budget: int | None = None,
-    _fn: str = "conv_adjoint",
 ) -> jax.Array:
   """The exact adjoint (transpose) of :func:`conv_general_dilated` in its input.
 
@@ -83,7 +92,16 @@ def conv_adjoint(
     >>> convmm.conv_adjoint(y, W, (1, 2, 10, 10), (2, 2), ((1, 1), (1, 1))).shape
     (1, 2, 10, 10)
   """
-  fn = _fn
+  return _conv_adjoint(
+      "conv_adjoint", cotangent, rhs, lhs_shape, window_strides, padding, lhs_dilation,
+      rhs_dilation, dimension_numbers, feature_group_count, batch_group_count, precision,
+      preferred_element_type, method, memory_budget)
+
+
+def _conv_adjoint(fn, cotangent, rhs, lhs_shape, window_strides, padding, lhs_dilation,
+                  rhs_dilation, dimension_numbers, feature_group_count, batch_group_count,
+                  precision, preferred_element_type, method, memory_budget) -> jax.Array:
+  """:func:`conv_adjoint`, with errors naming the public function ``fn``."""
   ct_shape, ct_dtype = shape_of(fn, "cotangent", cotangent)
   rhs_shape, rhs_dtype = shape_of(fn, "rhs", rhs)
   lhs_shape = canonical_shape(fn, "lhs_shape", lhs_shape)
@@ -98,18 +116,17 @@ def conv_adjoint(
     raise ValueError(
         f"{fn}: `cotangent` must have the forward output shape {spec.out_shape} for "
         f"lhs_shape={lhs_shape} and rhs.shape={rhs_shape}, got cotangent.shape={ct_shape}")
+  preferred = preferred_dtype(fn, rhs_dtype, preferred_element_type)
   method, memory_budget = _check_method(fn, method, memory_budget)
   choose_method(spec, method, fn)
   rhs = jnp.asarray(rhs)
   primal = jax.ShapeDtypeStruct(lhs_shape, rhs_dtype)
 
   def forward(x):
-    return conv_with_spec(x, rhs, spec, precision, preferred_element_type, method,
-                          memory_budget)
+    return conv_with_spec(x, rhs, spec, precision, preferred, method, memory_budget)
 
   # lax's rule: the output has the operands' dtype unless one is preferred.
-  out_dtype = (rhs_dtype if preferred_element_type is None
-               else jax.dtypes.canonicalize_dtype(preferred_element_type))
+  out_dtype = rhs_dtype if preferred is None else preferred
   if np.dtype(ct_dtype) != np.dtype(out_dtype):
     raise TypeError(
         f"{fn}: `cotangent` must have the forward output dtype {np.dtype(out_dtype)}, "
@@ -118,20 +135,104 @@ def conv_adjoint(
   return x_bar
 
 
-def _transpose_padding(k: int, s: int, padding: Any) -> tuple[int, int]:
-  # lax's rule (jax/_src/lax/convolution.py, _conv_transpose_padding): the pads of
-  # the stride-1 conv over the s-dilated input that make this the gradient of a
-  # forward conv with the given padding.
-  if padding == "SAME":
-    pad_len = k + s - 2
-    pad_a = k - 1 if s > k - 1 else int(np.ceil(pad_len / 2))
-  elif padding == "VALID":
-    pad_len = k + s - 2 + max(k - s, 0)
-    pad_a = k - 1
+def transpose_pads(
+    fn: str, padding: Any, in_spatial: tuple[int, ...], k_eff: tuple[int, ...],
+    strides: tuple[int, ...], use_consistent_padding: bool,
+) -> tuple[tuple[int, int], ...]:
+  """The padding of lax.conv_transpose's stride-1 conv over the dilated input."""
+  ones = (1,) * len(strides)
+  if isinstance(padding, str) and padding in ("SAME", "VALID"):
+    return tuple(conv_transpose_padding(k, s, padding) for k, s in zip(k_eff, strides))
+  if isinstance(padding, str):
+    # Like lax, any other string is the padding of the stride-1 conv over the
+    # dilated input, which only exists when nothing is dilated.
+    if any(s != 1 for s in strides):
+      raise ValueError(
+          f"{fn}: `padding`={padding!r} needs `strides` of 1, got strides={strides}; "
+          f"only 'SAME' and 'VALID' (upper case, as in lax) describe a strided forward conv")
+    return canonical_padding(fn, padding, in_spatial, k_eff, ones, strides)
+  pads = canonical_padding(fn, padding, in_spatial, k_eff, ones, ones)
+  if use_consistent_padding:
+    pads = tuple(conv_transpose_padding(k, s, p) for k, s, p in zip(k_eff, strides, pads))
+  return pads
+
+
+def transpose_spec(
+    fn: str, lhs_shape: tuple[int, ...], rhs_shape: tuple[int, ...], strides: Any,
+    padding: Any, rhs_dilation: Any, dimension_numbers: Any, transpose_kernel: bool,
+    use_consistent_padding: bool,
+) -> ConvSpec:
+  """Validates a conv_transpose and returns the spec of its fractionally strided conv.
+
+  That is ``conv(dilate(lhs, strides), k', pads)`` with stride 1, where ``k'``
+  is the kernel, flipped and with I and O swapped if ``transpose_kernel``.
+  """
+  ndim = len(lhs_shape)
+  if dimension_numbers is None:
+    if ndim < 2 or ndim > 5:
+      raise ValueError(
+          f"{fn}: `dimension_numbers` has no default for rank-{ndim} inputs "
+          f"(lhs.shape={lhs_shape}); pass it explicitly")
+    spatial = "HWD"[: ndim - 2]
+    dimension_numbers = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+  dnums = canonical_dimension_numbers(fn, ndim, len(rhs_shape), dimension_numbers)
+  lhs_spec, rhs_spec, _ = dnums
+  nsp = ndim - 2
+  strides = canonical_ints(fn, "strides", strides, nsp, too_small=TypeError)
+  rhs_dil = canonical_ints(fn, "rhs_dilation", rhs_dilation, nsp, default=1,
+                           too_small=TypeError)
+  k_eff = tuple(dilate_dim(rhs_shape[d], r) for d, r in zip(rhs_spec[2:], rhs_dil))
+  in_spatial = tuple(lhs_shape[d] for d in lhs_spec[2:])
+  pads = transpose_pads(fn, padding, in_spatial, k_eff, strides, use_consistent_padding)
+  kernel_in = rhs_shape[rhs_spec[0] if transpose_kernel else rhs_spec[1]]
+  if kernel_in != lhs_shape[lhs_spec[1]]:
+    raise ValueError(
+        f"{fn}: lhs feature size {lhs_shape[lhs_spec[1]]} must equal the kernel's "
+        f"{'output' if transpose_kernel else 'input'}-feature size {kernel_in} "
+        f"(transpose_kernel={transpose_kernel}); lhs.shape={lhs_shape}, rhs.shape={rhs_shape}")
+  prime_shape = list(rhs_shape)
+  if transpose_kernel:
+    prime_shape[rhs_spec[0]], prime_shape[rhs_spec[1]] = rhs_shape[rhs_spec[1]], kernel_in
+  return conv_spec(fn, lhs_shape, prime_shape, (1,) * nsp, pads, strides, rhs_dil, dnums, 1, 1)
+
+
+def _transpose_integer(lhs, rhs, spec, transpose_kernel, precision, preferred, method,
+                       memory_budget) -> jax.Array:
+  # Integers have no autodiff adjoint: lax's own formulation (the fractionally
+  # strided conv) through the im2col conv.
+  rhs_spec = spec.geometry.dimension_numbers.rhs_spec
+  if transpose_kernel:
+    rhs = jnp.swapaxes(jnp.flip(rhs, axis=tuple(rhs_spec[2:])), rhs_spec[0], rhs_spec[1])
+  return conv_with_spec(lhs, rhs, spec, precision, preferred, method, memory_budget)
+
+
+def _transpose_by_adjoint(fn, lhs, rhs, spec, transpose_kernel, precision, preferred, method,
+                          memory_budget) -> jax.Array:
+  # lax computes the fractionally strided conv conv(dilate(x, s), k', pads), with
+  # k' = flip+swap(k) if transpose_kernel else k. That is the adjoint of the
+  # strided forward conv whose kernel is flip+swap(k'), with forward padding
+  # (k_eff - 1 - lo, k_eff - 1 - hi): the adjoint pads its dilated cotangent by
+  # exactly (lo, hi). Taking this route runs the GEMM on the undilated input
+  # (s^nsp times fewer rows) instead of multiplying inserted zeros.
+  g = spec.geometry
+  lhs_spec, rhs_spec, out_spec = g.dimension_numbers
+  if transpose_kernel:
+    forward_rhs_spec = rhs_spec
   else:
-    pads = tuple(k - p - 1 for p in padding)
-    pad_a, pad_len = pads[0], sum(pads)
-  return pad_a, pad_len - pad_a
+    rhs = jnp.flip(rhs, axis=tuple(rhs_spec[2:]))
+    forward_rhs_spec = (rhs_spec[1], rhs_spec[0], *rhs_spec[2:])  # swap O and I roles
+  forward_dnums = ConvDimensionNumbers(out_spec, forward_rhs_spec, lhs_spec)
+  forward_in_shape = layout_shape(out_spec, (g.batch, rhs.shape[forward_rhs_spec[1]],
+                                             *g.out_spatial))
+  forward_pads = tuple((k - 1 - lo, k - 1 - hi)
+                       for k, (lo, hi) in zip(g.effective_filter_shape, g.padding))
+  if preferred is not None:
+    # The adjoint returns the primal dtype; compute in the requested type instead
+    # (products of the narrower inputs are exact in it, as in a widening GEMM).
+    lhs, rhs = lhs.astype(preferred), rhs.astype(preferred)
+  return _conv_adjoint(fn, lhs, rhs, forward_in_shape, g.lhs_dilation, forward_pads, None,
+                       g.rhs_dilation, forward_dnums, 1, 1, precision, None, method,
+                       memory_budget)
 
 
 def conv_transpose(
@@ -184,78 +285,15 @@ def conv_transpose(
   fn = "conv_transpose"
   lhs_shape, lhs_dtype = shape_of(fn, "lhs", lhs)
   rhs_shape, rhs_dtype = shape_of(fn, "rhs", rhs)
-  ndim = len(lhs_shape)
-  if dimension_numbers is None:
-    if ndim < 2 or ndim > 5:
-      raise ValueError(
-          f"{fn}: `dimension_numbers` has no default for rank-{ndim} inputs "
-          f"(lhs.shape={lhs_shape}); pass it explicitly")
-    spatial = "HWD"[: ndim - 2]
-    dimension_numbers = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
-  dnums = canonical_dimension_numbers(fn, ndim, len(rhs_shape), dimension_numbers)
-  nsp = ndim - 2
-  strides = canonical_ints(fn, "strides", strides, nsp)
-  rhs_dil = canonical_ints(fn, "rhs_dilation", rhs_dilation, nsp, default=1)
-  k_eff = [(rhs_shape[d] - 1) * r + 1 for d, r in zip(dnums.rhs_spec[2:], rhs_dil)]
-  lhs_spec, rhs_spec, out_spec = dnums
-  in_spatial = [lhs_shape[d] for d in lhs_spec[2:]]
-  if padding in ("SAME", "VALID"):
-    pads = tuple(_transpose_padding(k, s, padding) for k, s in zip(k_eff, strides))
-  elif isinstance(padding, str):
-    # Like lax, any other string is the padding of the stride-1 conv over the
-    # dilated input, which only exists when nothing is dilated.
-    if any(s != 1 for s in strides):
-      raise ValueError(
-          f"{fn}: `padding`={padding!r} needs `strides` of 1, got strides={strides}; "
-          f"only 'SAME' and 'VALID' (upper case, as in lax) describe a strided forward conv")
-    pads = canonical_padding(fn, padding, in_spatial, k_eff, (1,) * nsp, strides)
-  else:
-    pads = canonical_padding(fn, padding, in_spatial, k_eff, (1,) * nsp, (1,) * nsp)
-    if use_consistent_padding:
-      pads = tuple(_transpose_padding(k, s, p) for k, s, p in zip(k_eff, strides, pads))
-  check_same_dtype(fn, lhs_dtype, rhs_dtype)
-  kernel_in = rhs_shape[rhs_spec[0] if transpose_kernel else rhs_spec[1]]
-  if kernel_in != lhs_shape[lhs_spec[1]]:
-    raise ValueError(
-        f"{fn}: lhs feature size {lhs_shape[lhs_spec[1]]} must equal the kernel's "
-        f"{'output' if transpose_kernel else 'input'}-feature size {kernel_in} "
-        f"(transpose_kernel={transpose_kernel}); lhs.shape={lhs_shape}, rhs.shape={rhs_shape}")
-  # lax computes the fractionally strided conv conv(dilate(x, s), k', pads), with
-  # k' = flip+swap(k) if transpose_kernel else k. That is the adjoint of the
-  # strided forward conv whose kernel is flip+swap(k'), with forward padding
-  # (k_eff - 1 - lo, k_eff - 1 - hi): the adjoint pads its dilated cotangent by
-  # exactly (lo, hi). Taking this route runs the GEMM on the undilated input
-  # (s^nsp times fewer rows) instead of multiplying inserted zeros.
-  # The fractionally strided conv, validated by the one shape rule (k' has I and O
-  # swapped when transpose_kernel).
-  prime_shape = list(rhs_shape)
-  if transpose_kernel:
-    prime_shape[rhs_spec[0]], prime_shape[rhs_spec[1]] = rhs_shape[rhs_spec[1]], kernel_in
-  spec = conv_spec(fn, lhs_shape, prime_shape, (1,) * nsp, pads, strides, rhs_dil, dnums, 1, 1)
-  rhs = jnp.asarray(rhs)
-  if not jnp.issubdtype(rhs.dtype, jnp.inexact) and preferred_element_type is None:
-    # Integers have no autodiff adjoint: run lax's own formulation through the
-    # im2col conv.
-    if transpose_kernel:
-      rhs = jnp.swapaxes(jnp.flip(rhs, axis=tuple(rhs_spec[2:])), rhs_spec[0], rhs_spec[1])
-    method, memory_budget = _check_method(fn, method, memory_budget)
-    return conv_with_spec(jnp.asarray(lhs), rhs, spec, precision, None, method, memory_budget)
-  if transpose_kernel:
-    forward_rhs_spec = rhs_spec
-  else:
-    rhs = jnp.flip(rhs, axis=tuple(rhs_spec[2:]))
-    forward_rhs_spec = (rhs_spec[1], rhs_spec[0], *rhs_spec[2:])  # swap O and I roles
-  forward_dnums = ConvDimensionNumbers(out_spec, forward_rhs_spec, lhs_spec)
-  out_features = rhs_shape[forward_rhs_spec[1]]
-  forward_in_shape = layout_shape(out_spec, (lhs_shape[lhs_spec[0]], out_features,
-                                             *spec.geometry.out_spatial))
-  forward_pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(k_eff, pads))
-  lhs = jnp.asarray(lhs)
-  if preferred_element_type is not None:
-    # The adjoint returns the primal dtype; compute in the requested type instead
-    # (products of the narrower inputs are exact in it, as in a widening GEMM).
-    lhs, rhs = lhs.astype(preferred_element_type), rhs.astype(preferred_element_type)
-  return conv_adjoint(lhs, rhs, forward_in_shape, strides, forward_pads,
-                      rhs_dilation=rhs_dil, dimension_numbers=forward_dnums,
-                      precision=precision, method=method, memory_budget=memory_budget,
-                      _fn=fn)
+  spec = transpose_spec(fn, lhs_shape, rhs_shape, strides, padding, rhs_dilation,
+                        dimension_numbers, transpose_kernel, use_consistent_padding)
+  preferred = check_dtypes(fn, lhs_dtype, rhs_dtype, preferred_element_type)
+  method, memory_budget = _check_method(fn, method, memory_budget)
+  lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+  if math.prod(spec.out_shape) == 0:  # as lax: an empty result, nothing to transpose
+    return jnp.zeros(spec.out_shape, lhs.dtype if preferred is None else preferred)
+  if not jnp.issubdtype(lhs.dtype, jnp.inexact):
+    return _transpose_integer(lhs, rhs, spec, transpose_kernel, precision, preferred, method,
+                              memory_budget)
+  return _transpose_by_adjoint(fn, lhs, rhs, spec, transpose_kernel, precision, preferred,
+                               method, memory_budget)

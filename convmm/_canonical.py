@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -71,37 +72,94 @@ class ConvGeometry:
   def padded_spatial(self) -> tuple[int, ...]:
     """Spatial sizes of the input after dilation and padding."""
     return tuple(
-        _dilate(i, d) + lo + hi
+        dilate_dim(i, d) + lo + hi
         for i, d, (lo, hi) in zip(self.in_spatial, self.lhs_dilation, self.padding)
     )
 
   @property
   def effective_filter_shape(self) -> tuple[int, ...]:
     """Kernel spatial sizes after dilation: ``(k - 1) * d + 1``."""
-    return tuple(_dilate(k, d) for k, d in zip(self.filter_shape, self.rhs_dilation))
+    return tuple(dilate_dim(k, d) for k, d in zip(self.filter_shape, self.rhs_dilation))
 
 
-def _dilate(size: int, dilation: int) -> int:
+def dilate_dim(size: int, dilation: int) -> int:
+  """The one dilation rule: ``size`` elements ``dilation`` apart span ``(size - 1) * d + 1``.
+
+  The effective size of a dilated kernel, and of a dilated input (0 stays 0).
+  """
   return 0 if size == 0 else (size - 1) * dilation + 1
 
 
-def _is_int(x: Any) -> bool:
-  if isinstance(x, bool):
-    return False
+def conv_transpose_padding(k_eff: int, stride: int, padding: Any) -> tuple[int, int]:
+  """lax's transposed-convolution padding of one spatial dimension.
+
+  The ``(low, high)`` padding of the stride-1 convolution over the input dilated
+  by ``stride`` that makes it the gradient of a forward convolution with kernel
+  size ``k_eff`` and the given padding ('SAME', 'VALID' or a ``(low, high)``
+  pair), as ``jax/_src/lax/convolution.py::_conv_transpose_padding`` computes it.
+
+  Example:
+    >>> from convmm._canonical import conv_transpose_padding
+    >>> conv_transpose_padding(3, 2, 'SAME'), conv_transpose_padding(3, 2, (1, 1))
+    ((2, 1), (1, 1))
+  """
+  if isinstance(padding, str) and padding == "SAME":
+    pad_len = k_eff + stride - 2
+    pad_lo = k_eff - 1 if stride > k_eff - 1 else math.ceil(pad_len / 2)
+  elif isinstance(padding, str) and padding == "VALID":
+    pad_len = k_eff + stride - 2 + max(k_eff - stride, 0)
+    pad_lo = k_eff - 1
+  else:
+    pads = tuple(k_eff - p - 1 for p in padding)
+    pad_lo, pad_len = pads[0], sum(pads)
+  return pad_lo, pad_len - pad_lo
+
+
+def as_int(value: Any, *, integral_float: bool = False) -> int | None:
+  """The one int predicate: ``value`` as an int, or ``None`` if it is not int-like.
+
+  Ints, NumPy integers and bools are int-like (lax reads them with
+  ``operator.index``, which accepts ``True``). With ``integral_float``, so are
+  floats with an integral value (used for counts only).
+  """
+  if isinstance(value, np.bool_):
+    return int(value)
   try:
-    operator.index(x)
+    return operator.index(value)
   except TypeError:
-    return False
-  return True
+    pass
+  if integral_float and isinstance(value, float | np.floating) and float(value).is_integer():
+    return int(value)
+  return None
+
+
+def positive_count(fn: str, name: str, value: Any) -> int:
+  """The one positive-count check (group counts, budgets, iteration counts).
+
+  A count is any int-like number, integral floats included: more than lax,
+  which accepts ``feature_group_count=1.0`` only when its compile cache already
+  holds the same call with ``1`` (otherwise NotImplementedError). Not a number:
+  ``TypeError``; a number that is not a positive integer (``0``, ``-1``,
+  ``1.5``): ``ValueError``, the class lax raises for a non-integral or
+  non-positive ``feature_group_count``.
+  """
+  count = as_int(value, integral_float=True)
+  if count is None and not isinstance(value, numbers.Real | np.number):
+    raise TypeError(f"{fn}: `{name}` must be a positive int, got {value!r}")
+  if count is None or count < 1:
+    raise ValueError(f"{fn}: `{name}` must be a positive integer, got {name}={value!r}")
+  return count
 
 
 def canonical_ints(
     fn: str, name: str, value: Any, length: int, *, default: int | None = None,
-    minimum: int = 1,
+    minimum: int = 1, too_small: type[Exception] = ValueError,
 ) -> tuple[int, ...]:
   """Validates a sequence of ``length`` ints, each ``>= minimum``.
 
-  ``None`` becomes ``(default,) * length`` when a default is given.
+  ``None`` becomes ``(default,) * length`` when a default is given. Entries are
+  read by :func:`as_int`. ``too_small`` is the class raised for an entry below
+  ``minimum`` (lax raises ``TypeError`` for a non-positive dilation).
   """
   if value is None and default is not None:
     return (default,) * length
@@ -113,11 +171,12 @@ def canonical_ints(
     raise ValueError(
         f"{fn}: `{name}` must have one entry per spatial dimension ({length}), "
         f"got {len(values)}: {name}={values!r}")
-  if not all(_is_int(v) for v in values):
+  ints = tuple(as_int(v) for v in values)
+  if any(v is None for v in ints):
     raise TypeError(f"{fn}: `{name}` must contain ints, got {name}={values!r}")
-  values = tuple(operator.index(v) for v in values)
+  values = ints
   if any(v < minimum for v in values):
-    raise ValueError(
+    raise too_small(
         f"{fn}: `{name}` entries must be >= {minimum}, got {name}={values!r}")
   return values
 
@@ -126,9 +185,9 @@ def canonical_shape(fn: str, name: str, value: Any) -> tuple[int, ...]:
   """Validates an array shape given as a sequence of non-negative ints."""
   if isinstance(value, (str, bytes)) or not isinstance(value, Sequence | np.ndarray):
     raise TypeError(f"{fn}: `{name}` must be a sequence of ints, got {value!r}")
-  if not all(_is_int(v) for v in value):
+  shape = tuple(as_int(v) for v in value)
+  if any(v is None for v in shape) or any(isinstance(v, bool | np.bool_) for v in value):
     raise TypeError(f"{fn}: `{name}` must contain ints, got {name}={tuple(value)!r}")
-  shape = tuple(operator.index(v) for v in value)
   if any(v < 0 for v in shape):
     raise ValueError(f"{fn}: `{name}` entries must be >= 0, got {name}={shape!r}")
   return shape
@@ -142,8 +201,8 @@ def canonical_dimension_numbers(
   Accepts ``None`` (``NC...``, ``OI...``, ``NC...``), a ``ConvDimensionNumbers``
   or a 3-tuple of spec strings such as ``('NHWC', 'HWIO', 'NHWC')``.
   """
-  if lhs_ndim != rhs_ndim:
-    raise ValueError(
+  if lhs_ndim != rhs_ndim:  # TypeError, as in lax
+    raise TypeError(
         f"{fn}: `lhs` and `rhs` must have the same rank, got lhs.ndim={lhs_ndim} "
         f"and rhs.ndim={rhs_ndim}")
   if lhs_ndim < 2:
@@ -172,18 +231,19 @@ def canonical_dimension_numbers(
   lhs_spec, rhs_spec, out_spec = dimension_numbers
   for name, spec, (a, b) in (("lhs_spec", lhs_spec, "NC"), ("rhs_spec", rhs_spec, "OI"),
                              ("out_spec", out_spec, "NC")):
+    # Malformed spec strings are TypeErrors, as in lax's conv_dimension_numbers.
     if len(spec) != ndim:
-      raise ValueError(
+      raise TypeError(
           f"{fn}: `dimension_numbers` {name} {spec!r} must have one letter per "
           f"array dimension ({ndim})")
     if len(set(spec)) != ndim or spec.count(a) != 1 or spec.count(b) != 1:
-      raise ValueError(
+      raise TypeError(
           f"{fn}: `dimension_numbers` {name} {spec!r} must contain '{a}' and '{b}' "
           f"once each and distinct spatial letters")
   spatial = [set(s) - set(ab) for s, ab in ((lhs_spec, "NC"), (rhs_spec, "OI"),
                                              (out_spec, "NC"))]
   if not spatial[0] == spatial[1] == spatial[2]:
-    raise ValueError(
+    raise TypeError(
         f"{fn}: `dimension_numbers` must use the same spatial letters in all three "
         f"specs, got {tuple(dimension_numbers)!r}")
   return lax.conv_dimension_numbers((0,) * ndim, (0,) * ndim, tuple(dimension_numbers))
@@ -194,7 +254,12 @@ def canonical_padding(
     effective_filter_shape: Sequence[int], window_strides: Sequence[int],
     lhs_dilation: Sequence[int],
 ) -> tuple[tuple[int, int], ...]:
-  """Turns 'SAME', 'SAME_LOWER', 'VALID' or (lo, hi) pairs into pairs."""
+  """Turns 'SAME', 'SAME_LOWER', 'VALID' or (lo, hi) pairs into pairs.
+
+  lax's classes: anything but a string or a sequence of pairs of ints (bools
+  count as ints, floats do not) is a ``ValueError``, the wrong number of pairs a
+  ``TypeError``.
+  """
   nsp = len(in_spatial)
   if isinstance(padding, str):
     mode = padding.upper()
@@ -210,22 +275,22 @@ def canonical_padding(
     return tuple((int(lo), int(hi)) for lo, hi in lax.padtype_to_pads(
         tuple(in_spatial), tuple(effective_filter_shape), tuple(window_strides), mode))
   if not isinstance(padding, Sequence | np.ndarray):
-    raise TypeError(
+    raise ValueError(
         f"{fn}: `padding` must be a string or a sequence of (low, high) pairs, got "
         f"{padding!r}")
   pairs = tuple(padding)
-  if len(pairs) != nsp:
-    raise ValueError(
-        f"{fn}: `padding` must have one (low, high) pair per spatial dimension "
-        f"({nsp}), got {len(pairs)}: padding={padding!r}")
   out = []
   for pair in pairs:
     if (isinstance(pair, str) or not isinstance(pair, Sequence | np.ndarray)
-        or len(pair) != 2 or not all(_is_int(p) for p in pair)):
-      raise TypeError(
+        or len(pair) != 2 or any(as_int(p) is None for p in pair)):
+      raise ValueError(
           f"{fn}: `padding` entries must be (low, high) pairs of ints, got "
           f"padding={padding!r}")
-    out.append((operator.index(pair[0]), operator.index(pair[1])))
+    out.append((as_int(pair[0]), as_int(pair[1])))
+  if len(pairs) != nsp:
+    raise TypeError(
+        f"{fn}: `padding` must have one (low, high) pair per spatial dimension "
+        f"({nsp}), got {len(pairs)}: padding={padding!r}")
   return tuple(out)
 
 
@@ -270,17 +335,19 @@ def conv_geometry(
   else:
     filter_shape = canonical_ints(fn, "filter_shape", filter_shape, nsp)
   strides = canonical_ints(fn, "window_strides", window_strides, nsp)
-  lhs_dil = canonical_ints(fn, "lhs_dilation", lhs_dilation, nsp, default=1)
-  rhs_dil = canonical_ints(fn, "rhs_dilation", rhs_dilation, nsp, default=1)
+  lhs_dil = canonical_ints(fn, "lhs_dilation", lhs_dilation, nsp, default=1,
+                           too_small=TypeError)
+  rhs_dil = canonical_ints(fn, "rhs_dilation", rhs_dilation, nsp, default=1,
+                           too_small=TypeError)
   in_spatial = tuple(lhs_shape[d] for d in lhs_spec[2:])
-  eff_filter = tuple(_dilate(k, d) for k, d in zip(filter_shape, rhs_dil))
+  eff_filter = tuple(dilate_dim(k, d) for k, d in zip(filter_shape, rhs_dil))
   pads = canonical_padding(fn, padding, in_spatial, eff_filter, strides, lhs_dil)
-  padded = tuple(_dilate(i, d) + lo + hi
+  padded = tuple(dilate_dim(i, d) + lo + hi
                  for i, d, (lo, hi) in zip(in_spatial, lhs_dil, pads))
   if any(p < 0 for p in padded):
     raise ValueError(
         f"{fn}: negative `padding` {pads!r} crops more than the (dilated) input "
-        f"spatial size {tuple(_dilate(i, d) for i, d in zip(in_spatial, lhs_dil))!r}")
+        f"spatial size {tuple(dilate_dim(i, d) for i, d in zip(in_spatial, lhs_dil))!r}")
   return ConvGeometry(
       dimension_numbers=dnums,
       batch=lhs_shape[lhs_spec[0]],

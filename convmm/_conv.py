@@ -21,7 +21,7 @@ from convmm._im2col import (
     unfold_padded,
 )
 from convmm._phases import phase_conv
-from convmm._shapes import ConvSpec, check_same_dtype, conv_spec, shape_of
+from convmm._shapes import ConvSpec, check_dtypes, conv_spec, shape_of
 from convmm._tiling import (
     check_budget,
     current_memory_budget,
@@ -236,7 +236,8 @@ def conv_general_dilated(
       ``lax.ConvDimensionNumbers`` or spec strings like
       ``('NHWC', 'HWIO', 'NHWC')``.
     feature_group_count: number of feature groups (``C_in`` for depthwise).
-    batch_group_count: number of batch groups.
+    batch_group_count: number of batch groups. Both counts also accept an
+      integral float (``1.0``), which lax rejects.
     precision: passed to ``lax.dot_general``.
     preferred_element_type: accumulation and output dtype.
     out_sharding: optional sharding of the result (a ``NamedSharding`` or a
@@ -274,7 +275,7 @@ def conv_general_dilated(
   spec = conv_spec(fn, lhs_shape, rhs_shape, window_strides, padding, lhs_dilation,
                    rhs_dilation, dimension_numbers, feature_group_count,
                    batch_group_count)
-  check_same_dtype(fn, lhs_dtype, rhs_dtype)
+  preferred_element_type = check_dtypes(fn, lhs_dtype, rhs_dtype, preferred_element_type)
   method, memory_budget = _check_method(fn, method, memory_budget)
   choose_method(spec, method, fn)
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from convmm._canonical import ConvGeometry, canonical_shape, conv_geometry
-from convmm._shapes import layout_shape, shape_of
+from convmm._shapes import layout_shape, preferred_dtype, shape_of
 
 
 def to_channels_last(x: jax.Array, spec: Sequence[int]) -> jax.Array:
@@ -166,6 +166,7 @@ def im2col(
   shape, dtype = shape_of(fn, "lhs", lhs)
   geometry = _patches_geometry(fn, shape, filter_shape, window_strides, padding,
                                lhs_dilation, rhs_dilation, dimension_numbers)
+  preferred_element_type = preferred_dtype(fn, dtype, preferred_element_type)
   out = _im2col(jnp.asarray(lhs), geometry)
   if preferred_element_type is not None:
     out = out.astype(preferred_element_type)

@@ -6,7 +6,6 @@ Plain Python on shapes (no tracing), so errors surface before compilation.
 from __future__ import annotations
 
 import dataclasses
-import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convmm._canonical import ConvGeometry, conv_geometry
+from convmm._canonical import ConvGeometry, conv_geometry, positive_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,15 +45,6 @@ def layout_shape(spec: Sequence[int], canonical_shape: Sequence[int]) -> tuple[i
   return tuple(shape)
 
 
-def _check_count(fn: str, name: str, value: Any) -> int:
-  if isinstance(value, bool) or not isinstance(value, int | np.integer):
-    raise TypeError(f"{fn}: `{name}` must be a positive int, got {value!r}")
-  value = operator.index(value)
-  if value < 1:
-    raise ValueError(f"{fn}: `{name}` must be >= 1, got {name}={value}")
-  return value
-
-
 def shape_of(fn: str, name: str, x: Any) -> tuple[tuple[int, ...], Any]:
   """Shape and dtype of a numeric array-like; a TypeError naming ``name`` otherwise."""
   if isinstance(x, jax.ShapeDtypeStruct) or hasattr(x, "shape") and hasattr(x, "dtype"):
@@ -68,9 +58,8 @@ def shape_of(fn: str, name: str, x: Any) -> tuple[tuple[int, ...], Any]:
     raise TypeError(f"{fn}: `{name}` must be an array, got {type(x).__name__}: {x!r:.80}")
   if not (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)):
     raise TypeError(f"{fn}: `{name}` must be a numeric array, got dtype={np.dtype(dtype)}")
-  if not hasattr(x, "dtype"):
-    dtype = jax.dtypes.canonicalize_dtype(dtype)
-  return shape, dtype
+  # As lax does: NumPy float64/int64 operands become float32/int32 when x64 is off.
+  return shape, jax.dtypes.canonicalize_dtype(dtype)
 
 
 def conv_spec(
@@ -91,8 +80,8 @@ def conv_spec(
   geometry = conv_geometry(
       fn, lhs_shape, len(rhs_shape), None, window_strides, padding, lhs_dilation,
       rhs_dilation, dimension_numbers, rhs_shape=rhs_shape)
-  groups = _check_count(fn, "feature_group_count", feature_group_count)
-  batch_groups = _check_count(fn, "batch_group_count", batch_group_count)
+  groups = positive_count(fn, "feature_group_count", feature_group_count)
+  batch_groups = positive_count(fn, "batch_group_count", batch_group_count)
   _, rhs_spec, _ = geometry.dimension_numbers
   out_features = rhs_shape[rhs_spec[0]]
   kernel_in = rhs_shape[rhs_spec[1]]
@@ -125,8 +114,42 @@ def conv_spec(
   return ConvSpec(geometry, out_features, groups, batch_groups)
 
 
-def check_same_dtype(fn: str, lhs_dtype: Any, rhs_dtype: Any) -> None:
+def check_dtypes(
+    fn: str, lhs_dtype: Any, rhs_dtype: Any, preferred_element_type: Any = None,
+) -> np.dtype | None:
+  """lax's dtype rule: equal operand dtypes; returns the checked preferred dtype."""
   if np.dtype(lhs_dtype) != np.dtype(rhs_dtype):
     raise TypeError(
         f"{fn}: `lhs` and `rhs` must have the same dtype (as in lax), got "
         f"lhs.dtype={np.dtype(lhs_dtype)} and rhs.dtype={np.dtype(rhs_dtype)}")
+  return preferred_dtype(fn, lhs_dtype, preferred_element_type)
+
+
+def preferred_dtype(fn: str, input_dtype: Any, preferred_element_type: Any) -> np.dtype | None:
+  """Canonical ``preferred_element_type``, checked against the input dtype as lax does.
+
+  lax accepts (integral, integral) of the same signedness, (integral, floating),
+  (floating, floating), (complex, complex) and anything from bool, never
+  narrower than the input; every other pair is a ``TypeError``.
+  """
+  if preferred_element_type is None:
+    return None
+  try:
+    preferred = jax.dtypes.canonicalize_dtype(np.dtype(preferred_element_type))
+  except TypeError as e:
+    raise TypeError(
+        f"{fn}: `preferred_element_type` must be a dtype, got {preferred_element_type!r}"
+    ) from e
+  inp = np.dtype(input_dtype)
+  kinds = (jnp.integer, jnp.floating, jnp.complexfloating)
+  int_to_float = jnp.issubdtype(inp, jnp.integer) and jnp.issubdtype(preferred, jnp.floating)
+  if not int_to_float and (
+      any(jnp.issubdtype(inp, t) and not jnp.issubdtype(preferred, t) for t in kinds)
+      or jnp.issubdtype(inp, jnp.signedinteger)
+      and not jnp.issubdtype(preferred, jnp.signedinteger)) or (
+      preferred.itemsize < inp.itemsize):
+    raise TypeError(
+        f"{fn}: `preferred_element_type`={preferred} is not allowed for {inp} operands "
+        f"(as in lax: same kind and signedness, or integer to floating, or from bool, "
+        f"never narrower)")
+  return preferred

@@ -73,7 +73,7 @@ RULES = {
         ValueError, G + r"`batch_group_count`.*-1"),
     "float_feature_groups": rule(
         conv, (X, W), dict(window_strides=(1, 1), padding="VALID", feature_group_count=1.5),
-        TypeError, G + r"`feature_group_count`.*1\.5"),
+        ValueError, G + r"`feature_group_count`.*1\.5"),
     # --- strides and dilations
     "zero_stride": rule(
         conv, (X, W), dict(window_strides=(0, 1), padding="VALID"),
@@ -83,17 +83,14 @@ RULES = {
         ValueError, G + r"`window_strides`.*\(1, -2\)"),
     "zero_rhs_dilation": rule(
         conv, (X, W), dict(window_strides=(1, 1), padding="VALID", rhs_dilation=(1, 0)),
-        ValueError, G + r"`rhs_dilation`.*\(1, 0\)"),
+        TypeError, G + r"`rhs_dilation`.*\(1, 0\)"),
     "negative_lhs_dilation": rule(
         conv, (X, W), dict(window_strides=(1, 1), padding=((0, 0), (0, 0)),
                            lhs_dilation=(-1, 1)),
-        ValueError, G + r"`lhs_dilation`.*\(-1, 1\)"),
+        TypeError, G + r"`lhs_dilation`.*\(-1, 1\)"),
     "float_stride": rule(
         conv, (X, W), dict(window_strides=(1.5, 1), padding="VALID"),
         TypeError, G + r"`window_strides`.*1\.5"),
-    "bool_stride": rule(
-        conv, (X, W), dict(window_strides=(True, 1), padding="VALID"),
-        TypeError, G + r"`window_strides`.*True"),
     "int_stride_not_sequence": rule(
         conv, (X, W), dict(window_strides=1, padding="VALID"),
         TypeError, G + r"`window_strides`.*1"),
@@ -113,7 +110,7 @@ RULES = {
         ValueError, G + r"`lhs`.*rank.*1"),
     "rank_mismatch": rule(
         conv, (X, jnp.ones((6, 4, 3))), dict(window_strides=(1, 1), padding="VALID"),
-        ValueError, G + r"`lhs` and `rhs`.*rank.*4.*3"),
+        TypeError, G + r"`lhs` and `rhs`.*rank.*4.*3"),
     # --- padding
     "unknown_padding_string": rule(
         conv, (X, W), dict(window_strides=(1, 1), padding="FULL"),
@@ -123,19 +120,19 @@ RULES = {
         ValueError, G + r".*`padding`.*'SAME'.*`lhs_dilation`.*\(2, 2\)"),
     "padding_wrong_count": rule(
         conv, (X, W), dict(window_strides=(1, 1), padding=((1, 1),)),
-        ValueError, G + r"`padding`.*\(2\).*1"),
+        TypeError, G + r"`padding`.*\(2\).*1"),
     "padding_triple": rule(
         conv, (X, W), dict(window_strides=(1, 1), padding=((1, 1, 1), (0, 0))),
-        TypeError, G + r"`padding`.*\(1, 1, 1\)"),
+        ValueError, G + r"`padding`.*\(1, 1, 1\)"),
     "padding_flat_pair": rule(
         conv, (X, W), dict(window_strides=(1, 1), padding=(1, 1)),
-        TypeError, G + r"`padding`.*\(1, 1\)"),
+        ValueError, G + r"`padding`.*\(1, 1\)"),
     "padding_float": rule(
         conv, (X, W), dict(window_strides=(1, 1), padding=((1.5, 0), (0, 0))),
-        TypeError, G + r"`padding`.*1\.5"),
+        ValueError, G + r"`padding`.*1\.5"),
     "padding_int": rule(
         conv, (X, W), dict(window_strides=(1, 1), padding=1),
-        TypeError, G + r"`padding`.*1"),
+        ValueError, G + r"`padding`.*1"),
     "negative_padding_beyond_input": rule(
         conv, (X, W), dict(window_strides=(1, 1), padding=((-3, -3), (0, 0))),
         ValueError, G + r"negative `padding`.*\(-3, -3\).*\(5, 5\)"),
@@ -147,31 +144,31 @@ RULES = {
     "dimension_numbers_wrong_length": rule(
         conv, (X, W), dict(window_strides=(1, 1), padding="VALID",
                            dimension_numbers=("NCH", "OIHW", "NCHW")),
-        ValueError, G + r"`dimension_numbers`.*'NCH'"),
+        TypeError, G + r"`dimension_numbers`.*'NCH'"),
     "dimension_numbers_repeated_letter": rule(
         conv, (X, W), dict(window_strides=(1, 1), padding="VALID",
                            dimension_numbers=("NCHH", "OIHW", "NCHW")),
-        ValueError, G + r"`dimension_numbers`.*'NCHH'"),
+        TypeError, G + r"`dimension_numbers`.*'NCHH'"),
     "dimension_numbers_missing_n": rule(
         conv, (X, W), dict(window_strides=(1, 1), padding="VALID",
                            dimension_numbers=("XCHW", "OIHW", "NCHW")),
-        ValueError, G + r"`dimension_numbers`.*'XCHW'.*'N'"),
+        TypeError, G + r"`dimension_numbers`.*'XCHW'.*'N'"),
     "dimension_numbers_missing_c": rule(
         conv, (X, W), dict(window_strides=(1, 1), padding="VALID",
                            dimension_numbers=("NCHW", "OIHW", "NXHW")),
-        ValueError, G + r"`dimension_numbers`.*'NXHW'.*'C'"),
+        TypeError, G + r"`dimension_numbers`.*'NXHW'.*'C'"),
     "dimension_numbers_missing_o": rule(
         conv, (X, W), dict(window_strides=(1, 1), padding="VALID",
                            dimension_numbers=("NCHW", "XIHW", "NCHW")),
-        ValueError, G + r"`dimension_numbers`.*'XIHW'.*'O'"),
+        TypeError, G + r"`dimension_numbers`.*'XIHW'.*'O'"),
     "dimension_numbers_missing_i": rule(
         conv, (X, W), dict(window_strides=(1, 1), padding="VALID",
                            dimension_numbers=("NCHW", "OXHW", "NCHW")),
-        ValueError, G + r"`dimension_numbers`.*'OXHW'.*'I'"),
+        TypeError, G + r"`dimension_numbers`.*'OXHW'.*'I'"),
     "dimension_numbers_spatial_mismatch": rule(
         conv, (X, W), dict(window_strides=(1, 1), padding="VALID",
                            dimension_numbers=("NCHW", "OIHW", "NCHX")),
-        ValueError, G + r"`dimension_numbers`.*spatial.*'NCHX'"),
+        TypeError, G + r"`dimension_numbers`.*spatial.*'NCHX'"),
     "dimension_numbers_int": rule(
         conv, (X, W), dict(window_strides=(1, 1), padding="VALID", dimension_numbers=5),
         TypeError, G + r"`dimension_numbers`.*5"),
@@ -297,7 +294,7 @@ RULES = {
     "conv_adjoint_lhs_shape_rank": rule(
         convmm.conv_adjoint, (Y, W),
         dict(lhs_shape=(2, 4, 5), window_strides=(1, 1), padding="VALID"),
-        ValueError, r"^conv_adjoint: .*rank"),
+        TypeError, r"^conv_adjoint: .*rank"),
     "conv_adjoint_zero_stride": rule(
         convmm.conv_adjoint, (Y, W),
         dict(lhs_shape=X.shape, window_strides=(0, 1), padding="VALID"),
@@ -315,7 +312,7 @@ RULES = {
         ValueError, r"^conv_transpose: negative `padding`.*crops more than the \(dilated\) input"),
     "conv_transpose_zero_stride": rule(
         convmm.conv_transpose, (XT, WT), dict(strides=(0, 2), padding="SAME"),
-        ValueError, r"^conv_transpose: `strides`.*\(0, 2\)"),
+        TypeError, r"^conv_transpose: `strides`.*\(0, 2\)"),
     "conv_transpose_strides_wrong_length": rule(
         convmm.conv_transpose, (XT, WT), dict(strides=(2,), padding="SAME"),
         ValueError, r"^conv_transpose: `strides`.*\(2,\)"),
@@ -331,19 +328,19 @@ RULES = {
         TypeError, r"^conv_transpose: `lhs` and `rhs`.*dtype"),
     "conv_transpose_rank_mismatch": rule(
         convmm.conv_transpose, (XT, jnp.ones((3, 3, 2))), dict(strides=(2, 2), padding="SAME"),
-        ValueError, r"^conv_transpose: `lhs` and `rhs`.*rank"),
+        TypeError, r"^conv_transpose: `lhs` and `rhs`.*rank"),
     "conv_transpose_consistent_padding_count": rule(
         convmm.conv_transpose, (XT, WT),
         dict(strides=(2, 2), padding=((1, 1),), use_consistent_padding=True),
-        ValueError, r"^conv_transpose: `padding`.*\(2\)"),
+        TypeError, r"^conv_transpose: `padding`.*\(2\)"),
     "conv_transpose_consistent_padding_triple": rule(
         convmm.conv_transpose, (XT, WT),
         dict(strides=(2, 2), padding=((1, 1, 1), (1, 1)), use_consistent_padding=True),
-        TypeError, r"^conv_transpose: `padding`"),
+        ValueError, r"^conv_transpose: `padding`"),
     "conv_transpose_zero_rhs_dilation": rule(
         convmm.conv_transpose, (XT, WT), dict(strides=(2, 2), padding="SAME",
                                               rhs_dilation=(0, 1)),
-        ValueError, r"^conv_transpose: `rhs_dilation`.*\(0, 1\)"),
+        TypeError, r"^conv_transpose: `rhs_dilation`.*\(0, 1\)"),
     "conv_transpose_non_array": rule(
         convmm.conv_transpose, (None, WT), dict(strides=(2, 2), padding="SAME"),
         TypeError, r"^conv_transpose: `lhs`.*None"),
@@ -418,3 +415,181 @@ def test_conv_adjoint_integer_dtype_works_or_names_itself():
       x.astype(jnp.float32))(y.astype(jnp.float32))
   assert result.dtype == jnp.int32
   np.testing.assert_array_equal(result, np.asarray(expected).astype(np.int32))
+
+
+# --- lax's exception classes. Code written against lax catches lax's classes, so
+# for every input lax rejects, convmm raises the same class (with its own message,
+# naming the function). Each case runs both.
+XL, WL = jnp.ones((1, 2, 5, 5)), jnp.ones((3, 2, 3, 3))  # NCHW, OIHW
+XTL, WTL = jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 3))  # NHWC, HWIO
+CONV = (lax.conv_general_dilated, convmm.conv_general_dilated, "conv_general_dilated", (XL, WL),
+        dict(window_strides=(1, 1), padding="VALID"))
+PATCHES_FNS = (lax.conv_general_dilated_patches, convmm.im2col, "im2col", (XL,),
+               dict(filter_shape=(3, 3), window_strides=(1, 1), padding="VALID"))
+TRANSPOSE = (lax.conv_transpose, convmm.conv_transpose, "conv_transpose", (XTL, WTL),
+             dict(strides=(2, 2), padding="SAME"))
+
+
+def lax_case(base, args=None, **kwargs):
+  lax_fn, fn, name, base_args, base_kwargs = base
+  return lax_fn, fn, name, base_args if args is None else args, {**base_kwargs, **kwargs}
+
+
+LAX_REJECTS = {
+    # JAX's testConvInvalidPadding: a malformed padding entry is a ValueError.
+    "patches_padding_flat_pair": lax_case(
+        PATCHES_FNS, (jnp.ones((1, 10, 10, 5), jnp.bfloat16),), filter_shape=(5, 5),
+        padding=(3, 3), dimension_numbers=("NHWC", "OIHW", "NHWC")),
+    "padding_short_pair": lax_case(CONV, padding=((1, 1), (1,))),
+    "padding_int_entry": lax_case(CONV, padding=((1, 1), 1)),
+    "padding_float_entry": lax_case(CONV, padding=((1.0, 1), (1, 1))),
+    "padding_float_array": lax_case(CONV, padding=np.ones((2, 2))),
+    "padding_int": lax_case(CONV, padding=3),
+    "padding_none": lax_case(CONV, padding=None),
+    "padding_wrong_count": lax_case(CONV, padding=((1, 1),)),
+    "padding_three_pairs": lax_case(CONV, padding=((1, 1),) * 3),
+    "dtype_mismatch": lax_case(CONV, (XL, WL.astype(jnp.bfloat16))),
+    "dtype_mismatch_numpy_int64": lax_case(CONV, (XL, np.ones((3, 2, 3, 3), np.int64))),
+    "rank_mismatch": lax_case(CONV, (XL, WL[0])),
+    "float_stride": lax_case(CONV, window_strides=(1.5, 1)),
+    # (lax accepts an integral float stride only from its compile cache, after
+    # the same call with ints; a non-integral one never.)
+    "numpy_float_strides": lax_case(CONV, window_strides=np.array([1.5, 1.0])),
+    "float_rhs_dilation": lax_case(CONV, rhs_dilation=(2.0, 1)),
+    "zero_rhs_dilation": lax_case(CONV, rhs_dilation=(0, 1)),
+    "zero_lhs_dilation": lax_case(CONV, padding=((0, 0), (0, 0)), lhs_dilation=(0, 1)),
+    "stride_not_sequence": lax_case(CONV, window_strides=1),
+    "strides_none": lax_case(CONV, window_strides=None),
+    "strides_wrong_length": lax_case(CONV, window_strides=(1,)),
+    "zero_stride": lax_case(CONV, window_strides=(0, 1)),
+    "zero_feature_groups": lax_case(CONV, feature_group_count=0),
+    "fractional_feature_groups": lax_case(CONV, feature_group_count=1.5),
+    "fractional_batch_groups": lax_case(CONV, batch_group_count=1.5),
+    "string_feature_groups": lax_case(CONV, feature_group_count="1"),
+    "none_batch_groups": lax_case(CONV, batch_group_count=None),
+    "groups_not_dividing": lax_case(CONV, feature_group_count=3),
+    "channel_mismatch": lax_case(CONV, (XL, jnp.ones((3, 3, 3, 3)))),
+    "dimension_numbers_two_specs": lax_case(CONV, dimension_numbers=("NCHW", "OIHW")),
+    "dimension_numbers_int": lax_case(CONV, dimension_numbers=5),
+    "dimension_numbers_short_spec": lax_case(CONV, dimension_numbers=("NCH", "OIHW", "NCHW")),
+    "dimension_numbers_repeated_letter": lax_case(
+        CONV, dimension_numbers=("NCHH", "OIHW", "NCHW")),
+    "dimension_numbers_spatial_mismatch": lax_case(
+        CONV, dimension_numbers=("NCHW", "OIHW", "NCHX")),
+    "string_padding_with_lhs_dilation": lax_case(CONV, padding="SAME", lhs_dilation=(2, 2)),
+    "negative_padding_beyond_input": lax_case(CONV, padding=((-3, -3), (0, 0))),
+    "patches_float_filter_shape": lax_case(PATCHES_FNS, filter_shape=(3.0, 3)),
+    "transpose_zero_stride": lax_case(TRANSPOSE, strides=(0, 1)),
+    "transpose_padding_short_pair": lax_case(TRANSPOSE, padding=((1,), (1, 1))),
+    "transpose_padding_wrong_count": lax_case(TRANSPOSE, padding=((1, 1),)),
+    "transpose_crops_everything": lax_case(TRANSPOSE, strides=(1, 1), padding=((-8, -3), (0, 0))),
+    "transpose_dtype_mismatch": lax_case(TRANSPOSE, (XTL, WTL.astype(jnp.bfloat16))),
+    "transpose_channel_mismatch": lax_case(TRANSPOSE, (XTL, jnp.ones((3, 3, 4, 3)))),
+    "transpose_string_padding_with_strides": lax_case(TRANSPOSE, padding="same"),
+    "transpose_rank6_no_default_layout": lax_case(
+        TRANSPOSE, (jnp.ones((1,) * 6), jnp.ones((1,) * 6)), strides=(1,) * 4),
+}
+
+
+@pytest.mark.parametrize("name", LAX_REJECTS)
+def test_same_exception_class_as_lax(name):
+  lax_fn, fn, fn_name, args, kwargs = LAX_REJECTS[name]
+  with pytest.raises(Exception) as lax_error:
+    lax_fn(*args, **kwargs)
+  assert lax_error.type in (ValueError, TypeError), lax_error.value
+  with pytest.raises(lax_error.type, match=f"^{fn_name}: "):
+    fn(*args, **kwargs)
+
+
+# Inputs lax accepts, convmm must accept too (and compute the same thing).
+LAX_ACCEPTS = {
+    "bool_strides": lax_case(CONV, window_strides=(True, True)),
+    "bool_batch_groups": lax_case(CONV, batch_group_count=True),
+    "numpy_int_padding": lax_case(CONV, padding=np.array([[1, 0], [2, 1]])),
+    "bool_padding_entries": lax_case(CONV, padding=((True, 0), (0, 1))),
+    "lower_case_padding": lax_case(CONV, padding="same"),
+    "numpy_float64_kernel": lax_case(CONV, (XL, np.linspace(-1, 1, 54).reshape(3, 2, 3, 3))),
+    "numpy_float64_operands": lax_case(
+        CONV, (np.linspace(-1, 1, 50).reshape(1, 2, 5, 5), np.ones((3, 2, 3, 3)))),
+    "patches_numpy_float64": lax_case(PATCHES_FNS, (np.linspace(-1, 1, 50).reshape(1, 2, 5, 5),)),
+    "transpose_bool_strides": lax_case(TRANSPOSE, strides=(True, True)),
+    "transpose_numpy_padding": lax_case(TRANSPOSE, padding=np.array([[1, 1], [2, 0]])),
+    "transpose_numpy_float64_kernel": lax_case(
+        TRANSPOSE, (XTL, np.linspace(-1, 1, 54).reshape(3, 3, 2, 3))),
+    "transpose_int8_to_int32": lax_case(
+        TRANSPOSE, (jnp.arange(50, dtype=jnp.int8).reshape(1, 5, 5, 2),
+                    jnp.arange(54, dtype=jnp.int8).reshape(3, 3, 2, 3) - 27),
+        preferred_element_type=jnp.int32),
+    "transpose_int8_to_float32": lax_case(
+        TRANSPOSE, (jnp.arange(50, dtype=jnp.int8).reshape(1, 5, 5, 2),
+                    jnp.arange(54, dtype=jnp.int8).reshape(3, 3, 2, 3) - 27),
+        preferred_element_type=jnp.float32),
+    "transpose_bool": lax_case(TRANSPOSE, (XTL.astype(bool), WTL.astype(bool))),
+    # Padding that leaves an output dimension empty: an empty result, as in lax.
+    "transpose_empty_output": lax_case(TRANSPOSE, strides=(1, 1), padding=((-2, -1), (0, 0))),
+    "transpose_empty_output_dilated": lax_case(
+        TRANSPOSE, (jnp.ones((1, 4, 5, 2)), WTL), strides=(1, 2), padding=((-1, -3), (1, 1)),
+        rhs_dilation=(2, 1)),
+    "transpose_empty_output_consistent": lax_case(
+        TRANSPOSE, padding=((6, 6), (1, 1)), use_consistent_padding=True),
+}
+
+
+@pytest.mark.parametrize("name", LAX_ACCEPTS)
+def test_accepts_what_lax_accepts(name):
+  lax_fn, fn, _, args, kwargs = LAX_ACCEPTS[name]
+  expected = lax_fn(*args, **kwargs)
+  actual = fn(*args, **kwargs)
+  assert actual.dtype == expected.dtype and actual.shape == expected.shape
+  np.testing.assert_allclose(np.asarray(actual, np.float64), np.asarray(expected, np.float64),
+                             rtol=1e-5, atol=1e-5)
+
+
+PREFERRED_DTYPES = [jnp.bool_, jnp.int8, jnp.uint8, jnp.int32, jnp.float16, jnp.bfloat16,
+                    jnp.float32, jnp.complex64]
+
+
+def _outcome(f):
+  try:
+    return jax.eval_shape(f).dtype
+  except (TypeError, ValueError) as e:
+    return type(e)
+
+
+@pytest.mark.parametrize("base", [CONV, PATCHES_FNS, TRANSPOSE], ids=lambda b: b[2])
+def test_preferred_element_type_accepted_exactly_where_lax_accepts_it(base):
+  # Every (input, preferred) pair: the same result dtype or the same error class
+  # (lax: same kind and signedness, integer to floating, or from bool, never narrower).
+  lax_fn, fn, _, args, kwargs = base
+  mismatches = []
+  for a in PREFERRED_DTYPES:
+    operands = [x.astype(a) for x in args]
+    for p in PREFERRED_DTYPES:
+      expected = _outcome(lambda: lax_fn(*operands, **kwargs, preferred_element_type=p))
+      actual = _outcome(lambda: fn(*operands, **kwargs, preferred_element_type=p))
+      if expected != actual:
+        mismatches.append((jnp.dtype(a).name, jnp.dtype(p).name, expected, actual))
+  assert not mismatches
+
+
+def test_preferred_element_type_error_names_the_argument():
+  with pytest.raises(TypeError, match=r"^conv_general_dilated: `preferred_element_type`="
+                     r"float32.*complex64"):
+    conv(X.astype(jnp.complex64), W.astype(jnp.complex64), (1, 1), "VALID",
+         preferred_element_type=jnp.float32)
+
+
+@pytest.mark.parametrize("count", [1.0, np.float32(1), np.int64(1), True])
+def test_integral_float_group_counts_accepted_beyond_lax(count):
+  # Deliberately more than lax (documented in conv_general_dilated): a count that
+  # is an integral float reads as the int; lax raises NotImplementedError unless
+  # its compile cache already holds the same call with ints.
+  x, w = jnp.arange(2 * 4 * 5 * 5.0).reshape(X.shape), jnp.ones((4, 2, 3, 3))
+  w1 = jnp.ones((2, 4, 3, 3))
+  expected = lax.conv_general_dilated(x, w1, (2, 1), "VALID")
+  actual = conv(x, w1, (2, 1), "VALID", feature_group_count=count, batch_group_count=count)
+  np.testing.assert_allclose(actual, expected, rtol=1e-6)
+  grouped = conv(x, w, (2, 1), "VALID", feature_group_count=2.0 * count)
+  np.testing.assert_allclose(
+      grouped, lax.conv_general_dilated(x, w, (2, 1), "VALID", feature_group_count=2),
+      rtol=1e-6)

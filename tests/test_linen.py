@@ -347,6 +347,9 @@ TRANSPOSE_CASES = {
     "mask_no_bias": (dict(features=5, kernel_size=(3, 3), strides=2, use_bias=False,
                           mask=np.triu(np.ones((3, 3, 4, 5), np.float32))), X2D),
     "dtype_bf16": (dict(features=5, kernel_size=(3, 3), strides=2, dtype=jnp.bfloat16), X2D),
+    # Padding that leaves one output dimension empty: Flax returns an empty array.
+    "dilated_pairs_empty_output": (dict(features=5, kernel_size=(2, 3), kernel_dilation=(2, 1),
+                                        padding=((-2, 0), (1, 1))), (2, 2, 5, 4)),
 }
 
 

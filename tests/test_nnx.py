@@ -190,6 +190,11 @@ TRANSPOSE_CASES = {
     "mask_no_bias": (dict(kernel_size=(3, 3), strides=2, use_bias=False,
                           mask=np.triu(np.ones((3, 3, 4, 5), np.float32))), X2D),
     "unbatched": (dict(kernel_size=(3, 3), strides=2), X2D[1:]),
+    # Padding that leaves one output dimension empty: Flax returns an empty array.
+    "dilated_pairs_empty_output": (dict(kernel_size=(2, 3), kernel_dilation=(2, 1),
+                                        padding=((-2, 0), (1, 1))), (2, 2, 5, 4)),
+    "dilated_pairs": (dict(kernel_size=(3, 2), strides=(2, 1), kernel_dilation=(2, 3),
+                           padding=((-1, 2), (0, -1))), X2D),
 }
 
 

@@ -30,14 +30,7 @@ class KnownFailure:
   applies: Callable[[dict[str, Any]], bool] = lambda params: True
 
 
-KNOWN_FAILURES: list[KnownFailure] = [
-  KnownFailure(
-    "testConvInvalidPadding",
-    "a malformed padding entry raises TypeError where lax raises ValueError "
-    "(issue 13, fixed by rules)",
-    TypeError,
-  ),
-]
+KNOWN_FAILURES: list[KnownFailure] = []
 
 
 def case_params(item) -> dict[str, Any]:
