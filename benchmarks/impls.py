@@ -11,7 +11,6 @@ import argparse
 import ast
 import dataclasses
 import functools
-import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +21,7 @@ from jax import lax
 from suite import Layer
 
 import convmm
+from convmm._canonical import conv_transpose_padding, dilate_dim
 
 # PyTorch's OpenMP threads otherwise busy-wait after each call: in the interleaved loop they
 # steal the cores from the next (JAX) call, and on a shared machine every barrier stalls
@@ -71,7 +71,7 @@ def lax_conv_adjoint(
   pads = []
   for i in range(nsp):
     size = lhs_shape[dn.lhs_spec[2 + i]]
-    k_eff = (rhs.shape[dn.rhs_spec[2 + i]] - 1) * rhs_dilation[i] + 1
+    k_eff = dilate_dim(rhs.shape[dn.rhs_spec[2 + i]], rhs_dilation[i])
     lo, hi = padding[i]
     # The forward conv drops `rest` trailing input rows; the adjoint must give them back.
     rest = (size + lo + hi - k_eff) % window_strides[i]
@@ -111,20 +111,6 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 # ------------------------------------------------------------------------ PyTorch
 
 
-# TODO(issue 14): import lax's transposed-conv padding rule from convmm's canonical module
-# (convmm._canonical.conv_transpose_padding, being written by the `rules` helper) instead of
-# this copy.
-def lax_transpose_pads(k: int, s: int, padding: Any) -> tuple[int, int]:
-  """The (low, high) pads lax.conv_transpose applies to the ``s``-dilated input."""
-  if padding == "SAME":
-    pad_len = k + s - 2
-    lo = k - 1 if s > k - 1 else math.ceil(pad_len / 2)
-    return lo, pad_len - lo
-  if padding == "VALID":
-    return k - 1, k + s - 2 + max(k - s, 0) - (k - 1)
-  return tuple(padding)
-
-
 def torch_ops(layer: Layer, x: np.ndarray, w: np.ndarray):
   """PyTorch tensors and a forward function computing the layer in PyTorch's layout.
 
@@ -158,7 +144,7 @@ def torch_ops(layer: Layer, x: np.ndarray, w: np.ndarray):
       axis=tuple(range(2, 2 + nsp)),
     )
     pads = [
-      lax_transpose_pads(k_, s, kw["padding"] if isinstance(kw["padding"], str) else p)
+      conv_transpose_padding(k_, s, kw["padding"]) if isinstance(kw["padding"], str) else p
       for k_, s, p in zip(k, kw["strides"], kw["padding"])
     ]
     forward = functools.partial(

@@ -90,7 +90,9 @@ def dilate_dim(size: int, dilation: int) -> int:
   return 0 if size == 0 else (size - 1) * dilation + 1
 
 
-def conv_transpose_padding(k_eff: int, stride: int, padding: Any) -> tuple[int, int]:
+def conv_transpose_padding(
+    k_eff: int, stride: int, padding: str | Sequence[int]
+) -> tuple[int, int]:
   """lax's transposed-convolution padding of one spatial dimension.
 
   The ``(low, high)`` padding of the stride-1 convolution over the input dilated
@@ -103,15 +105,17 @@ def conv_transpose_padding(k_eff: int, stride: int, padding: Any) -> tuple[int, 
     >>> conv_transpose_padding(3, 2, 'SAME'), conv_transpose_padding(3, 2, (1, 1))
     ((2, 1), (1, 1))
   """
-  if isinstance(padding, str) and padding == "SAME":
+  if isinstance(padding, str):
+    if padding not in ("SAME", "VALID"):  # as in lax
+      raise ValueError(f"conv_transpose: invalid padding mode {padding!r}")
     pad_len = k_eff + stride - 2
-    pad_lo = k_eff - 1 if stride > k_eff - 1 else math.ceil(pad_len / 2)
-  elif isinstance(padding, str) and padding == "VALID":
-    pad_len = k_eff + stride - 2 + max(k_eff - stride, 0)
-    pad_lo = k_eff - 1
+    if padding == "VALID":
+      pad_len, pad_lo = pad_len + max(k_eff - stride, 0), k_eff - 1
+    else:
+      pad_lo = k_eff - 1 if stride > k_eff - 1 else math.ceil(pad_len / 2)
   else:
-    pads = tuple(k_eff - p - 1 for p in padding)
-    pad_lo, pad_len = pads[0], sum(pads)
+    lo, hi = padding
+    pad_lo, pad_len = k_eff - lo - 1, 2 * k_eff - lo - hi - 2
   return pad_lo, pad_len - pad_lo
 
 
@@ -133,21 +137,23 @@ def as_int(value: Any, *, integral_float: bool = False) -> int | None:
   return None
 
 
-def positive_count(fn: str, name: str, value: Any) -> int:
-  """The one positive-count check (group counts, budgets, iteration counts).
+def positive_count(fn: str, name: str, value: Any, *, bool_ok: bool = False) -> int:
+  """The one positive-count check (group counts, iteration counts, sizes).
 
-  A count is any int-like number, integral floats included: more than lax,
-  which accepts ``feature_group_count=1.0`` only when its compile cache already
-  holds the same call with ``1`` (otherwise NotImplementedError). Not a number:
-  ``TypeError``; a number that is not a positive integer (``0``, ``-1``,
-  ``1.5``): ``ValueError``, the class lax raises for a non-integral or
-  non-positive ``feature_group_count``.
+  A count is an int, a NumPy integer or an integral float (more than lax, which
+  takes ``feature_group_count=1.0`` only when its compile cache already holds
+  the same call with ``1``); a bool only with ``bool_ok`` (lax reads
+  ``feature_group_count=True`` as 1). Not a number: ``TypeError``; a number that
+  is not a positive integer (``0``, ``-1``, ``1.5``, a bool): ``ValueError``,
+  the class lax raises for a non-integral or non-positive group count.
   """
   count = as_int(value, integral_float=True)
   if count is None and not isinstance(value, numbers.Real | np.number):
     raise TypeError(f"{fn}: `{name}` must be a positive int, got {value!r}")
-  if count is None or count < 1:
-    raise ValueError(f"{fn}: `{name}` must be a positive integer, got {name}={value!r}")
+  if count is None or isinstance(value, bool | np.bool_) and not bool_ok:
+    raise ValueError(f"{fn}: `{name}` must be a positive int, got {name}={value!r}")
+  if count < 1:
+    raise ValueError(f"{fn}: `{name}` must be >= 1, got {name}={value!r}")
   return count
 
 
@@ -174,7 +180,7 @@ def canonical_ints(
   ints = tuple(as_int(v) for v in values)
   if any(v is None for v in ints):
     raise TypeError(f"{fn}: `{name}` must contain ints, got {name}={values!r}")
-  values = ints
+  values = tuple(v for v in ints if v is not None)
   if any(v < minimum for v in values):
     raise too_small(
         f"{fn}: `{name}` entries must be >= {minimum}, got {name}={values!r}")
@@ -185,9 +191,10 @@ def canonical_shape(fn: str, name: str, value: Any) -> tuple[int, ...]:
   """Validates an array shape given as a sequence of non-negative ints."""
   if isinstance(value, (str, bytes)) or not isinstance(value, Sequence | np.ndarray):
     raise TypeError(f"{fn}: `{name}` must be a sequence of ints, got {value!r}")
-  shape = tuple(as_int(v) for v in value)
-  if any(v is None for v in shape) or any(isinstance(v, bool | np.bool_) for v in value):
+  ints = tuple(as_int(v) for v in value)
+  if any(v is None for v in ints) or any(isinstance(v, bool | np.bool_) for v in value):
     raise TypeError(f"{fn}: `{name}` must contain ints, got {name}={tuple(value)!r}")
+  shape = tuple(v for v in ints if v is not None)
   if any(v < 0 for v in shape):
     raise ValueError(f"{fn}: `{name}` entries must be >= 0, got {name}={shape!r}")
   return shape
@@ -201,8 +208,11 @@ def canonical_dimension_numbers(
   Accepts ``None`` (``NC...``, ``OI...``, ``NC...``), a ``ConvDimensionNumbers``
   or a 3-tuple of spec strings such as ``('NHWC', 'HWIO', 'NHWC')``.
   """
-  if lhs_ndim != rhs_ndim:  # TypeError, as in lax
-    raise TypeError(
+  if lhs_ndim != rhs_ndim:
+    # lax's classes: ValueError from its shape rule when given ConvDimensionNumbers,
+    # TypeError from conv_dimension_numbers otherwise.
+    exc = ValueError if isinstance(dimension_numbers, ConvDimensionNumbers) else TypeError
+    raise exc(
         f"{fn}: `lhs` and `rhs` must have the same rank, got lhs.ndim={lhs_ndim} "
         f"and rhs.ndim={rhs_ndim}")
   if lhs_ndim < 2:

@@ -25,7 +25,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import sparse as jsparse
 
-from convmm._canonical import canonical_shape
+from convmm._canonical import canonical_shape, positive_count
 from convmm._conv import kernel_taps_last
 from convmm._im2col import patches_channels_last, to_channels_last
 from convmm._shapes import ConvSpec, conv_spec, shape_of
@@ -153,8 +153,7 @@ def conv_matrix(
   lhs_shape = canonical_shape(fn, "lhs_shape", lhs_shape)
   spec = conv_spec(fn, lhs_shape, rhs_shape, window_strides, padding, lhs_dilation,
                    rhs_dilation, dimension_numbers, feature_group_count, 1)
-  if isinstance(max_elements, bool) or not isinstance(max_elements, int | np.integer):
-    raise TypeError(f"{fn}: `max_elements` must be an int, got {max_elements!r}")
+  max_elements = positive_count(fn, "max_elements", max_elements)
   shape = (math.prod(spec.out_shape), math.prod(lhs_shape))
   if not sparse and shape[0] * shape[1] > max_elements:
     raise ValueError(

@@ -80,8 +80,8 @@ def conv_spec(
   geometry = conv_geometry(
       fn, lhs_shape, len(rhs_shape), None, window_strides, padding, lhs_dilation,
       rhs_dilation, dimension_numbers, rhs_shape=rhs_shape)
-  groups = positive_count(fn, "feature_group_count", feature_group_count)
-  batch_groups = positive_count(fn, "batch_group_count", batch_group_count)
+  groups = positive_count(fn, "feature_group_count", feature_group_count, bool_ok=True)
+  batch_groups = positive_count(fn, "batch_group_count", batch_group_count, bool_ok=True)
   _, rhs_spec, _ = geometry.dimension_numbers
   out_features = rhs_shape[rhs_spec[0]]
   kernel_in = rhs_shape[rhs_spec[1]]

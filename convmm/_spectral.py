@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +22,7 @@ import numpy as np
 from jax import lax
 
 from convmm._adjoint import conv_adjoint
-from convmm._canonical import canonical_ints, canonical_shape
+from convmm._canonical import canonical_ints, canonical_shape, positive_count
 from convmm._conv import conv_general_dilated
 from convmm._shapes import conv_spec, shape_of
 
@@ -146,8 +145,7 @@ def operator_norm(
   lhs_shape = canonical_shape(fn, "lhs_shape", lhs_shape)
   spec = conv_spec(fn, lhs_shape, rhs_shape, window_strides, padding, lhs_dilation,
                    rhs_dilation, dimension_numbers, feature_group_count, 1)
-  if isinstance(num_iters, bool) or not isinstance(num_iters, int | np.integer) or num_iters < 1:
-    raise ValueError(f"{fn}: `num_iters` must be a positive int, got num_iters={num_iters!r}")
+  num_iters = positive_count(fn, "num_iters", num_iters)
   dtype = _compute_dtype(rhs_dtype)
   # One example: the batch only repeats the same block on the diagonal.
   geometry = spec.geometry
@@ -162,7 +160,7 @@ def operator_norm(
                ("dimension_numbers", geometry.dimension_numbers),
                ("feature_group_count", spec.feature_group_count))
   key = jax.random.key(0) if key is None else key
-  steps = min(operator.index(num_iters), math.prod(single))
+  steps = min(num_iters, math.prod(single))
   return _operator_norm(jnp.asarray(rhs, dtype), key, single, conv_args, steps)
 
 

@@ -9,8 +9,9 @@ and values for the same key), so a model swaps ``nn.Conv`` for
 the ``Conv`` with the same hyperparameters (PyTorch's ``ConvTranspose``).
 
 The layers hold parameters only; padding, shapes and checks live in
-``convmm._layers`` (shared with :mod:`convmm.nnx`) and the arithmetic in the
-convmm core (im2col + GEMM). Importing this module requires flax.
+``convmm._layer_geometry`` (shared with :mod:`convmm.nnx`), the computation in
+``convmm._layer_ops`` and the convmm core (im2col + GEMM). Importing this
+module requires flax.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -32,7 +33,8 @@ from flax import linen as nn
 from flax.linen.dtypes import promote_dtype as default_promote_dtype
 from flax.typing import Array, Dtype, Initializer, PaddingLike, PrecisionLike
 
-from convmm import _layers
+from convmm import _layer_geometry as geometry_rules
+from convmm import _layer_ops
 
 default_kernel_init = nn.initializers.lecun_normal()
 default_bias_init = nn.initializers.zeros_init()
@@ -42,7 +44,7 @@ def _parameters(
     module: Any, kernel_shape: Sequence[int], bias_shape: Sequence[int], inputs: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
   """Creates 'kernel' and 'bias' as Flax does, masks the kernel, promotes dtypes."""
-  _layers.check_mask(type(module).__name__, module.mask, kernel_shape)
+  geometry_rules.check_mask(type(module).__name__, module.mask, kernel_shape)
   kernel = module.param("kernel", module.kernel_init, kernel_shape, module.param_dtype)
   if module.mask is not None:
     kernel *= module.mask
@@ -52,16 +54,13 @@ def _parameters(
   return inputs, kernel, bias
 
 
-class _ConvFields(nn.Module):
-  """The fields of ``flax.linen.Conv``/``ConvLocal``, in Flax's order."""
+class _ParamFields(nn.Module):
+  """The parameter fields every Flax conv layer has, in Flax's order.
 
-  features: int
-  kernel_size: int | Sequence[int]
-  strides: None | int | Sequence[int] = 1
-  padding: PaddingLike = "SAME"
-  input_dilation: None | int | Sequence[int] = 1
-  kernel_dilation: None | int | Sequence[int] = 1
-  feature_group_count: int = 1
+  A layer lists it first among its bases, so that its fields follow the layer's
+  leading ones (dataclass fields are gathered from the last base to the first).
+  """
+
   use_bias: bool = True
   mask: Array | None = None
   dtype: Dtype | None = None
@@ -69,6 +68,21 @@ class _ConvFields(nn.Module):
   precision: PrecisionLike = None
   kernel_init: Initializer = default_kernel_init
   bias_init: Initializer = default_bias_init
+
+
+class _ConvHead(nn.Module):
+  features: int
+  kernel_size: int | Sequence[int]
+  strides: None | int | Sequence[int] = 1
+  padding: PaddingLike = "SAME"
+  input_dilation: None | int | Sequence[int] = 1
+  kernel_dilation: None | int | Sequence[int] = 1
+  feature_group_count: int = 1
+
+
+class _ConvFields(_ParamFields, _ConvHead):
+  """The fields of ``flax.linen.Conv``/``ConvLocal``, in Flax's order."""
+
   promote_dtype: Any = default_promote_dtype
   # Deprecated in Flax; kept so that every Flax field is accepted.
   conv_general_dilated: Any = None
@@ -76,8 +90,8 @@ class _ConvFields(nn.Module):
   # Beyond flax.linen.Conv (which has no such field; flax.nnx.Conv has).
   preferred_element_type: Dtype | None = None
 
-  def _geometry(self) -> _layers.LayerGeometry:
-    return _layers.conv_geometry(
+  def _geometry(self) -> geometry_rules.LayerGeometry:
+    return geometry_rules.conv_layer_geometry(
         type(self).__name__, self.kernel_size, self.strides, self.padding,
         self.input_dilation, self.kernel_dilation, self.feature_group_count)
 
@@ -95,6 +109,7 @@ class Conv(_ConvFields):
     kernel_size: kernel spatial shape; an int means a 1-D kernel.
     strides: an int or ``n`` ints (default 1).
     padding: 'SAME', 'SAME_LOWER', 'VALID', 'CIRCULAR' (periodic), 'REFLECT',
+      'REPLICATE' (edge values, PyTorch's ``padding_mode='replicate'``),
       'CAUSAL' (1-D: left padding, same-size output), an int, or ``n`` ints or
       ``(low, high)`` pairs.
     input_dilation: an int or ``n`` ints (default 1).
@@ -125,24 +140,15 @@ class Conv(_ConvFields):
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
-    """Applies the convolution.
-
-    Args:
-      inputs: ``(*batch, *spatial, C)``; zero or several batch dimensions.
-
-    Returns:
-      ``(*batch, *out_spatial, features)``.
-
-    Raises:
-      ValueError, TypeError: on invalid fields or inputs, naming the field.
-    """
+    """``(*batch, *spatial, C)`` -> ``(*batch, *out_spatial, features)``."""
     geometry = self._geometry()
-    kernel_shape = geometry.kernel_shape(_layers.in_features_of(geometry, inputs), self.features)
+    kernel_shape = geometry.kernel_shape(
+        geometry_rules.in_features_of(geometry, inputs), self.features)
     inputs, kernel, bias = _parameters(self, kernel_shape, (self.features,), inputs)
     conv_fn = self.conv_general_dilated
     if self.conv_general_dilated_cls is not None:
       conv_fn = self.conv_general_dilated_cls()
-    return _layers.conv(
+    return _layer_ops.conv_layer(
         geometry, inputs, kernel, bias, precision=self.precision,
         preferred_element_type=self.preferred_element_type, conv_general_dilated=conv_fn)
 
@@ -177,28 +183,33 @@ class ConvLocal(_ConvFields):
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
-    """Applies the locally connected layer.
-
-    Args:
-      inputs: ``(*batch, *spatial, C)``; zero or several batch dimensions.
-
-    Returns:
-      ``(*batch, *out_spatial, features)``.
-
-    Raises:
-      ValueError, TypeError: on invalid fields or inputs, naming the field.
-    """
+    """``(*batch, *spatial, C)`` -> ``(*batch, *out_spatial, features)``, unshared weights."""
     geometry = self._geometry()
-    in_features = _layers.in_features_of(geometry, inputs)
-    kernel_shape, bias_shape = _layers.local_shapes(
+    in_features = geometry_rules.in_features_of(geometry, inputs)
+    kernel_shape, bias_shape = geometry_rules.local_shapes(
         geometry, jnp.shape(inputs)[-geometry.rank - 1:-1], in_features, self.features)
     inputs, kernel, bias = _parameters(self, kernel_shape, bias_shape, inputs)
-    return _layers.conv_local(
+    return _layer_ops.conv_local_layer(
         geometry, inputs, kernel, bias, precision=self.precision,
         preferred_element_type=self.preferred_element_type)
 
 
-class ConvTranspose(nn.Module):
+class _TransposeHead(nn.Module):
+  """The leading fields of ``flax.linen.ConvTranspose`` and :class:`ConvAdjoint`."""
+
+  features: int
+  kernel_size: int | Sequence[int]
+  strides: None | int | Sequence[int] = 1
+  padding: PaddingLike = "SAME"
+  kernel_dilation: None | int | Sequence[int] = 1
+
+
+class _AdjointHead(_TransposeHead):
+  feature_group_count: int = 1
+  output_padding: int | Sequence[int] = 0
+
+
+class ConvTranspose(_ParamFields, _TransposeHead):
   """Transposed convolution; a drop-in for ``flax.linen.ConvTranspose``.
 
   Same fields, defaults, parameters and results as ``flax.linen.ConvTranspose``
@@ -215,13 +226,8 @@ class ConvTranspose(nn.Module):
       int, or ``n`` ints or ``(low, high)`` pairs (the padding of the dilated
       input, as in ``lax.conv_transpose``).
     kernel_dilation: ``None`` (1), an int or ``n`` ints.
-    use_bias: whether to add a bias (default True).
-    mask: optional array of the kernel's shape multiplied into the kernel.
-    dtype: computation dtype (default: promoted from inputs and params).
-    param_dtype: parameter dtype (default float32).
-    precision: ``jax.lax.Precision`` of the GEMM.
-    kernel_init: kernel initialiser (default lecun_normal).
-    bias_init: bias initialiser (default zeros).
+    use_bias, mask, dtype, param_dtype, precision, kernel_init, bias_init: as
+      for :class:`Conv`.
     transpose_kernel: flip the kernel spatially and swap its feature axes; the
       kernel is then ``(*kernel_size, features, C)``.
     promote_dtype: ``f(inputs, kernel, bias, dtype=...)`` casting the operands.
@@ -237,54 +243,34 @@ class ConvTranspose(nn.Module):
     ((1, 30, 30, 4), (6, 6, 4, 3))
   """
 
-  features: int
-  kernel_size: int | Sequence[int]
-  strides: Sequence[int] | None = None
-  padding: PaddingLike = "SAME"
-  kernel_dilation: Sequence[int] | None = None
-  use_bias: bool = True
-  mask: Array | None = None
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  precision: PrecisionLike = None
-  kernel_init: Initializer = default_kernel_init
-  bias_init: Initializer = default_bias_init
+  strides: None | int | Sequence[int] = None
+  kernel_dilation: None | int | Sequence[int] = None
   transpose_kernel: bool = False
   promote_dtype: Any = default_promote_dtype
   preferred_element_type: Dtype | None = None
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
-    """Applies the transposed convolution.
-
-    Args:
-      inputs: ``(*batch, *spatial, C)``; zero or several batch dimensions.
-
-    Returns:
-      ``(*batch, *out_spatial, features)``.
-
-    Raises:
-      ValueError, TypeError: on invalid fields or inputs, naming the field.
-    """
-    geometry = _layers.transpose_geometry(
+    """``(*batch, *spatial, C)`` -> ``(*batch, *out_spatial, features)``, transposed."""
+    geometry = geometry_rules.transpose_layer_geometry(
         "ConvTranspose", self.kernel_size, self.strides, self.padding, self.kernel_dilation)
-    in_features = _layers.in_features_of(geometry, inputs)
+    in_features = geometry_rules.in_features_of(geometry, inputs)
     features = (self.features, in_features) if self.transpose_kernel else (
         in_features, self.features)
     kernel_shape = geometry.kernel_shape(*features)
     inputs, kernel, bias = _parameters(self, kernel_shape, (self.features,), inputs)
-    return _layers.conv_transpose(
+    return _layer_ops.conv_transpose_layer(
         geometry, inputs, kernel, bias, transpose_kernel=self.transpose_kernel,
         precision=self.precision, preferred_element_type=self.preferred_element_type)
 
 
-class ConvAdjoint(nn.Module):
+class ConvAdjoint(_ParamFields, _AdjointHead):
   """The transposed convolution as the exact adjoint of a Conv (PyTorch's ConvTranspose).
 
   For inputs ``y`` shaped like the output of ``Conv(features=C, ...)`` with the
   same ``kernel_size``, ``strides``, ``padding``, ``kernel_dilation`` and
   ``feature_group_count``, returns ``A^T y`` where ``A`` is that Conv's linear
-  map, computed by ``convmm.conv_adjoint`` (and, for CIRCULAR/REFLECT/CAUSAL,
+  map, computed by ``convmm.conv_adjoint`` (and, for the ``jnp.pad`` modes,
   the transpose of the same ``jnp.pad``). The kernel is exactly that Conv's
   kernel, ``(*kernel_size, features // feature_group_count, C)``, so weights
   can be tied. With ``padding=p`` (an int) and ``output_padding`` it equals
@@ -293,7 +279,7 @@ class ConvAdjoint(nn.Module):
   ``torch_weight.permute(2, 3, 1, 0)``.
 
   Output spatial size, with ``k_eff = (k - 1) * kernel_dilation + 1``:
-  SAME, SAME_LOWER, CIRCULAR, REFLECT, CAUSAL: ``n * stride``; VALID:
+  SAME, SAME_LOWER, CIRCULAR, REFLECT, REPLICATE, CAUSAL: ``n * stride``; VALID:
   ``(n - 1) * stride + k_eff + output_padding``; ``(lo, hi)``:
   ``(n - 1) * stride + k_eff - lo - hi + output_padding``.
 
@@ -306,13 +292,8 @@ class ConvAdjoint(nn.Module):
     feature_group_count: number of feature groups (default 1).
     output_padding: an int or ``n`` ints (default 0), each ``< strides``,
       added on the high side (VALID or explicit padding only).
-    use_bias: whether to add a bias (default True).
-    mask: optional array of the kernel's shape multiplied into the kernel.
-    dtype: computation dtype (default: promoted from inputs and params).
-    param_dtype: parameter dtype (default float32).
-    precision: ``jax.lax.Precision`` of the GEMM.
-    kernel_init: kernel initialiser (default lecun_normal).
-    bias_init: bias initialiser (default zeros).
+    use_bias, mask, dtype, param_dtype, precision, kernel_init, bias_init: as
+      for :class:`Conv`.
     preferred_element_type: dtype in which the adjoint is computed and returned.
     promote_dtype: ``f(inputs, kernel, bias, dtype=...)`` casting the operands.
 
@@ -340,42 +321,18 @@ class ConvAdjoint(nn.Module):
     ((2, 8, 8, 8), (2, 16, 16, 3))
   """
 
-  features: int
-  kernel_size: int | Sequence[int]
-  strides: None | int | Sequence[int] = 1
-  padding: PaddingLike = "SAME"
-  kernel_dilation: None | int | Sequence[int] = 1
-  feature_group_count: int = 1
-  output_padding: int | Sequence[int] = 0
-  use_bias: bool = True
-  mask: Array | None = None
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  precision: PrecisionLike = None
-  kernel_init: Initializer = default_kernel_init
-  bias_init: Initializer = default_bias_init
   preferred_element_type: Dtype | None = None
   promote_dtype: Any = default_promote_dtype
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
-    """Applies the adjoint of the forward Conv.
-
-    Args:
-      inputs: ``(*batch, *spatial, C)``, shaped like the forward Conv's output.
-
-    Returns:
-      ``(*batch, *out_spatial, features)``, shaped like the forward Conv's input.
-
-    Raises:
-      ValueError, TypeError: on invalid fields or inputs, naming the field.
-    """
-    geometry = _layers.adjoint_geometry(
+    """The forward Conv's output ``(*batch, *spatial, C)`` -> its input's shape."""
+    geometry = geometry_rules.adjoint_layer_geometry(
         "ConvAdjoint", self.kernel_size, self.strides, self.padding, self.kernel_dilation,
         self.feature_group_count, self.output_padding)
     kernel_shape = geometry.adjoint_kernel_shape(
-        _layers.in_features_of(geometry, inputs), self.features)
+        geometry_rules.in_features_of(geometry, inputs), self.features)
     inputs, kernel, bias = _parameters(self, kernel_shape, (self.features,), inputs)
-    return _layers.conv_adjoint(
+    return _layer_ops.conv_adjoint_layer(
         geometry, inputs, kernel, bias, precision=self.precision,
         preferred_element_type=self.preferred_element_type)

@@ -6,9 +6,8 @@ draw the same parameters from the same ``nnx.Rngs`` ('kernel' then 'bias',
 each an ``nnx.Param``). ``ConvLocal`` (Flax has none for NNX) and
 ``ConvAdjoint`` mirror :mod:`convmm.linen` in NNX style.
 
-The layers hold parameters only; padding, shapes and checks live in
-``convmm._layers`` (shared with :mod:`convmm.linen`) and the arithmetic in the
-convmm core (im2col + GEMM). Importing this module requires flax.
+Like Equinox's, each layer validates its arguments once in ``__init__`` and
+keeps the canonical geometry; ``__call__`` only computes. Requires flax.
 
 Example:
   >>> import jax.numpy as jnp
@@ -32,7 +31,8 @@ from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype as default_promote_dtype
 from flax.typing import Dtype, Initializer, PaddingLike, PrecisionLike
 
-from convmm import _layers
+from convmm import _layer_geometry as geometry_rules
+from convmm import _layer_ops
 from convmm import conv_general_dilated as default_conv_general_dilated
 
 Array = jax.Array
@@ -40,23 +40,58 @@ default_kernel_init = nnx.initializers.lecun_normal()
 default_bias_init = nnx.initializers.zeros_init()
 
 
-def _init_parameters(
-    module: Any, kernel_shape: Sequence[int], bias_shape: Sequence[int], *,
-    use_bias: bool, kernel_init: Initializer, bias_init: Initializer, param_dtype: Dtype,
-    rngs: nnx.Rngs, kernel_metadata: Mapping[str, Any], bias_metadata: Mapping[str, Any],
+class _Layer(nnx.Module):
+  """Its constructor arguments (as flax.nnx keeps them), geometry and parameters."""
+
+  in_features: int
+  out_features: int
+  kernel_size: tuple[int, ...]
+  strides: Any
+  padding: Any
+  input_dilation: Any
+  kernel_dilation: Any
+  feature_group_count: int
+  use_bias: bool
+  mask: Array | None
+  dtype: Dtype | None
+  param_dtype: Dtype
+  precision: PrecisionLike
+  promote_dtype: Callable[..., Any]
+  preferred_element_type: Dtype | None
+  conv_general_dilated: Callable[..., Array]
+  input_spatial_shape: tuple[int, ...]
+  output_padding: Any
+  transpose_kernel: bool
+  geometry: geometry_rules.LayerGeometry
+  kernel_shape: tuple[int, ...]
+  kernel: nnx.Param
+  bias: nnx.Param | None
+
+
+def _build(
+    module: _Layer, geometry: geometry_rules.LayerGeometry, kernel_shape: Sequence[int],
+    bias_shape: Sequence[int], arguments: Mapping[str, Any],
 ) -> None:
-  """Creates ``kernel`` then ``bias`` from ``rngs.params()``, as flax.nnx does."""
+  """Keeps the geometry and arguments; draws ``kernel`` then ``bias`` as flax.nnx does."""
+  geometry_rules.check_mask(geometry.layer, arguments["mask"], kernel_shape)
+  module.geometry = geometry
+  for name in _Layer.__annotations__:
+    if name in arguments:
+      setattr(module, name, arguments[name])
+  module.kernel_size = geometry.kernel_size
   module.kernel_shape = tuple(kernel_shape)
+  rngs, param_dtype = arguments["rngs"], arguments["param_dtype"]
   module.kernel = nnx.Param(
-      kernel_init(rngs.params(), tuple(kernel_shape), param_dtype), **kernel_metadata)
-  module.bias = nnx.Param(
-      bias_init(rngs.params(), tuple(bias_shape), param_dtype), **bias_metadata
-  ) if use_bias else nnx.data(None)
+      arguments["kernel_init"](rngs.params(), tuple(kernel_shape), param_dtype),
+      **arguments["kernel_metadata"])
+  bias_init, bias_metadata = arguments["bias_init"], arguments["bias_metadata"]
+  module.bias = nnx.Param(bias_init(rngs.params(), tuple(bias_shape), param_dtype),
+                          **bias_metadata) if arguments["use_bias"] else nnx.data(None)
 
 
-def _operands(module: Any, inputs: Array) -> tuple[Array, Array, Array | None]:
+def _operands(module: _Layer, inputs: Array) -> tuple[Array, Array, Array | None]:
   """Masks the kernel and promotes ``(inputs, kernel, bias)``, as flax.nnx does."""
-  _layers.check_mask(type(module).__name__, module.mask, module.kernel_shape)
+  geometry_rules.check_mask(type(module).__name__, module.mask, module.kernel_shape)
   kernel = module.kernel[...]
   if module.mask is not None:
     kernel *= module.mask
@@ -64,7 +99,7 @@ def _operands(module: Any, inputs: Array) -> tuple[Array, Array, Array | None]:
   return module.promote_dtype((inputs, kernel, bias), dtype=module.dtype)
 
 
-class Conv(nnx.Module):
+class Conv(_Layer):
   """Convolution computed as im2col + GEMM; a drop-in for ``flax.nnx.Conv``.
 
   Same constructor arguments, defaults, parameters and results as
@@ -75,23 +110,12 @@ class Conv(nnx.Module):
     in_features: number of input features.
     out_features: number of output features (filters).
     kernel_size: kernel spatial shape; an int means a 1-D kernel.
-    strides: an int or ``n`` ints (default 1).
-    padding: 'SAME', 'SAME_LOWER', 'VALID', 'CIRCULAR' (periodic), 'REFLECT',
-      'CAUSAL' (1-D: left padding, same-size output), an int, or ``n`` ints or
-      ``(low, high)`` pairs.
-    input_dilation: an int or ``n`` ints (default 1).
-    kernel_dilation: an int or ``n`` ints (default 1; atrous convolution).
-    feature_group_count: number of feature groups (default 1).
-    use_bias: whether to add a bias (default True).
-    mask: optional array of the kernel's shape multiplied into the kernel.
-    dtype: computation dtype (default: promoted from inputs and params).
-    param_dtype: parameter dtype (default float32).
-    precision: ``jax.lax.Precision`` of the GEMM.
-    kernel_init: kernel initialiser (default lecun_normal).
-    bias_init: bias initialiser (default zeros).
-    conv_general_dilated: the convolution (default ``convmm.conv_general_dilated``).
+    strides, padding, input_dilation, kernel_dilation, feature_group_count,
+      use_bias, mask, dtype, param_dtype, precision, kernel_init, bias_init,
+      conv_general_dilated, preferred_element_type: as the fields of
+      :class:`convmm.linen.Conv` (padding: 'SAME', 'SAME_LOWER', 'VALID',
+      'CIRCULAR', 'REFLECT', 'REPLICATE', 'CAUSAL', ints or pairs).
     promote_dtype: ``f((inputs, kernel, bias), dtype=...)`` casting the operands.
-    preferred_element_type: accumulation/output dtype of the GEMM.
     rngs: the ``nnx.Rngs`` drawing the parameters.
     kernel_metadata: metadata of the kernel ``nnx.Param``.
     bias_metadata: metadata of the bias ``nnx.Param``.
@@ -135,56 +159,25 @@ class Conv(nnx.Module):
       kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
-    geometry = _layers.conv_geometry(
+    geometry = geometry_rules.conv_layer_geometry(
         "Conv", kernel_size, strides, padding, input_dilation, kernel_dilation,
         feature_group_count)
     kernel_shape = geometry.kernel_shape(in_features, out_features)
-    _layers.check_mask("Conv", mask, kernel_shape)
-    self.kernel_size = geometry.kernel_size
-    _init_parameters(self, kernel_shape, (out_features,), use_bias=use_bias,
-                     kernel_init=kernel_init, bias_init=bias_init, param_dtype=param_dtype,
-                     rngs=rngs, kernel_metadata=kernel_metadata, bias_metadata=bias_metadata)
-    self.in_features = in_features
-    self.out_features = out_features
-    self.strides = strides
-    self.padding = padding
-    self.input_dilation = input_dilation
-    self.kernel_dilation = kernel_dilation
-    self.feature_group_count = feature_group_count
-    self.use_bias = use_bias
-    self.mask = mask
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.precision = precision
-    self.conv_general_dilated = conv_general_dilated
-    self.promote_dtype = promote_dtype
-    self.preferred_element_type = preferred_element_type
+    _build(self, geometry, kernel_shape, (out_features,), locals())
 
   def __call__(self, inputs: Array, out_sharding: Any = None) -> Array:
-    """Applies the convolution.
+    """``(*batch, *spatial, in_features)`` -> ``(*batch, *out_spatial, out_features)``.
 
-    Args:
-      inputs: ``(*batch, *spatial, in_features)``; zero or several batch dims.
-      out_sharding: optional sharding of the convolution's output (passed to
-        ``conv_general_dilated``).
-
-    Returns:
-      ``(*batch, *out_spatial, out_features)``.
-
-    Raises:
-      ValueError, TypeError: on invalid arguments or inputs, naming them.
+    ``out_sharding``, if given, is passed to ``conv_general_dilated``.
     """
-    geometry = _layers.conv_geometry(
-        "Conv", self.kernel_size, self.strides, self.padding, self.input_dilation,
-        self.kernel_dilation, self.feature_group_count)
     inputs, kernel, bias = _operands(self, inputs)
-    return _layers.conv(
-        geometry, inputs, kernel, bias, in_features=self.in_features,
+    return _layer_ops.conv_layer(
+        self.geometry, inputs, kernel, bias, in_features=self.in_features,
         precision=self.precision, preferred_element_type=self.preferred_element_type,
         conv_general_dilated=self.conv_general_dilated, out_sharding=out_sharding)
 
 
-class ConvLocal(nnx.Module):
+class ConvLocal(_Layer):
   """Locally connected layer (unshared weights), NNX style.
 
   The NNX counterpart of ``flax.linen.ConvLocal`` (and of
@@ -195,19 +188,13 @@ class ConvLocal(nnx.Module):
   input's spatial shape is a constructor argument.
 
   Args:
-    in_features: number of input features.
-    out_features: number of output features.
-    kernel_size: kernel spatial shape; an int means a 1-D kernel.
-    strides: an int or ``n`` ints (default 1).
+    in_features, out_features, kernel_size, strides: as for :class:`Conv`.
     input_spatial_shape: spatial shape ``(*spatial,)`` of the inputs.
     padding, input_dilation, kernel_dilation, use_bias, mask, dtype,
       param_dtype, precision, kernel_init, bias_init, promote_dtype,
       preferred_element_type, rngs, kernel_metadata, bias_metadata: as for
       :class:`Conv`.
     feature_group_count: must be 1 (as in ``lax.conv_general_dilated_local``).
-
-  Raises:
-    ValueError, TypeError: on invalid arguments, naming the argument.
 
   Example:
     >>> import jax.numpy as jnp
@@ -246,55 +233,24 @@ class ConvLocal(nnx.Module):
       kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
-    geometry = _layers.conv_geometry(
+    geometry = geometry_rules.conv_layer_geometry(
         "ConvLocal", kernel_size, strides, padding, input_dilation, kernel_dilation,
         feature_group_count)
-    kernel_shape, bias_shape = _layers.local_shapes(
+    kernel_shape, bias_shape = geometry_rules.local_shapes(
         geometry, input_spatial_shape, in_features, out_features)
-    _layers.check_mask("ConvLocal", mask, kernel_shape)
-    _init_parameters(self, kernel_shape, bias_shape, use_bias=use_bias,
-                     kernel_init=kernel_init, bias_init=bias_init, param_dtype=param_dtype,
-                     rngs=rngs, kernel_metadata=kernel_metadata, bias_metadata=bias_metadata)
-    self.in_features = in_features
-    self.out_features = out_features
-    self.kernel_size = geometry.kernel_size
-    self.strides = strides
-    self.input_spatial_shape = tuple(input_spatial_shape)
-    self.padding = padding
-    self.input_dilation = input_dilation
-    self.kernel_dilation = kernel_dilation
-    self.feature_group_count = feature_group_count
-    self.use_bias = use_bias
-    self.mask = mask
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.precision = precision
-    self.promote_dtype = promote_dtype
-    self.preferred_element_type = preferred_element_type
+    input_spatial_shape = tuple(input_spatial_shape)
+    _build(self, geometry, kernel_shape, bias_shape, locals())
 
   def __call__(self, inputs: Array) -> Array:
-    """Applies the locally connected layer.
-
-    Args:
-      inputs: ``(*batch, *input_spatial_shape, in_features)``.
-
-    Returns:
-      ``(*batch, *out_spatial, out_features)``.
-
-    Raises:
-      ValueError, TypeError: on invalid arguments or inputs, naming them.
-    """
-    geometry = _layers.conv_geometry(
-        "ConvLocal", self.kernel_size, self.strides, self.padding, self.input_dilation,
-        self.kernel_dilation, self.feature_group_count)
+    """``(*batch, *input_spatial_shape, in_features)`` -> ``(*batch, *out, out_features)``."""
     inputs, kernel, bias = _operands(self, inputs)
-    return _layers.conv_local(
-        geometry, inputs, kernel, bias, in_features=self.in_features,
+    return _layer_ops.conv_local_layer(
+        self.geometry, inputs, kernel, bias, in_features=self.in_features,
         input_spatial_shape=self.input_spatial_shape,
         precision=self.precision, preferred_element_type=self.preferred_element_type)
 
 
-class ConvTranspose(nnx.Module):
+class ConvTranspose(_Layer):
   """Transposed convolution; a drop-in for ``flax.nnx.ConvTranspose``.
 
   Same constructor arguments, defaults, parameters and results as
@@ -304,31 +260,17 @@ class ConvTranspose(nnx.Module):
   PyTorch-style padding, see :class:`ConvAdjoint`.
 
   Args:
-    in_features: number of input features.
-    out_features: number of output features.
-    kernel_size: kernel spatial shape; an int means a 1-D kernel.
+    in_features, out_features, kernel_size: as for :class:`Conv`.
     strides: ``None`` (1), an int or ``n`` ints: the input dilation.
     padding: 'SAME', 'VALID', 'CIRCULAR', 'SAME_LOWER' (stride 1 only), an
       int, or ``n`` ints or ``(low, high)`` pairs (the padding of the dilated
       input, as in ``lax.conv_transpose``).
     kernel_dilation: ``None`` (1), an int or ``n`` ints.
-    use_bias: whether to add a bias (default True).
-    mask: optional array of the kernel's shape multiplied into the kernel.
-    dtype: computation dtype (default: promoted from inputs and params).
-    param_dtype: parameter dtype (default float32).
-    precision: ``jax.lax.Precision`` of the GEMM.
-    kernel_init: kernel initialiser (default lecun_normal).
-    bias_init: bias initialiser (default zeros).
     transpose_kernel: flip the kernel spatially and swap its feature axes; the
       kernel is then ``(*kernel_size, out_features, in_features)``.
-    promote_dtype: ``f((inputs, kernel, bias), dtype=...)`` casting the operands.
-    preferred_element_type: accumulation/output dtype of the GEMM.
-    rngs: the ``nnx.Rngs`` drawing the parameters.
-    kernel_metadata: metadata of the kernel ``nnx.Param``.
-    bias_metadata: metadata of the bias ``nnx.Param``.
-
-  Raises:
-    ValueError, TypeError: on invalid arguments, naming the argument.
+    use_bias, mask, dtype, param_dtype, precision, kernel_init, bias_init,
+      promote_dtype, preferred_element_type, rngs, kernel_metadata,
+      bias_metadata: as for :class:`Conv`.
 
   Example:
     >>> import jax.numpy as jnp
@@ -363,77 +305,41 @@ class ConvTranspose(nnx.Module):
       kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
-    geometry = _layers.transpose_geometry(
+    geometry = geometry_rules.transpose_layer_geometry(
         "ConvTranspose", kernel_size, strides, padding, kernel_dilation)
     features = (out_features, in_features) if transpose_kernel else (in_features, out_features)
     kernel_shape = geometry.kernel_shape(*features)
-    _layers.check_mask("ConvTranspose", mask, kernel_shape)
-    self.kernel_size = geometry.kernel_size
-    self.in_features = in_features
-    self.out_features = out_features
-    self.strides = strides
-    self.padding = padding
-    self.kernel_dilation = kernel_dilation
-    self.use_bias = use_bias
-    self.mask = mask
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.precision = precision
-    self.transpose_kernel = transpose_kernel
-    self.promote_dtype = promote_dtype
-    self.preferred_element_type = preferred_element_type
-    _init_parameters(self, kernel_shape, (out_features,), use_bias=use_bias,
-                     kernel_init=kernel_init, bias_init=bias_init, param_dtype=param_dtype,
-                     rngs=rngs, kernel_metadata=kernel_metadata, bias_metadata=bias_metadata)
+    _build(self, geometry, kernel_shape, (out_features,), locals())
 
   def __call__(self, inputs: Array) -> Array:
-    """Applies the transposed convolution.
-
-    Args:
-      inputs: ``(*batch, *spatial, in_features)``; zero or several batch dims.
-
-    Returns:
-      ``(*batch, *out_spatial, out_features)``.
-
-    Raises:
-      ValueError, TypeError: on invalid arguments or inputs, naming them.
-    """
-    geometry = _layers.transpose_geometry(
-        "ConvTranspose", self.kernel_size, self.strides, self.padding, self.kernel_dilation)
+    """``(*batch, *spatial, in_features)`` -> ``(*batch, *out_spatial, out_features)``."""
     inputs, kernel, bias = _operands(self, inputs)
-    return _layers.conv_transpose(
-        geometry, inputs, kernel, bias, in_features=self.in_features,
+    return _layer_ops.conv_transpose_layer(
+        self.geometry, inputs, kernel, bias, in_features=self.in_features,
         transpose_kernel=self.transpose_kernel, precision=self.precision,
         preferred_element_type=self.preferred_element_type)
 
 
-class ConvAdjoint(nnx.Module):
+class ConvAdjoint(_Layer):
   """The transposed convolution as the exact adjoint of a Conv (PyTorch's ConvTranspose).
 
   NNX counterpart of :class:`convmm.linen.ConvAdjoint`: the adjoint of
   ``Conv(out_features, in_features, kernel_size, strides, padding=...,
   kernel_dilation=..., feature_group_count=...)``, whose kernel
   ``(*kernel_size, out_features // feature_group_count, in_features)`` it
-  shares in shape, so weights can be tied. Output spatial sizes: SAME-like
-  modes ``n * stride``; VALID ``(n - 1) * stride + k_eff + output_padding``;
-  ``(lo, hi)`` ``(n - 1) * stride + k_eff - lo - hi + output_padding``.
+  shares in shape, so weights can be tied; output sizes as in linen.
 
   Args:
     in_features: number of input features (the forward Conv's output features).
     out_features: number of output features (the forward Conv's input features).
-    kernel_size: kernel spatial shape; an int means a 1-D kernel.
     strides: an int or ``n`` ints (default 1): the forward Conv's strides.
     padding: the forward Conv's padding: any value :class:`Conv` accepts.
     output_padding: an int or ``n`` ints (default 0), each ``< strides``,
       added on the high side (VALID or explicit padding only).
-    kernel_dilation: an int or ``n`` ints (default 1).
-    feature_group_count: number of feature groups (default 1).
+    kernel_dilation, feature_group_count: as for :class:`Conv`.
     use_bias, mask, dtype, param_dtype, precision, kernel_init, bias_init,
       promote_dtype, rngs, kernel_metadata, bias_metadata: as for :class:`Conv`.
     preferred_element_type: dtype in which the adjoint is computed and returned.
-
-  Raises:
-    ValueError, TypeError: on invalid arguments, naming the argument.
 
   Example:
     A tied-weight autoencoder: the decoder shares the encoder's kernel.
@@ -475,46 +381,15 @@ class ConvAdjoint(nnx.Module):
       kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
-    geometry = _layers.adjoint_geometry(
+    geometry = geometry_rules.adjoint_layer_geometry(
         "ConvAdjoint", kernel_size, strides, padding, kernel_dilation, feature_group_count,
         output_padding)
     kernel_shape = geometry.adjoint_kernel_shape(in_features, out_features)
-    _layers.check_mask("ConvAdjoint", mask, kernel_shape)
-    _init_parameters(self, kernel_shape, (out_features,), use_bias=use_bias,
-                     kernel_init=kernel_init, bias_init=bias_init, param_dtype=param_dtype,
-                     rngs=rngs, kernel_metadata=kernel_metadata, bias_metadata=bias_metadata)
-    self.in_features = in_features
-    self.out_features = out_features
-    self.kernel_size = geometry.kernel_size
-    self.strides = strides
-    self.padding = padding
-    self.output_padding = output_padding
-    self.kernel_dilation = kernel_dilation
-    self.feature_group_count = feature_group_count
-    self.use_bias = use_bias
-    self.mask = mask
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.precision = precision
-    self.promote_dtype = promote_dtype
-    self.preferred_element_type = preferred_element_type
+    _build(self, geometry, kernel_shape, (out_features,), locals())
 
   def __call__(self, inputs: Array) -> Array:
-    """Applies the adjoint of the forward Conv.
-
-    Args:
-      inputs: ``(*batch, *spatial, in_features)``, shaped like the forward's output.
-
-    Returns:
-      ``(*batch, *out_spatial, out_features)``, shaped like the forward's input.
-
-    Raises:
-      ValueError, TypeError: on invalid arguments or inputs, naming them.
-    """
-    geometry = _layers.adjoint_geometry(
-        "ConvAdjoint", self.kernel_size, self.strides, self.padding, self.kernel_dilation,
-        self.feature_group_count, self.output_padding)
+    """The forward's output ``(*batch, *spatial, in_features)`` -> its input's shape."""
     inputs, kernel, bias = _operands(self, inputs)
-    return _layers.conv_adjoint(
-        geometry, inputs, kernel, bias, in_features=self.in_features,
+    return _layer_ops.conv_adjoint_layer(
+        self.geometry, inputs, kernel, bias, in_features=self.in_features,
         precision=self.precision, preferred_element_type=self.preferred_element_type)

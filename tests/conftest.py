@@ -1,4 +1,4 @@
-"""Shared pytest configuration: tests run on the CPU backend; the ``x64`` fixture."""
+"""Shared pytest configuration: the CPU backend, the ``x64`` fixture, the ``slow`` marker."""
 
 import os
 
@@ -10,6 +10,18 @@ import pytest  # noqa: E402
 # A script run in its own 2-device subprocess (it sets jax_num_cpu_devices at import),
 # not a test module: importing it here, as --doctest-modules would, fails.
 collect_ignore = ["sharding_checks.py"]
+
+# Tests that start subprocesses or kernels (notebooks, the benchmark, the training
+# example, a fresh interpreter): skip them in a quick local loop with `-m "not slow"`.
+# CI runs everything.
+SLOW_FILES = ("test_notebooks.py", "test_bench.py", "test_train_cnn.py")
+SLOW_TESTS = ("test_core_does_not_import_flax",)
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if item.path.name in SLOW_FILES or item.name in SLOW_TESTS:
+      item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

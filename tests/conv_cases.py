@@ -16,18 +16,11 @@ import numpy as np
 from jax import lax
 
 import convmm
+from convmm._shapes import layout_shape as layout
 
 HIGHEST = lax.Precision.HIGHEST
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def layout(spec, canonical_shape):
-  """Places a canonical ``(N, C, *spatial)`` / ``(O, I, *k)`` shape into ``spec``."""
-  shape = [0] * len(spec)
-  for canonical_axis, axis in enumerate(spec):
-    shape[axis] = canonical_shape[canonical_axis]
-  return tuple(shape)
 
 
 def lax_specs(ndim, dimension_numbers):

@@ -549,9 +549,9 @@ PREFERRED_DTYPES = [jnp.bool_, jnp.int8, jnp.uint8, jnp.int32, jnp.float16, jnp.
                     jnp.float32, jnp.complex64]
 
 
-def _outcome(f):
+def _outcome(fn, operands, kwargs):
   try:
-    return jax.eval_shape(f).dtype
+    return jax.eval_shape(lambda: fn(*operands, **kwargs)).dtype
   except (TypeError, ValueError) as e:
     return type(e)
 
@@ -565,8 +565,8 @@ def test_preferred_element_type_accepted_exactly_where_lax_accepts_it(base):
   for a in PREFERRED_DTYPES:
     operands = [x.astype(a) for x in args]
     for p in PREFERRED_DTYPES:
-      expected = _outcome(lambda: lax_fn(*operands, **kwargs, preferred_element_type=p))
-      actual = _outcome(lambda: fn(*operands, **kwargs, preferred_element_type=p))
+      with_p = dict(kwargs, preferred_element_type=p)
+      expected, actual = _outcome(lax_fn, operands, with_p), _outcome(fn, operands, with_p)
       if expected != actual:
         mismatches.append((jnp.dtype(a).name, jnp.dtype(p).name, expected, actual))
   assert not mismatches
@@ -593,3 +593,100 @@ def test_integral_float_group_counts_accepted_beyond_lax(count):
   np.testing.assert_allclose(
       grouped, lax.conv_general_dilated(x, w, (2, 1), "VALID", feature_group_count=2),
       rtol=1e-6)
+
+
+# --- Same mistake, same exception, in every function and layer that takes the argument.
+def _count_calls(value):
+  """Every place a positive count is read, called with ``value``."""
+  from flax import nnx
+
+  import convmm.linen
+  import convmm.nnx
+
+  x1, w1 = jnp.ones((1, 2, 6)), jnp.ones((2, 2, 3))
+  return {
+      "conv_general_dilated.feature_group_count": lambda: conv(
+          x1, w1, (1,), "VALID", feature_group_count=value),
+      "conv_general_dilated.batch_group_count": lambda: conv(
+          x1, w1, (1,), "VALID", batch_group_count=value),
+      "conv_adjoint.feature_group_count": lambda: convmm.conv_adjoint(
+          jnp.ones((1, 2, 4)), w1, x1.shape, (1,), "VALID", feature_group_count=value),
+      "conv_matrix.feature_group_count": lambda: convmm.conv_matrix(
+          w1, x1.shape, (1,), "VALID", feature_group_count=value),
+      "conv_matrix.max_elements": lambda: convmm.conv_matrix(
+          w1, x1.shape, (1,), "VALID", max_elements=value),
+      "operator_norm.num_iters": lambda: convmm.operator_norm(
+          w1, x1.shape, (1,), "VALID", num_iters=value),
+      "linen.Conv.feature_group_count": lambda: convmm.linen.Conv(
+          2, (3,), feature_group_count=value).init(jax.random.key(0), jnp.ones((1, 6, 2))),
+      "linen.ConvAdjoint.feature_group_count": lambda: convmm.linen.ConvAdjoint(
+          2, (3,), feature_group_count=value).init(jax.random.key(0), jnp.ones((1, 6, 2))),
+      "nnx.Conv.feature_group_count": lambda: convmm.nnx.Conv(
+          2, 2, (3,), feature_group_count=value, rngs=nnx.Rngs(0)),
+      "nnx.ConvLocal.feature_group_count": lambda: convmm.nnx.ConvLocal(
+          2, 2, (3,), input_spatial_shape=(6,), feature_group_count=value, rngs=nnx.Rngs(0)),
+  }
+
+
+def _int_sequence_calls(name, value):
+  """Every place an int sequence of kind ``name`` (strides or dilations) is read."""
+  from flax import nnx
+
+  import convmm.linen
+  import convmm.nnx
+
+  x1, w1, y1 = jnp.ones((1, 2, 6)), jnp.ones((2, 2, 3)), jnp.ones((1, 2, 4))
+  xl, wl = jnp.ones((1, 6, 2)), jnp.ones((3, 2, 2))
+  layer_kw = {"strides": {"strides": value}, "dilation": {"kernel_dilation": value}}[name]
+  core_kw = {"strides": {"window_strides": value},
+             "dilation": {"window_strides": (1,), "rhs_dilation": value}}[name]
+  calls = {
+      "conv_general_dilated": lambda: conv(x1, w1, padding="VALID", **core_kw),
+      "im2col": lambda: convmm.im2col(x1, (3,), padding="VALID", **core_kw),
+      "col2im": lambda: convmm.col2im(jnp.ones((1, 6, 4)), x1.shape, (3,), padding="VALID",
+                                      **core_kw),
+      "conv_adjoint": lambda: convmm.conv_adjoint(y1, w1, x1.shape, padding="VALID", **core_kw),
+      "linen.Conv": lambda: convmm.linen.Conv(2, (3,), **layer_kw).init(jax.random.key(0), xl),
+      "nnx.Conv": lambda: convmm.nnx.Conv(2, 2, (3,), **layer_kw, rngs=nnx.Rngs(0)),
+      "nnx.ConvAdjoint": lambda: convmm.nnx.ConvAdjoint(2, 2, (3,), **layer_kw,
+                                                        rngs=nnx.Rngs(0)),
+  }
+  if name == "dilation":  # conv_transpose's strides dilate its input, as in lax
+    calls |= {
+        "conv_transpose.strides": lambda: convmm.conv_transpose(xl, wl, value, "VALID"),
+        "conv_transpose.rhs_dilation": lambda: convmm.conv_transpose(
+            xl, wl, (1,), "VALID", rhs_dilation=value),
+        "linen.ConvTranspose.strides": lambda: convmm.linen.ConvTranspose(
+            2, (3,), strides=value).init(jax.random.key(0), xl),
+        "nnx.ConvTranspose.kernel_dilation": lambda: convmm.nnx.ConvTranspose(
+            2, 2, (3,), kernel_dilation=value, rngs=nnx.Rngs(0)),
+    }
+  return calls
+
+
+MISTAKES = {
+    # kind: (calls, exception class): lax's class where lax has the argument.
+    "count_not_a_number": (lambda: _count_calls("2"), TypeError),
+    "count_none": (lambda: _count_calls(None), TypeError),
+    "count_fractional": (lambda: _count_calls(1.5), ValueError),
+    "count_zero": (lambda: _count_calls(0), ValueError),
+    "count_negative": (lambda: _count_calls(np.int64(-3)), ValueError),
+    "strides_float_entry": (lambda: _int_sequence_calls("strides", (1.5,)), TypeError),
+    "strides_string_entry": (lambda: _int_sequence_calls("strides", ("1",)), TypeError),
+    "strides_zero": (lambda: _int_sequence_calls("strides", (0,)), ValueError),
+    "dilation_float_entry": (lambda: _int_sequence_calls("dilation", (2.5,)), TypeError),
+    "dilation_zero": (lambda: _int_sequence_calls("dilation", (0,)), TypeError),
+}
+
+
+@pytest.mark.parametrize("kind", MISTAKES)
+def test_same_mistake_same_exception_everywhere(kind):
+  calls, exc = MISTAKES[kind]
+  for where, call in calls().items():
+    with pytest.raises(exc) as info:
+      call()
+    assert info.type is exc, (where, info.value)  # not a subclass from deeper down
+    # Keys are `module.Layer[.argument]` for layers, `function[.argument]` otherwise.
+    parts = where.split(".")
+    fn = parts[1] if parts[0] in ("linen", "nnx") else parts[0]
+    assert str(info.value).startswith(f"{fn}: "), (where, str(info.value))

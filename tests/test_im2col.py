@@ -17,16 +17,9 @@ from jax import lax
 from tolerances import assert_close
 
 import convmm
+from convmm._shapes import layout_shape as layout
 
 HIGHEST = lax.Precision.HIGHEST
-
-
-def layout(spec, canonical_shape):
-  """Places a canonical ``(N, C, *spatial)`` shape into the layout ``spec``."""
-  shape = [0] * len(spec)
-  for canonical_axis, axis in enumerate(spec):
-    shape[axis] = canonical_shape[canonical_axis]
-  return tuple(shape)
 
 
 def lhs_shape_of(c):

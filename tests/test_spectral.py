@@ -111,7 +111,7 @@ def test_operator_norm_when_the_input_space_is_smaller_than_num_iters():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(num_iters=0), ValueError, r"`num_iters` must be a positive int, got num_iters=0"),
+        (dict(num_iters=0), ValueError, r"`num_iters` must be >= 1, got num_iters=0"),
         (dict(num_iters=2.5), ValueError, r"`num_iters` must be a positive int"),
         (dict(num_iters=True), ValueError, r"`num_iters` must be a positive int"),
         (dict(rhs="kernel"), TypeError, r"`rhs` must be an array, got str"),
