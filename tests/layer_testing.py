@@ -35,3 +35,25 @@ def key_init(key, shape, dtype=jnp.float32) -> jax.Array:
   fan_in = math.prod(shape[:-1]) or 1
   values = np.random.default_rng(seed).standard_normal(shape) / math.sqrt(fan_in)
   return jnp.asarray(values.astype(np.float32)).astype(dtype)
+
+
+def torch_conv(x, kernel, bias, *, strides, padding, dilation, groups, padding_mode):
+  """PyTorch's ``nn.Conv{1,2,3}d`` on a channels-last input and a Flax-layout kernel.
+
+  ``x`` is ``(N, *spatial, C)``, ``kernel`` ``(*k, C // groups, O)``; returns the
+  channels-last output as a NumPy array (float64 arithmetic).
+  """
+  import torch  # only the parity tests need it
+
+  rank = x.ndim - 2
+  conv = getattr(torch.nn, f"Conv{rank}d")(
+      x.shape[-1], kernel.shape[-1], kernel.shape[:rank], stride=strides, padding=padding,
+      dilation=dilation, groups=groups, bias=bias is not None, padding_mode=padding_mode,
+      dtype=torch.float64)
+  with torch.no_grad():
+    conv.weight.copy_(torch.from_numpy(np.moveaxis(np.asarray(kernel, np.float64),
+                                                   (-1, -2), (0, 1))))
+    if bias is not None:
+      conv.bias.copy_(torch.from_numpy(np.asarray(bias, np.float64)))
+    y = conv(torch.from_numpy(np.moveaxis(np.asarray(x, np.float64), -1, 1)))
+  return np.moveaxis(y.numpy(), 1, -1)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from jax import lax
-from layer_testing import key_init, normal
+from layer_testing import key_init, normal, torch_conv
 from tolerances import assert_close
 
 import convmm
@@ -429,8 +429,10 @@ ERROR_CASES = {
                    X2D, ValueError, r"`feature_group_count` \(=2\) must divide both"),
     "groups_zero": (cnn.Conv, dict(features=5, kernel_size=(3, 3), feature_group_count=0),
                     X2D, ValueError, r"Conv: `feature_group_count` must be >= 1"),
-    "groups_type": (cnn.Conv, dict(features=5, kernel_size=(3, 3), feature_group_count=1.0),
+    "groups_type": (cnn.Conv, dict(features=5, kernel_size=(3, 3), feature_group_count="2"),
                     X2D, TypeError, r"Conv: `feature_group_count` must be a positive int"),
+    "groups_fractional": (cnn.Conv, dict(features=5, kernel_size=(3, 3), feature_group_count=1.5),
+                          X2D, ValueError, r"Conv: `feature_group_count` must be a positive int"),
     "mask_shape": (cnn.Conv, dict(features=5, kernel_size=(3, 3), mask=np.ones((3, 3, 4))),
                    X2D, ValueError, r"Conv: `mask` must have the kernel's shape "
                    r"\(3, 3, 4, 5\), got mask.shape=\(3, 3, 4\)"),
@@ -466,3 +468,46 @@ ERROR_CASES = {
 def test_errors(layer, kwargs, shape, error, match):
   with pytest.raises(error, match=match):
     layer(**kwargs).init(jax.random.key(0), jnp.ones(shape))
+
+
+# ----------------------------------------------------------------------------- REPLICATE
+
+# (kernel_size, strides, kernel_dilation, groups, input shape, torch padding): torch's
+# padding_mode='replicate' pads `padding` edge values on both sides; 'same' (stride 1)
+# puts (k_eff - 1) // 2 before and k_eff // 2 after, as convmm does for even kernels.
+REPLICATE_CASES = {
+    "2d_stride2": ((3, 3), 2, 1, 1, X2D, 1),
+    "2d_even_kernel_dilated_groups": ((2, 3), 1, (2, 1), 2, X2D, "same"),
+    "1d_even": ((4,), 1, 1, 1, (2, 9, 3), "same"),
+    "3d": ((3, 1, 3), 1, 1, 1, (1, 4, 3, 5, 2), (1, 0, 1)),
+}
+
+
+@pytest.mark.parametrize("case", list(REPLICATE_CASES.values()), ids=list(REPLICATE_CASES))
+def test_conv_replicate_padding_matches_torch(case):
+  kernel_size, strides, dilation, groups, shape, torch_padding = case
+  layer = cnn.Conv(features=4, kernel_size=kernel_size, strides=strides, padding="REPLICATE",
+                   kernel_dilation=dilation, feature_group_count=groups, **FAST)
+  x = normal(1, shape)
+  y, variables = layer.init_with_output(jax.random.key(0), x)
+  params = variables["params"]
+  expected = torch_conv(x, params["kernel"], params["bias"] + 0.5, strides=strides,
+                        padding=torch_padding, dilation=dilation, groups=groups,
+                        padding_mode="replicate")
+  y = layer.apply({"params": dict(params, bias=params["bias"] + 0.5)}, x)
+  assert_close(y, expected.astype(np.float32), dtype=jnp.float32,
+               reduction=math.prod(kernel_size) * shape[-1])
+
+
+def test_conv_adjoint_replicate_is_the_transpose_of_conv():
+  # <Conv(x), y> == <x, ConvAdjoint(y)> with the same kernel: the adjoint of the
+  # edge padding adds each halo back onto the edge value it copied.
+  kwargs = dict(kernel_size=(3, 2), strides=2, padding="REPLICATE", use_bias=False, **FAST)
+  x = normal(1, (2, 8, 6, 4))  # SAME-like modes: the adjoint's output is n * stride
+  conv = cnn.Conv(features=5, **kwargs)
+  variables = conv.init(jax.random.key(0), x)
+  y = conv.apply(variables, x)
+  c = normal(2, y.shape)
+  x_bar = cnn.ConvAdjoint(features=x.shape[-1], **kwargs).apply(variables, c)
+  assert x_bar.shape == x.shape
+  np.testing.assert_allclose(float(jnp.vdot(y, c)), float(jnp.vdot(x, x_bar)), rtol=1e-5)

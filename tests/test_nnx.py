@@ -19,7 +19,7 @@ from flax import nnx
 from jax import lax
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
-from layer_testing import key_init, normal
+from layer_testing import key_init, normal, torch_conv
 from tolerances import assert_close
 
 import convmm
@@ -370,3 +370,33 @@ def test_mask_replaced_after_construction_is_checked():
   layer.mask = jnp.ones((3, 3, 4))
   with pytest.raises(ValueError, match=r"Conv: `mask` must have the kernel's shape"):
     layer(jnp.ones(X2D))
+
+
+def test_conv_replicate_padding_matches_torch():
+  # k_eff = (3, 3): one edge value on each side, torch's padding=1 with
+  # padding_mode='replicate'.
+  layer = cnnx.Conv(4, 6, kernel_size=(3, 2), strides=(2, 1), padding="REPLICATE",
+                    kernel_dilation=(1, 2), feature_group_count=2, **FAST, rngs=nnx.Rngs(0))
+  x = normal(1, X2D)
+  expected = torch_conv(x, layer.kernel[...], layer.bias[...], strides=(2, 1), padding=1,
+                        dilation=(1, 2), groups=2, padding_mode="replicate")
+  assert_close(layer(x), expected.astype(np.float32), dtype=jnp.float32, reduction=12)
+
+
+@pytest.mark.parametrize("name", ["Conv", "ConvLocal", "ConvTranspose", "ConvAdjoint"])
+def test_layers_validate_once_at_construction(name, monkeypatch):
+  # Equinox style: __init__ validates and keeps the canonical geometry; __call__ only
+  # computes, so no geometry builder runs again.
+  from convmm import _layer_geometry
+
+  extra = dict(input_spatial_shape=X2D[1:3]) if name == "ConvLocal" else {}
+  layer = getattr(cnnx, name)(4, 5, (3, 3), padding="VALID", **extra, rngs=nnx.Rngs(0))
+  assert isinstance(layer.geometry, _layer_geometry.LayerGeometry)
+  assert layer.geometry.kernel_size == (3, 3) and layer.geometry.padding == "VALID"
+
+  def fail(*args, **kwargs):
+    raise AssertionError("validated again")
+
+  for builder in ("conv_layer_geometry", "transpose_layer_geometry", "adjoint_layer_geometry"):
+    monkeypatch.setattr(_layer_geometry, builder, fail)
+  assert layer(normal(1, X2D)).shape[-1] == 5
