@@ -43,6 +43,7 @@ from jax.interpreters import ad, batching, mlir
 from convmm._canonical import ConvDimensionNumbers
 from convmm._im2col import pad_input, unfold_padded
 from convmm._shapes import ConvSpec, conv_spec
+from convmm._tiling import current_memory_budget
 
 
 def canonical_dimension_numbers(num_spatial: int) -> ConvDimensionNumbers:
@@ -222,9 +223,7 @@ def _input_grad_col2im(ct, w, spec, precision, acc_dtype):
 
 def _batch_chunk(spec: ConvSpec, itemsize: int, budget: int | None) -> int:
   """Samples per chunk so that a chunk's patch matrix (and a copy) fits the budget."""
-  from convmm import _conv  # _conv imports this module
-
-  budget = _conv._DEFAULT_MEMORY_BUDGET if budget is None else budget
+  budget = current_memory_budget() if budget is None else budget
   g = spec.geometry
   sample = 2 * math.prod(g.out_spatial) * g.num_taps * g.in_features * itemsize
   return max(1, min(g.batch, budget // max(sample, 1)))
