@@ -116,8 +116,9 @@ class BottleneckResNetBlock(nn.Module):
 
 def batch_norm(train: bool, dtype: Any) -> ModuleDef:
   """BatchNorm as Flax's ImageNet example configures it."""
-  return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                           epsilon=1e-5, dtype=dtype)
+  return functools.partial(
+    nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype
+  )
 
 
 class ResNet(nn.Module):
@@ -141,8 +142,9 @@ class ResNet(nn.Module):
     for i, block_size in enumerate(self.stage_sizes):
       for j in range(block_size):
         strides = (2, 2) if i > 0 and j == 0 else (1, 1)
-        x = self.block_cls(self.num_filters * 2**i, strides=strides, conv=conv, norm=norm,
-                           act=self.act)(x)
+        x = self.block_cls(
+          self.num_filters * 2**i, strides=strides, conv=conv, norm=norm, act=self.act
+        )(x)
     x = jnp.mean(x, axis=(1, 2))
     return jnp.asarray(nn.Dense(self.num_classes, dtype=self.dtype)(x), self.dtype)
 
@@ -166,8 +168,9 @@ class InvertedResidual(nn.Module):
     if self.expansion != 1:
       y = self.act(self.norm()(self.conv(in_features * self.expansion, (1, 1))(y)))
     hidden = y.shape[-1]
-    y = self.conv(hidden, (self.kernel, self.kernel), self.strides,
-                  feature_group_count=hidden, name="depthwise")(y)
+    y = self.conv(
+      hidden, (self.kernel, self.kernel), self.strides, feature_group_count=hidden, name="depthwise"
+    )(y)
     y = self.act(self.norm()(y))
     if self.se_ratio:
       squeezed = max(1, int(in_features * self.se_ratio))
@@ -181,10 +184,24 @@ class InvertedResidual(nn.Module):
 
 
 # (expansion, features, repeats, stride, kernel)
-MOBILENETV2_BLOCKS = ((1, 16, 1, 1, 3), (6, 24, 2, 2, 3), (6, 32, 3, 2, 3), (6, 64, 4, 2, 3),
-                      (6, 96, 3, 1, 3), (6, 160, 3, 2, 3), (6, 320, 1, 1, 3))
-EFFICIENTNET_B0_BLOCKS = ((1, 16, 1, 1, 3), (6, 24, 2, 2, 3), (6, 40, 2, 2, 5), (6, 80, 3, 2, 3),
-                          (6, 112, 3, 1, 5), (6, 192, 4, 2, 5), (6, 320, 1, 1, 3))
+MOBILENETV2_BLOCKS = (
+  (1, 16, 1, 1, 3),
+  (6, 24, 2, 2, 3),
+  (6, 32, 3, 2, 3),
+  (6, 64, 4, 2, 3),
+  (6, 96, 3, 1, 3),
+  (6, 160, 3, 2, 3),
+  (6, 320, 1, 1, 3),
+)
+EFFICIENTNET_B0_BLOCKS = (
+  (1, 16, 1, 1, 3),
+  (6, 24, 2, 2, 3),
+  (6, 40, 2, 2, 5),
+  (6, 80, 3, 2, 3),
+  (6, 112, 3, 1, 5),
+  (6, 192, 4, 2, 5),
+  (6, 320, 1, 1, 3),
+)
 
 
 class MobileNet(nn.Module):
@@ -209,8 +226,9 @@ class MobileNet(nn.Module):
     x = self.act(norm()(conv(self.stem_features, (3, 3), (2, 2), name="stem")(x)))
     for expansion, features, repeats, stride, kernel in self.blocks:
       for j in range(repeats):
-        x = InvertedResidual(features, stride if j == 0 else 1, expansion, conv, norm, self.act,
-                             kernel, self.se_ratio)(x)
+        x = InvertedResidual(
+          features, stride if j == 0 else 1, expansion, conv, norm, self.act, kernel, self.se_ratio
+        )(x)
     x = self.act(norm()(conv(self.head_features, (1, 1), name="head")(x)))
     x = jnp.mean(x, axis=(1, 2))
     return jnp.asarray(nn.Dense(self.num_classes, dtype=self.dtype)(x), self.dtype)
@@ -279,8 +297,9 @@ class UNet(nn.Module):
       for _ in range(self.layers_per_block + 1):
         h = block(features)(jnp.concatenate([h, skips.pop()], axis=-1), temb)
       if i > 0:
-        h = self.conv_transpose(features, (4, 4), strides=(2, 2), dtype=self.dtype,
-                                name=f"upsample_{i}")(h)
+        h = self.conv_transpose(
+          features, (4, 4), strides=(2, 2), dtype=self.dtype, name=f"upsample_{i}"
+        )(h)
     h = nn.swish(nn.GroupNorm(num_groups=self.groups, dtype=self.dtype)(h))
     return conv(self.out_channels, (3, 3), name="conv_out")(h)
 
@@ -301,51 +320,112 @@ class ModelSpec:
 
 
 def resnet(stage_sizes, block_cls, num_filters=64, num_classes=1000):
-  return lambda dtype: ResNet(stage_sizes=stage_sizes, block_cls=block_cls,
-                              num_classes=num_classes, num_filters=num_filters, dtype=dtype)
+  return lambda dtype: ResNet(
+    stage_sizes=stage_sizes,
+    block_cls=block_cls,
+    num_classes=num_classes,
+    num_filters=num_filters,
+    dtype=dtype,
+  )
 
 
 def mobilenet(blocks, stem, head, num_classes=1000, efficient=False):
   extra = dict(se_ratio=0.25, act=nn.swish) if efficient else {}
-  return lambda dtype: MobileNet(blocks=blocks, num_classes=num_classes, stem_features=stem,
-                                 head_features=head, dtype=dtype, **extra)
+  return lambda dtype: MobileNet(
+    blocks=blocks,
+    num_classes=num_classes,
+    stem_features=stem,
+    head_features=head,
+    dtype=dtype,
+    **extra,
+  )
 
 
 def unet(channels, groups=8):
   return lambda dtype: UNet(channels=channels, groups=groups, dtype=dtype)
 
 
-MODELS = {spec.name: spec for spec in (
-    ModelSpec("resnet18", "ResNet-18 (Flax ImageNet example), 112x112", resnet([2, 2, 2, 2],
-              ResNetBlock), (8, 112, 112, 3), "classify"),
-    ModelSpec("resnet50", "ResNet-50 (Flax ImageNet example), 112x112", resnet([3, 4, 6, 3],
-              BottleneckResNetBlock), (8, 112, 112, 3), "classify"),
-    ModelSpec("mobilenetv2", "MobileNetV2 (depthwise), 96x96",
-              mobilenet(MOBILENETV2_BLOCKS, 32, 1280), (8, 96, 96, 3), "classify"),
-    ModelSpec("efficientnet_b0", "EfficientNet-B0 (depthwise, squeeze-excite), 96x96",
-              mobilenet(EFFICIENTNET_B0_BLOCKS, 32, 1280, efficient=True), (8, 96, 96, 3),
-              "classify"),
-    ModelSpec("unet", "diffusers-style U-Net 32/64/128, ConvTranspose up-sampling, 64x64",
-              unet((32, 64, 128)), (8, 64, 64, 3), "denoise"),
-)}
+MODELS = {
+  spec.name: spec
+  for spec in (
+    ModelSpec(
+      "resnet18",
+      "ResNet-18 (Flax ImageNet example), 112x112",
+      resnet([2, 2, 2, 2], ResNetBlock),
+      (8, 112, 112, 3),
+      "classify",
+    ),
+    ModelSpec(
+      "resnet50",
+      "ResNet-50 (Flax ImageNet example), 112x112",
+      resnet([3, 4, 6, 3], BottleneckResNetBlock),
+      (8, 112, 112, 3),
+      "classify",
+    ),
+    ModelSpec(
+      "mobilenetv2",
+      "MobileNetV2 (depthwise), 96x96",
+      mobilenet(MOBILENETV2_BLOCKS, 32, 1280),
+      (8, 96, 96, 3),
+      "classify",
+    ),
+    ModelSpec(
+      "efficientnet_b0",
+      "EfficientNet-B0 (depthwise, squeeze-excite), 96x96",
+      mobilenet(EFFICIENTNET_B0_BLOCKS, 32, 1280, efficient=True),
+      (8, 96, 96, 3),
+      "classify",
+    ),
+    ModelSpec(
+      "unet",
+      "diffusers-style U-Net 32/64/128, ConvTranspose up-sampling, 64x64",
+      unet((32, 64, 128)),
+      (8, 64, 64, 3),
+      "denoise",
+    ),
+  )
+}
 DEFAULT_MODELS = ("resnet18", "mobilenetv2", "efficientnet_b0", "unet")
 
 # --quick: the same architectures, shallow and narrow, on tiny inputs (a smoke test).
-QUICK_MODELS = {spec.name: spec for spec in (
-    ModelSpec("resnet18", "ResNet (2 basic blocks, 8 filters), 32x32",
-              resnet([1, 1], ResNetBlock, num_filters=8, num_classes=10), (2, 32, 32, 3),
-              "classify", 10),
-    ModelSpec("resnet50", "ResNet (2 bottleneck blocks, 8 filters), 32x32",
-              resnet([1, 1], BottleneckResNetBlock, num_filters=8, num_classes=10),
-              (2, 32, 32, 3), "classify", 10),
-    ModelSpec("mobilenetv2", "MobileNetV2 (2 blocks), 32x32",
-              mobilenet(((1, 8, 1, 1, 3), (6, 16, 2, 2, 3)), 8, 32, num_classes=10),
-              (2, 32, 32, 3), "classify", 10),
-    ModelSpec("efficientnet_b0", "EfficientNet (2 blocks, 3x3 and 5x5), 32x32",
-              mobilenet(((1, 8, 1, 1, 3), (6, 16, 2, 2, 5)), 8, 32, num_classes=10,
-                        efficient=True), (2, 32, 32, 3), "classify", 10),
+QUICK_MODELS = {
+  spec.name: spec
+  for spec in (
+    ModelSpec(
+      "resnet18",
+      "ResNet (2 basic blocks, 8 filters), 32x32",
+      resnet([1, 1], ResNetBlock, num_filters=8, num_classes=10),
+      (2, 32, 32, 3),
+      "classify",
+      10,
+    ),
+    ModelSpec(
+      "resnet50",
+      "ResNet (2 bottleneck blocks, 8 filters), 32x32",
+      resnet([1, 1], BottleneckResNetBlock, num_filters=8, num_classes=10),
+      (2, 32, 32, 3),
+      "classify",
+      10,
+    ),
+    ModelSpec(
+      "mobilenetv2",
+      "MobileNetV2 (2 blocks), 32x32",
+      mobilenet(((1, 8, 1, 1, 3), (6, 16, 2, 2, 3)), 8, 32, num_classes=10),
+      (2, 32, 32, 3),
+      "classify",
+      10,
+    ),
+    ModelSpec(
+      "efficientnet_b0",
+      "EfficientNet (2 blocks, 3x3 and 5x5), 32x32",
+      mobilenet(((1, 8, 1, 1, 3), (6, 16, 2, 2, 5)), 8, 32, num_classes=10, efficient=True),
+      (2, 32, 32, 3),
+      "classify",
+      10,
+    ),
     ModelSpec("unet", "U-Net 8/16, 16x16", unet((8, 16), groups=4), (2, 16, 16, 3), "denoise"),
-)}
+  )
+}
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 IMPLS = ("convmm", "flax")
@@ -392,8 +472,9 @@ def functions(spec: ModelSpec, model: nn.Module):
     params, model_state, opt_state = state
 
     def loss_fn(params):
-      output, new_model_state = model.apply({"params": params, **model_state}, *inputs,
-                                            train=True, mutable=list(model_state))
+      output, new_model_state = model.apply(
+        {"params": params, **model_state}, *inputs, train=True, mutable=list(model_state)
+      )
       return loss_of(spec, output, target), new_model_state
 
     (loss, new_model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -415,15 +496,19 @@ def compile_timed(fn: Callable, args: tuple, donate: tuple[int, ...] = ()):
   compiled = lowered.compile()
   end = time.perf_counter()
   memory = compiled.memory_analysis()
-  return compiled, dict(seconds=end - start, lower_seconds=lowered_at - start,
-                        temp_bytes=None if memory is None else int(memory.temp_size_in_bytes))
+  return compiled, dict(
+    seconds=end - start,
+    lower_seconds=lowered_at - start,
+    temp_bytes=None if memory is None else int(memory.temp_size_in_bytes),
+  )
 
 
 def leaf_errors(actual, expected) -> tuple[dict[str, float], float]:
   """``max |actual - expected|`` per leaf, and ``max |expected|`` over the whole tree."""
   errors, scale = {}, 0.0
-  for (path, a), e in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected),
-                          strict=True):
+  for (path, a), e in zip(
+    jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected), strict=True
+  ):
     a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
     errors[jax.tree_util.keystr(path)] = float(np.max(np.abs(a - e), initial=0.0))
     scale = max(scale, float(np.max(np.abs(e), initial=0.0)))
@@ -457,9 +542,13 @@ def agreement(output, loss, state, ref_output, ref_loss, ref_state) -> dict[str,
   """
   (_, model_state, opt_state), (_, ref_model_state, ref_opt_state) = state, ref_state
   grads, ref_grads = opt_state[0].mu, ref_opt_state[0].mu
-  return dict(fwd=relative_error(output, ref_output), loss=relative_error(loss, ref_loss),
-              grads=relative_error(grads, ref_grads), grads_worst_leaf=worst_leaf(grads, ref_grads),
-              model_state=relative_error(model_state, ref_model_state) if ref_model_state else 0.0)
+  return dict(
+    fwd=relative_error(output, ref_output),
+    loss=relative_error(loss, ref_loss),
+    grads=relative_error(grads, ref_grads),
+    grads_worst_leaf=worst_leaf(grads, ref_grads),
+    model_state=relative_error(model_state, ref_model_state) if ref_model_state else 0.0,
+  )
 
 
 def unit_zero_scales(params):
@@ -469,20 +558,25 @@ def unit_zero_scales(params):
   which silences the branch at initialisation: its convolutions would get exactly zero
   gradients and the agreement check would not see them. The timings do not depend on it.
   """
+
   def fix(path, leaf):
     named_scale = getattr(path[-1], "key", None) == "scale"
     return jnp.ones_like(leaf) if named_scale and not np.any(np.asarray(leaf)) else leaf
+
   return jax.tree_util.tree_map_with_path(fix, params)
 
 
 def check_same_parameters(flax_model, other_model, init_args) -> int:
   """Raises unless both models create the same variable tree; returns the parameter count."""
-  shapes = [jax.eval_shape(functools.partial(m.init, train=False), jax.random.key(0), *init_args)
-            for m in (flax_model, other_model)]
+  shapes = [
+    jax.eval_shape(functools.partial(m.init, train=False), jax.random.key(0), *init_args)
+    for m in (flax_model, other_model)
+  ]
   described = [jax.tree.map(lambda s: (s.shape, str(s.dtype)), tree) for tree in shapes]
   if described[0] != described[1]:
-    raise ValueError(f"models.py: convmm's variable tree differs from Flax's: "
-                     f"{described[1]} vs {described[0]}")
+    raise ValueError(
+      f"models.py: convmm's variable tree differs from Flax's: {described[1]} vs {described[0]}"
+    )
   return sum(math.prod(s.shape) for s in jax.tree.leaves(shapes[0]["params"]))
 
 
@@ -514,22 +608,36 @@ def run_model(spec: ModelSpec, dtype_name: str, args, log) -> dict[str, Any]:
   for rep in range(args.compile_repeats):
     for name in IMPLS if rep % 2 == 0 else IMPLS[::-1]:
       forward, step = fns[name]
-      for mode, fn, fn_args, donate in (("fwd", forward, (variables, *inputs), ()),
-                                        ("step", step, (state, inputs, target), (0,))):
+      for mode, fn, fn_args, donate in (
+        ("fwd", forward, (variables, *inputs), ()),
+        ("step", step, (state, inputs, target), (0,)),
+      ):
         compiled[name][mode], record = compile_timed(fn, fn_args, donate)
         compile_records[name][mode].append(record)
-    log(f"    compile repetition {rep + 1}/{args.compile_repeats}: " + ", ".join(
+    log(
+      f"    compile repetition {rep + 1}/{args.compile_repeats}: "
+      + ", ".join(
         f"{name} fwd {compile_records[name]['fwd'][-1]['seconds']:.1f} s step "
-        f"{compile_records[name]['step'][-1]['seconds']:.1f} s" for name in IMPLS))
+        f"{compile_records[name]['step'][-1]['seconds']:.1f} s"
+        for name in IMPLS
+      )
+    )
 
   # Agreement, from the same parameters: these calls are also the warm-up.
   outputs, states, losses = {}, {}, {}
   for name in IMPLS:
     outputs[name] = jax.block_until_ready(compiled[name]["fwd"](variables, *inputs))
     states[name], losses[name] = jax.block_until_ready(
-        compiled[name]["step"](copy_tree(state), inputs, target))
-  errors = agreement(outputs["convmm"], losses["convmm"], states["convmm"], outputs["flax"],
-                     losses["flax"], states["flax"])
+      compiled[name]["step"](copy_tree(state), inputs, target)
+    )
+  errors = agreement(
+    outputs["convmm"],
+    losses["convmm"],
+    states["convmm"],
+    outputs["flax"],
+    losses["flax"],
+    states["flax"],
+  )
   errors["output_finite"] = bool(np.all(np.isfinite(np.asarray(outputs["convmm"], np.float32))))
   if dtype != jnp.float32:
     # Both low-precision networks round differently, so their difference alone does not say
@@ -540,8 +648,10 @@ def run_model(spec: ModelSpec, dtype_name: str, args, log) -> dict[str, Any]:
     f32_inputs = tuple(x.astype(jnp.float32) for x in inputs)
     ref_output = jax.jit(forward)(variables, *f32_inputs)
     ref_state, ref_loss = jax.jit(step)(copy_tree(state), f32_inputs, target)
-    errors["vs_float32"] = {name: agreement(outputs[name], losses[name], states[name], ref_output,
-                                            ref_loss, ref_state) for name in IMPLS}
+    errors["vs_float32"] = {
+      name: agreement(outputs[name], losses[name], states[name], ref_output, ref_loss, ref_state)
+      for name in IMPLS
+    }
 
   # Timing: interleaved repetitions, alternating which implementation goes first.
   samples = {name: {"fwd": [], "step": []} for name in IMPLS}
@@ -560,29 +670,50 @@ def run_model(spec: ModelSpec, dtype_name: str, args, log) -> dict[str, Any]:
   for name in IMPLS:
     rec = compile_records[name]
     impls[name] = dict(
-        fwd_ms=1e3 * statistics.median(samples[name]["fwd"]),
-        step_ms=1e3 * statistics.median(samples[name]["step"]),
-        fwd_min_ms=1e3 * min(samples[name]["fwd"]),
-        step_min_ms=1e3 * min(samples[name]["step"]),
-        fwd_samples_ms=[1e3 * s for s in samples[name]["fwd"]],
-        step_samples_ms=[1e3 * s for s in samples[name]["step"]],
-        compile_fwd_s=statistics.median(r["seconds"] for r in rec["fwd"]),
-        compile_step_s=statistics.median(r["seconds"] for r in rec["step"]),
-        lower_fwd_s=statistics.median(r["lower_seconds"] for r in rec["fwd"]),
-        lower_step_s=statistics.median(r["lower_seconds"] for r in rec["step"]),
-        compile_fwd_samples_s=[r["seconds"] for r in rec["fwd"]],
-        compile_step_samples_s=[r["seconds"] for r in rec["step"]],
-        temp_fwd_bytes=rec["fwd"][-1]["temp_bytes"],
-        temp_step_bytes=rec["step"][-1]["temp_bytes"])
-  ratio = lambda key: (impls["convmm"][key] / impls["flax"][key]
-                       if impls["convmm"][key] is not None and impls["flax"][key] else None)
-  ratios = {key: ratio(f"{key}_{unit}") for key, unit in (
-      ("fwd", "ms"), ("step", "ms"), ("compile_fwd", "s"), ("compile_step", "s"),
-      ("temp_fwd", "bytes"), ("temp_step", "bytes"))}
-  return dict(model=spec.name, description=spec.description, dtype=dtype_name,
-              input_shape=list(spec.image_shape), params=num_params, params_identical=True,
-              repeats=args.repeats, compile_repeats=args.compile_repeats, impls=impls,
-              ratios=ratios, errors=errors)
+      fwd_ms=1e3 * statistics.median(samples[name]["fwd"]),
+      step_ms=1e3 * statistics.median(samples[name]["step"]),
+      fwd_min_ms=1e3 * min(samples[name]["fwd"]),
+      step_min_ms=1e3 * min(samples[name]["step"]),
+      fwd_samples_ms=[1e3 * s for s in samples[name]["fwd"]],
+      step_samples_ms=[1e3 * s for s in samples[name]["step"]],
+      compile_fwd_s=statistics.median(r["seconds"] for r in rec["fwd"]),
+      compile_step_s=statistics.median(r["seconds"] for r in rec["step"]),
+      lower_fwd_s=statistics.median(r["lower_seconds"] for r in rec["fwd"]),
+      lower_step_s=statistics.median(r["lower_seconds"] for r in rec["step"]),
+      compile_fwd_samples_s=[r["seconds"] for r in rec["fwd"]],
+      compile_step_samples_s=[r["seconds"] for r in rec["step"]],
+      temp_fwd_bytes=rec["fwd"][-1]["temp_bytes"],
+      temp_step_bytes=rec["step"][-1]["temp_bytes"],
+    )
+  ratio = lambda key: (
+    impls["convmm"][key] / impls["flax"][key]
+    if impls["convmm"][key] is not None and impls["flax"][key]
+    else None
+  )
+  ratios = {
+    key: ratio(f"{key}_{unit}")
+    for key, unit in (
+      ("fwd", "ms"),
+      ("step", "ms"),
+      ("compile_fwd", "s"),
+      ("compile_step", "s"),
+      ("temp_fwd", "bytes"),
+      ("temp_step", "bytes"),
+    )
+  }
+  return dict(
+    model=spec.name,
+    description=spec.description,
+    dtype=dtype_name,
+    input_shape=list(spec.image_shape),
+    params=num_params,
+    params_identical=True,
+    repeats=args.repeats,
+    compile_repeats=args.compile_repeats,
+    impls=impls,
+    ratios=ratios,
+    errors=errors,
+  )
 
 
 # ------------------------------------------------------------------------------- output
@@ -606,39 +737,81 @@ def tables(results: list[dict[str, Any]]) -> str:
       continue
     c, f, q = r["impls"]["convmm"], r["impls"]["flax"], r["ratios"]
     vs_f32 = r["errors"].get("vs_float32")
-    timing.append([label, fmt(c["fwd_ms"]), fmt(f["fwd_ms"]), fmt(q["fwd"]) + "x",
-                   fmt(c["step_ms"]), fmt(f["step_ms"]), fmt(q["step"]) + "x",
-                   f"{r['errors']['fwd']:.1e} / {r['errors']['grads']:.1e}",
-                   "-" if vs_f32 is None else f"{vs_f32['convmm']['grads']:.1e} / "
-                   f"{vs_f32['flax']['grads']:.1e}"])
-    resources.append([
-        label, f"{fmt(c['compile_fwd_s'])} / {fmt(f['compile_fwd_s'])}",
-        fmt(q["compile_fwd"]) + "x", f"{fmt(c['compile_step_s'])} / {fmt(f['compile_step_s'])}",
+    timing.append(
+      [
+        label,
+        fmt(c["fwd_ms"]),
+        fmt(f["fwd_ms"]),
+        fmt(q["fwd"]) + "x",
+        fmt(c["step_ms"]),
+        fmt(f["step_ms"]),
+        fmt(q["step"]) + "x",
+        f"{r['errors']['fwd']:.1e} / {r['errors']['grads']:.1e}",
+        "-"
+        if vs_f32 is None
+        else f"{vs_f32['convmm']['grads']:.1e} / {vs_f32['flax']['grads']:.1e}",
+      ]
+    )
+    resources.append(
+      [
+        label,
+        f"{fmt(c['compile_fwd_s'])} / {fmt(f['compile_fwd_s'])}",
+        fmt(q["compile_fwd"]) + "x",
+        f"{fmt(c['compile_step_s'])} / {fmt(f['compile_step_s'])}",
         fmt(q["compile_step"]) + "x",
         f"{fmt(mib(c['temp_fwd_bytes']))} / {fmt(mib(f['temp_fwd_bytes']))}",
         fmt(q["temp_fwd"]) + "x",
         f"{fmt(mib(c['temp_step_bytes']))} / {fmt(mib(f['temp_step_bytes']))}",
-        fmt(q["temp_step"]) + "x"])
-  first = tabulate(timing, headers=["model dtype", "fwd ms convmm", "flax", "/flax",
-                                    "step ms convmm", "flax", "/flax", "err fwd / grad",
-                                    "grad err vs f32 convmm / flax"],
-                   tablefmt="github", disable_numparse=True, colalign=("left",) + ("right",) * 8)
-  second = tabulate(resources, headers=["model dtype", "compile fwd s convmm / flax", "/flax",
-                                        "compile step s", "/flax", "temp MiB fwd", "/flax",
-                                        "temp MiB step", "/flax"],
-                    tablefmt="github", disable_numparse=True,
-                    colalign=("left",) + ("right",) * 8)
+        fmt(q["temp_step"]) + "x",
+      ]
+    )
+  first = tabulate(
+    timing,
+    headers=[
+      "model dtype",
+      "fwd ms convmm",
+      "flax",
+      "/flax",
+      "step ms convmm",
+      "flax",
+      "/flax",
+      "err fwd / grad",
+      "grad err vs f32 convmm / flax",
+    ],
+    tablefmt="github",
+    disable_numparse=True,
+    colalign=("left",) + ("right",) * 8,
+  )
+  second = tabulate(
+    resources,
+    headers=[
+      "model dtype",
+      "compile fwd s convmm / flax",
+      "/flax",
+      "compile step s",
+      "/flax",
+      "temp MiB fwd",
+      "/flax",
+      "temp MiB step",
+      "/flax",
+    ],
+    tablefmt="github",
+    disable_numparse=True,
+    colalign=("left",) + ("right",) * 8,
+  )
   return f"{first}\n\n{second}"
 
 
 def report(results: list[dict[str, Any]], info: dict[str, Any]) -> str:
-  return (f"convmm / Flax layers; times are medians of {info['repeats']} interleaved "
-          f"repetitions, compile times medians of {info['compile_repeats']} (trace + lower + "
-          f"compile); {info['cpu']}, {info['cores']} cores, load average "
-          f"{info['load_average'][0]:.1f} at the start.\n\n{tables(results)}\n\n"
-          "err: max |convmm - flax| / max |flax| over the output, and over all parameters' "
-          "gradients; for 16-bit runs also each network's gradient error against Flax's "
-          "network in float32.")
+  return (
+    f"convmm / Flax layers; times are medians of {info['repeats']} interleaved "
+    f"repetitions, compile times medians of {info['compile_repeats']} (trace + lower + "
+    f"compile); {info['cpu']}, {info['cores']} cores, load average "
+    f"{info['load_average'][0]:.1f} at the start.\n\n{tables(results)}\n\n"
+    "err: max |convmm - flax| / max |flax| over the output, and over all parameters' "
+    "gradients; for 16-bit runs also each network's gradient error against Flax's "
+    "network in float32."
+  )
 
 
 def write_json(path: str, info: dict[str, Any], results: list[dict[str, Any]]) -> None:
@@ -650,39 +823,68 @@ def machine_info(args) -> dict[str, Any]:
   cpu = platform.processor()
   try:
     with open("/proc/cpuinfo") as f:
-      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                 cpu)
+      cpu = next(
+        (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu
+      )
   except OSError:
     pass
-  return dict(date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              argv=sys.argv, python=platform.python_version(), cpu=cpu,
-              cores=len(os.sched_getaffinity(0)), load_average=os.getloadavg(),
-              jax=jax.__version__, flax=flax.__version__, optax=optax.__version__,
-              convmm=convmm.__version__, backend=jax.default_backend(), quick=args.quick,
-              repeats=args.repeats, compile_repeats=args.compile_repeats, seed=args.seed,
-              xla_flags=os.environ.get("XLA_FLAGS"))
+  return dict(
+    date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    argv=sys.argv,
+    python=platform.python_version(),
+    cpu=cpu,
+    cores=len(os.sched_getaffinity(0)),
+    load_average=os.getloadavg(),
+    jax=jax.__version__,
+    flax=flax.__version__,
+    optax=optax.__version__,
+    convmm=convmm.__version__,
+    backend=jax.default_backend(),
+    quick=args.quick,
+    repeats=args.repeats,
+    compile_repeats=args.compile_repeats,
+    seed=args.seed,
+    xla_flags=os.environ.get("XLA_FLAGS"),
+  )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      description="Whole networks with convmm's Flax layers against Flax's own: forward and "
-      "training-step medians, compile time, temporary memory, agreement.",
-      epilog="models: " + ", ".join(f"{s.name} ({s.description})" for s in MODELS.values()))
-  parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                      help=f"comma-separated (default {','.join(DEFAULT_MODELS)})")
-  parser.add_argument("--dtypes", default="float32,bfloat16",
-                      help="comma-separated: float32, bfloat16 (default both)")
-  parser.add_argument("--repeats", type=int, default=None,
-                      help="timed repetitions of each call (default 10; --quick 1)")
-  parser.add_argument("--compile-repeats", type=int, default=None,
-                      help="compilations of each function (default 3; --quick 1)")
+    description="Whole networks with convmm's Flax layers against Flax's own: forward and "
+    "training-step medians, compile time, temporary memory, agreement.",
+    epilog="models: " + ", ".join(f"{s.name} ({s.description})" for s in MODELS.values()),
+  )
+  parser.add_argument(
+    "--models",
+    default=",".join(DEFAULT_MODELS),
+    help=f"comma-separated (default {','.join(DEFAULT_MODELS)})",
+  )
+  parser.add_argument(
+    "--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16 (default both)"
+  )
+  parser.add_argument(
+    "--repeats",
+    type=int,
+    default=None,
+    help="timed repetitions of each call (default 10; --quick 1)",
+  )
+  parser.add_argument(
+    "--compile-repeats",
+    type=int,
+    default=None,
+    help="compilations of each function (default 3; --quick 1)",
+  )
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
-  parser.add_argument("--table", metavar="PATH",
-                      help="print the tables of a JSON file written by --json, and exit")
-  parser.add_argument("--quick", action="store_true",
-                      help="small versions of the networks on tiny inputs, one repetition: "
-                      "a smoke test (seconds per model)")
+  parser.add_argument(
+    "--table", metavar="PATH", help="print the tables of a JSON file written by --json, and exit"
+  )
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="small versions of the networks on tiny inputs, one repetition: "
+    "a smoke test (seconds per model)",
+  )
   args = parser.parse_args(argv)
   args.models = [m.strip() for m in args.models.split(",") if m.strip()]
   args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -708,8 +910,10 @@ def main(argv=None) -> int:
   suite = QUICK_MODELS if args.quick else MODELS
   log = functools.partial(print, file=sys.stderr, flush=True)
   info = machine_info(args)
-  log(f"convmm {info['convmm']}, jax {info['jax']}, flax {info['flax']} on {info['cpu']} "
-      f"({info['cores']} cores, load {info['load_average'][0]:.1f})")
+  log(
+    f"convmm {info['convmm']}, jax {info['jax']}, flax {info['flax']} on {info['cpu']} "
+    f"({info['cores']} cores, load {info['load_average'][0]:.1f})"
+  )
   results, start = [], time.perf_counter()
   for name in args.models:
     for dtype_name in args.dtypes:
@@ -723,9 +927,11 @@ def main(argv=None) -> int:
         log(f"    failed: {result['error'][:500]}")
       else:
         q, err = result["ratios"], result["errors"]
-        log(f"    {time.perf_counter() - model_start:.0f} s; convmm/flax fwd {fmt(q['fwd'])}x, "
-            f"step {fmt(q['step'])}x, compile step {fmt(q['compile_step'])}x; rel. err fwd "
-            f"{err['fwd']:.1e}, grads {err['grads']:.1e}")
+        log(
+          f"    {time.perf_counter() - model_start:.0f} s; convmm/flax fwd {fmt(q['fwd'])}x, "
+          f"step {fmt(q['step'])}x, compile step {fmt(q['compile_step'])}x; rel. err fwd "
+          f"{err['fwd']:.1e}, grads {err['grads']:.1e}"
+        )
       results.append(result)
       if args.json:  # after every network, so that an interrupted run keeps what it measured
         write_json(args.json, info, results)

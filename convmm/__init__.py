@@ -38,30 +38,32 @@ def __getattr__(name: str):
       from convmm._replace import replace_convs
     except ImportError as error:
       raise ImportError(
-          f"convmm.replace_convs: needs JAX internals that jax {jax.__version__} lacks "
-          f"(it needs jax >= 0.10.2): {error}") from error
+        f"convmm.replace_convs: needs JAX internals that jax {jax.__version__} lacks "
+        f"(it needs jax >= 0.10.2): {error}"
+      ) from error
     globals()["replace_convs"] = replace_convs
     return replace_convs
   raise AttributeError(f"module 'convmm' has no attribute {name!r}")
 
+
 # The public API, in the order the reference site shows it (tests/test_api.py checks that
 # every public name is listed here and documented).
 __all__ = [
-    "conv_general_dilated",
-    "conv_transpose",
-    "conv_adjoint",
-    "conv_general_dilated_local",
-    "im2col",
-    "conv_general_dilated_patches",
-    "col2im",
-    "memory_budget",
-    "set_memory_budget",
-    "replace_convs",
-    "conv_matrix",
-    "convolve",
-    "correlate",
-    "operator_norm",
-    "circular_singular_values",
+  "conv_general_dilated",
+  "conv_transpose",
+  "conv_adjoint",
+  "conv_general_dilated_local",
+  "im2col",
+  "conv_general_dilated_patches",
+  "col2im",
+  "memory_budget",
+  "set_memory_budget",
+  "replace_convs",
+  "conv_matrix",
+  "convolve",
+  "correlate",
+  "operator_norm",
+  "circular_singular_values",
 ]
 
 __version__ = "0.1.0"

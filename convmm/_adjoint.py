@@ -22,41 +22,41 @@ import numpy as np
 from jax import lax
 
 from convmm._canonical import (
-    ConvDimensionNumbers,
-    canonical_dimension_numbers,
-    canonical_ints,
-    canonical_padding,
-    canonical_shape,
-    conv_transpose_padding,
-    dilate_dim,
+  ConvDimensionNumbers,
+  canonical_dimension_numbers,
+  canonical_ints,
+  canonical_padding,
+  canonical_shape,
+  conv_transpose_padding,
+  dilate_dim,
 )
 from convmm._conv import _check_method, choose_method, conv_with_spec
 from convmm._shapes import (
-    ConvSpec,
-    check_dtypes,
-    conv_spec,
-    layout_shape,
-    preferred_dtype,
-    shape_of,
+  ConvSpec,
+  check_dtypes,
+  conv_spec,
+  layout_shape,
+  preferred_dtype,
+  shape_of,
 )
 
 
 def conv_adjoint(
-    cotangent: jax.typing.ArrayLike,
-    rhs: jax.typing.ArrayLike,
-    lhs_shape: Sequence[int],
-    window_strides: Sequence[int],
-    padding: str | Sequence[tuple[int, int]],
-    lhs_dilation: Sequence[int] | None = None,
-    rhs_dilation: Sequence[int] | None = None,
-    dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
-    feature_group_count: int = 1,
-    batch_group_count: int = 1,
-    precision: lax.PrecisionLike = None,
-    preferred_element_type: jax.typing.DTypeLike | None = None,
-    *,
-    method: str = "auto",
-    memory_budget: int | None = None,
+  cotangent: jax.typing.ArrayLike,
+  rhs: jax.typing.ArrayLike,
+  lhs_shape: Sequence[int],
+  window_strides: Sequence[int],
+  padding: str | Sequence[tuple[int, int]],
+  lhs_dilation: Sequence[int] | None = None,
+  rhs_dilation: Sequence[int] | None = None,
+  dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
+  feature_group_count: int = 1,
+  batch_group_count: int = 1,
+  precision: lax.PrecisionLike = None,
+  preferred_element_type: jax.typing.DTypeLike | None = None,
+  *,
+  method: str = "auto",
+  memory_budget: int | None = None,
 ) -> jax.Array:
   """The exact adjoint (transpose) of :func:`conv_general_dilated` in its input.
 
@@ -93,29 +93,67 @@ def conv_adjoint(
     (1, 2, 10, 10)
   """
   return _conv_adjoint(
-      "conv_adjoint", cotangent, rhs, lhs_shape, window_strides, padding, lhs_dilation,
-      rhs_dilation, dimension_numbers, feature_group_count, batch_group_count, precision,
-      preferred_element_type, method, memory_budget)
+    "conv_adjoint",
+    cotangent,
+    rhs,
+    lhs_shape,
+    window_strides,
+    padding,
+    lhs_dilation,
+    rhs_dilation,
+    dimension_numbers,
+    feature_group_count,
+    batch_group_count,
+    precision,
+    preferred_element_type,
+    method,
+    memory_budget,
+  )
 
 
-def _conv_adjoint(fn, cotangent, rhs, lhs_shape, window_strides, padding, lhs_dilation,
-                  rhs_dilation, dimension_numbers, feature_group_count, batch_group_count,
-                  precision, preferred_element_type, method, memory_budget) -> jax.Array:
+def _conv_adjoint(
+  fn,
+  cotangent,
+  rhs,
+  lhs_shape,
+  window_strides,
+  padding,
+  lhs_dilation,
+  rhs_dilation,
+  dimension_numbers,
+  feature_group_count,
+  batch_group_count,
+  precision,
+  preferred_element_type,
+  method,
+  memory_budget,
+) -> jax.Array:
   """:func:`conv_adjoint`, with errors naming the public function ``fn``."""
   ct_shape, ct_dtype = shape_of(fn, "cotangent", cotangent)
   rhs_shape, rhs_dtype = shape_of(fn, "rhs", rhs)
   lhs_shape = canonical_shape(fn, "lhs_shape", lhs_shape)
   if not jnp.issubdtype(rhs_dtype, jnp.inexact):
     raise TypeError(
-        f"{fn}: the adjoint is computed by autodiff and needs a floating or complex "
-        f"dtype, got rhs.dtype={np.dtype(rhs_dtype)}; cast the operands first")
-  spec = conv_spec(fn, lhs_shape, rhs_shape, window_strides, padding, lhs_dilation,
-                   rhs_dilation, dimension_numbers, feature_group_count,
-                   batch_group_count)
+      f"{fn}: the adjoint is computed by autodiff and needs a floating or complex "
+      f"dtype, got rhs.dtype={np.dtype(rhs_dtype)}; cast the operands first"
+    )
+  spec = conv_spec(
+    fn,
+    lhs_shape,
+    rhs_shape,
+    window_strides,
+    padding,
+    lhs_dilation,
+    rhs_dilation,
+    dimension_numbers,
+    feature_group_count,
+    batch_group_count,
+  )
   if ct_shape != spec.out_shape:
     raise ValueError(
-        f"{fn}: `cotangent` must have the forward output shape {spec.out_shape} for "
-        f"lhs_shape={lhs_shape} and rhs.shape={rhs_shape}, got cotangent.shape={ct_shape}")
+      f"{fn}: `cotangent` must have the forward output shape {spec.out_shape} for "
+      f"lhs_shape={lhs_shape} and rhs.shape={rhs_shape}, got cotangent.shape={ct_shape}"
+    )
   preferred = preferred_dtype(fn, rhs_dtype, preferred_element_type)
   method, memory_budget = _check_method(fn, method, memory_budget)
   choose_method(spec, method, fn)
@@ -129,15 +167,20 @@ def _conv_adjoint(fn, cotangent, rhs, lhs_shape, window_strides, padding, lhs_di
   out_dtype = rhs_dtype if preferred is None else preferred
   if np.dtype(ct_dtype) != np.dtype(out_dtype):
     raise TypeError(
-        f"{fn}: `cotangent` must have the forward output dtype {np.dtype(out_dtype)}, "
-        f"got cotangent.dtype={np.dtype(ct_dtype)} (rhs.dtype={np.dtype(rhs_dtype)})")
+      f"{fn}: `cotangent` must have the forward output dtype {np.dtype(out_dtype)}, "
+      f"got cotangent.dtype={np.dtype(ct_dtype)} (rhs.dtype={np.dtype(rhs_dtype)})"
+    )
   (x_bar,) = jax.linear_transpose(forward, primal)(jnp.asarray(cotangent))
   return x_bar
 
 
 def transpose_pads(
-    fn: str, padding: Any, in_spatial: tuple[int, ...], k_eff: tuple[int, ...],
-    strides: tuple[int, ...], use_consistent_padding: bool,
+  fn: str,
+  padding: Any,
+  in_spatial: tuple[int, ...],
+  k_eff: tuple[int, ...],
+  strides: tuple[int, ...],
+  use_consistent_padding: bool,
 ) -> tuple[tuple[int, int], ...]:
   """The padding of lax.conv_transpose's stride-1 conv over the dilated input."""
   ones = (1,) * len(strides)
@@ -148,8 +191,9 @@ def transpose_pads(
     # dilated input, which only exists when nothing is dilated.
     if any(s != 1 for s in strides):
       raise ValueError(
-          f"{fn}: `padding`={padding!r} needs `strides` of 1, got strides={strides}; "
-          f"only 'SAME' and 'VALID' (upper case, as in lax) describe a strided forward conv")
+        f"{fn}: `padding`={padding!r} needs `strides` of 1, got strides={strides}; "
+        f"only 'SAME' and 'VALID' (upper case, as in lax) describe a strided forward conv"
+      )
     return canonical_padding(fn, padding, in_spatial, k_eff, ones, strides)
   pads = canonical_padding(fn, padding, in_spatial, k_eff, ones, ones)
   if use_consistent_padding:
@@ -158,9 +202,15 @@ def transpose_pads(
 
 
 def transpose_spec(
-    fn: str, lhs_shape: tuple[int, ...], rhs_shape: tuple[int, ...], strides: Any,
-    padding: Any, rhs_dilation: Any, dimension_numbers: Any, transpose_kernel: bool,
-    use_consistent_padding: bool,
+  fn: str,
+  lhs_shape: tuple[int, ...],
+  rhs_shape: tuple[int, ...],
+  strides: Any,
+  padding: Any,
+  rhs_dilation: Any,
+  dimension_numbers: Any,
+  transpose_kernel: bool,
+  use_consistent_padding: bool,
 ) -> ConvSpec:
   """Validates a conv_transpose and returns the spec of its fractionally strided conv.
 
@@ -171,33 +221,35 @@ def transpose_spec(
   if dimension_numbers is None:
     if ndim < 2 or ndim > 5:
       raise ValueError(
-          f"{fn}: `dimension_numbers` has no default for rank-{ndim} inputs "
-          f"(lhs.shape={lhs_shape}); pass it explicitly")
+        f"{fn}: `dimension_numbers` has no default for rank-{ndim} inputs "
+        f"(lhs.shape={lhs_shape}); pass it explicitly"
+      )
     spatial = "HWD"[: ndim - 2]
     dimension_numbers = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
   dnums = canonical_dimension_numbers(fn, ndim, len(rhs_shape), dimension_numbers)
   lhs_spec, rhs_spec, _ = dnums
   nsp = ndim - 2
   strides = canonical_ints(fn, "strides", strides, nsp, too_small=TypeError)
-  rhs_dil = canonical_ints(fn, "rhs_dilation", rhs_dilation, nsp, default=1,
-                           too_small=TypeError)
+  rhs_dil = canonical_ints(fn, "rhs_dilation", rhs_dilation, nsp, default=1, too_small=TypeError)
   k_eff = tuple(dilate_dim(rhs_shape[d], r) for d, r in zip(rhs_spec[2:], rhs_dil))
   in_spatial = tuple(lhs_shape[d] for d in lhs_spec[2:])
   pads = transpose_pads(fn, padding, in_spatial, k_eff, strides, use_consistent_padding)
   kernel_in = rhs_shape[rhs_spec[0] if transpose_kernel else rhs_spec[1]]
   if kernel_in != lhs_shape[lhs_spec[1]]:
     raise ValueError(
-        f"{fn}: lhs feature size {lhs_shape[lhs_spec[1]]} must equal the kernel's "
-        f"{'output' if transpose_kernel else 'input'}-feature size {kernel_in} "
-        f"(transpose_kernel={transpose_kernel}); lhs.shape={lhs_shape}, rhs.shape={rhs_shape}")
+      f"{fn}: lhs feature size {lhs_shape[lhs_spec[1]]} must equal the kernel's "
+      f"{'output' if transpose_kernel else 'input'}-feature size {kernel_in} "
+      f"(transpose_kernel={transpose_kernel}); lhs.shape={lhs_shape}, rhs.shape={rhs_shape}"
+    )
   prime_shape = list(rhs_shape)
   if transpose_kernel:
     prime_shape[rhs_spec[0]], prime_shape[rhs_spec[1]] = rhs_shape[rhs_spec[1]], kernel_in
   return conv_spec(fn, lhs_shape, prime_shape, (1,) * nsp, pads, strides, rhs_dil, dnums, 1, 1)
 
 
-def _transpose_integer(lhs, rhs, spec, transpose_kernel, precision, preferred, method,
-                       memory_budget) -> jax.Array:
+def _transpose_integer(
+  lhs, rhs, spec, transpose_kernel, precision, preferred, method, memory_budget
+) -> jax.Array:
   # Integers have no autodiff adjoint: lax's own formulation (the fractionally
   # strided conv) through the im2col conv.
   rhs_spec = spec.geometry.dimension_numbers.rhs_spec
@@ -206,8 +258,9 @@ def _transpose_integer(lhs, rhs, spec, transpose_kernel, precision, preferred, m
   return conv_with_spec(lhs, rhs, spec, precision, preferred, method, memory_budget)
 
 
-def _transpose_by_adjoint(fn, lhs, rhs, spec, transpose_kernel, precision, preferred, method,
-                          memory_budget) -> jax.Array:
+def _transpose_by_adjoint(
+  fn, lhs, rhs, spec, transpose_kernel, precision, preferred, method, memory_budget
+) -> jax.Array:
   # lax computes the fractionally strided conv conv(dilate(x, s), k', pads), with
   # k' = flip+swap(k) if transpose_kernel else k. That is the adjoint of the
   # strided forward conv whose kernel is flip+swap(k'), with forward padding
@@ -222,33 +275,49 @@ def _transpose_by_adjoint(fn, lhs, rhs, spec, transpose_kernel, precision, prefe
     rhs = jnp.flip(rhs, axis=tuple(rhs_spec[2:]))
     forward_rhs_spec = (rhs_spec[1], rhs_spec[0], *rhs_spec[2:])  # swap O and I roles
   forward_dnums = ConvDimensionNumbers(out_spec, forward_rhs_spec, lhs_spec)
-  forward_in_shape = layout_shape(out_spec, (g.batch, rhs.shape[forward_rhs_spec[1]],
-                                             *g.out_spatial))
-  forward_pads = tuple((k - 1 - lo, k - 1 - hi)
-                       for k, (lo, hi) in zip(g.effective_filter_shape, g.padding))
+  forward_in_shape = layout_shape(
+    out_spec, (g.batch, rhs.shape[forward_rhs_spec[1]], *g.out_spatial)
+  )
+  forward_pads = tuple(
+    (k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(g.effective_filter_shape, g.padding)
+  )
   if preferred is not None:
     # The adjoint returns the primal dtype; compute in the requested type instead
     # (products of the narrower inputs are exact in it, as in a widening GEMM).
     lhs, rhs = lhs.astype(preferred), rhs.astype(preferred)
-  return _conv_adjoint(fn, lhs, rhs, forward_in_shape, g.lhs_dilation, forward_pads, None,
-                       g.rhs_dilation, forward_dnums, 1, 1, precision, None, method,
-                       memory_budget)
+  return _conv_adjoint(
+    fn,
+    lhs,
+    rhs,
+    forward_in_shape,
+    g.lhs_dilation,
+    forward_pads,
+    None,
+    g.rhs_dilation,
+    forward_dnums,
+    1,
+    1,
+    precision,
+    None,
+    method,
+    memory_budget,
+  )
 
 
 def conv_transpose(
-    lhs: jax.typing.ArrayLike,
-    rhs: jax.typing.ArrayLike,
-    strides: Sequence[int],
-    padding: str | Sequence[tuple[int, int]],
-    rhs_dilation: Sequence[int] | None = None,
-    dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
-    transpose_kernel: bool = False,
-    precision: lax.PrecisionLike = None,
-    preferred_element_type: jax.typing.DTypeLike | None = None,
-    use_consistent_padding: bool = False,
-    *,
-    method: str = "auto",
-    memory_budget: int | None = None,
+  lhs: jax.typing.ArrayLike,
+  rhs: jax.typing.ArrayLike,
+  strides: Sequence[int],
+  padding: str | Sequence[tuple[int, int]],
+  rhs_dilation: Sequence[int] | None = None,
+  dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
+  transpose_kernel: bool = False,
+  precision: lax.PrecisionLike = None,
+  preferred_element_type: jax.typing.DTypeLike | None = None,
+  use_consistent_padding: bool = False,
+  *,
+  method: str = "auto",
+  memory_budget: int | None = None,
 ) -> jax.Array:
   """A drop-in for ``jax.lax.conv_transpose``, computed by the im2col conv.
 
@@ -285,15 +354,26 @@ def conv_transpose(
   fn = "conv_transpose"
   lhs_shape, lhs_dtype = shape_of(fn, "lhs", lhs)
   rhs_shape, rhs_dtype = shape_of(fn, "rhs", rhs)
-  spec = transpose_spec(fn, lhs_shape, rhs_shape, strides, padding, rhs_dilation,
-                        dimension_numbers, transpose_kernel, use_consistent_padding)
+  spec = transpose_spec(
+    fn,
+    lhs_shape,
+    rhs_shape,
+    strides,
+    padding,
+    rhs_dilation,
+    dimension_numbers,
+    transpose_kernel,
+    use_consistent_padding,
+  )
   preferred = check_dtypes(fn, lhs_dtype, rhs_dtype, preferred_element_type)
   method, memory_budget = _check_method(fn, method, memory_budget)
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
   if math.prod(spec.out_shape) == 0:  # as lax: an empty result, nothing to transpose
     return jnp.zeros(spec.out_shape, lhs.dtype if preferred is None else preferred)
   if not jnp.issubdtype(lhs.dtype, jnp.inexact):
-    return _transpose_integer(lhs, rhs, spec, transpose_kernel, precision, preferred, method,
-                              memory_budget)
-  return _transpose_by_adjoint(fn, lhs, rhs, spec, transpose_kernel, precision, preferred,
-                               method, memory_budget)
+    return _transpose_integer(
+      lhs, rhs, spec, transpose_kernel, precision, preferred, method, memory_budget
+    )
+  return _transpose_by_adjoint(
+    fn, lhs, rhs, spec, transpose_kernel, precision, preferred, method, memory_budget
+  )

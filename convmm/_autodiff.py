@@ -51,27 +51,34 @@ def canonical_dimension_numbers(num_spatial: int) -> ConvDimensionNumbers:
   spatial = tuple(range(1, num_spatial + 1))
   channels_last = (0, num_spatial + 1, *spatial)
   return ConvDimensionNumbers(
-      channels_last, (num_spatial + 1, num_spatial, *range(num_spatial)), channels_last)
+    channels_last, (num_spatial + 1, num_spatial, *range(num_spatial)), channels_last
+  )
 
 
 def canonical_spec(spec: ConvSpec) -> ConvSpec:
   """``spec`` with canonical (channels-last) dimension numbers."""
   dnums = canonical_dimension_numbers(spec.geometry.num_spatial)
   return dataclasses.replace(
-      spec, geometry=dataclasses.replace(spec.geometry, dimension_numbers=dnums))
+    spec, geometry=dataclasses.replace(spec.geometry, dimension_numbers=dnums)
+  )
 
 
 def _forward(x, w, *, spec, precision, preferred_element_type, method, memory_budget):
   from convmm._conv import conv_channels_last  # _conv imports this module
 
   w_tio = w.reshape(spec.geometry.num_taps, *w.shape[-2:])
-  return conv_channels_last(x, w_tio, spec, precision, preferred_element_type, method,
-                            memory_budget)
+  return conv_channels_last(
+    x, w_tio, spec, precision, preferred_element_type, method, memory_budget
+  )
 
 
 conv_p = Primitive("convmm_conv")
-conv_p.def_impl(jax.jit(_forward, static_argnames=(
-    "spec", "precision", "preferred_element_type", "method", "memory_budget")))
+conv_p.def_impl(
+  jax.jit(
+    _forward,
+    static_argnames=("spec", "precision", "preferred_element_type", "method", "memory_budget"),
+  )
+)
 mlir.register_lowering(conv_p, mlir.lower_fun(_forward, multiple_results=False))
 
 
@@ -83,17 +90,22 @@ def _abstract_eval(x, w, *, spec, preferred_element_type, **_):
     # lax's rule: batch and spatial dimensions keep the input's sharding where
     # it still divides them; sharded features or kernels need an out_sharding.
     if sharding.spec[-1:] not in ((), (None,)) or not (
-        w.sharding.mesh.empty or w.sharding.is_fully_replicated):
+      w.sharding.mesh.empty or w.sharding.is_fully_replicated
+    ):
       raise ShardingTypeError(
-          "conv_general_dilated: the input's feature dimension and the kernel must not be "
-          f"sharded; got input {x.str_short(True)} and kernel {w.str_short(True)}; pass "
-          "`out_sharding`")
+        "conv_general_dilated: the input's feature dimension and the kernel must not be "
+        f"sharded; got input {x.str_short(True)} and kernel {w.str_short(True)}; pass "
+        "`out_sharding`"
+      )
     sizes = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_sizes))
     parts = [*sharding.spec, *[None] * (x.ndim - len(sharding.spec))]
     parts[-1] = None
-    parts = [p if p is None or size % math.prod(
-        sizes[a] for a in (p if isinstance(p, tuple) else (p,))) == 0 else None
-             for p, size in zip(parts, shape)]
+    parts = [
+      p
+      if p is None or size % math.prod(sizes[a] for a in (p if isinstance(p, tuple) else (p,))) == 0
+      else None
+      for p, size in zip(parts, shape)
+    ]
     sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*parts))
   return x.update(shape=shape, dtype=dtype, weak_type=False, sharding=sharding)
 
@@ -101,9 +113,15 @@ def _abstract_eval(x, w, *, spec, preferred_element_type, **_):
 conv_p.def_abstract_eval(_abstract_eval)
 
 
-def conv(x: jax.Array, w: jax.Array, spec: ConvSpec, precision: Any = None,
-         preferred_element_type: Any = None, method: str = "im2col",
-         memory_budget: int | None = None) -> jax.Array:
+def conv(
+  x: jax.Array,
+  w: jax.Array,
+  spec: ConvSpec,
+  precision: Any = None,
+  preferred_element_type: Any = None,
+  method: str = "im2col",
+  memory_budget: int | None = None,
+) -> jax.Array:
   """The convolution of canonical operands as one ``conv_p`` call.
 
   Args:
@@ -121,9 +139,15 @@ def conv(x: jax.Array, w: jax.Array, spec: ConvSpec, precision: Any = None,
     preferred_element_type = np.dtype(preferred_element_type)
   if isinstance(precision, list):
     precision = tuple(precision)
-  return conv_p.bind(x, w, spec=canonical_spec(spec), precision=precision,
-                     preferred_element_type=preferred_element_type, method=method,
-                     memory_budget=memory_budget)
+  return conv_p.bind(
+    x,
+    w,
+    spec=canonical_spec(spec),
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+    method=method,
+    memory_budget=memory_budget,
+  )
 
 
 def _rebind(x, w, spec, params):
@@ -140,8 +164,13 @@ def _lhs_transpose_padding(spec: ConvSpec) -> tuple[tuple[int, int], ...]:
   g = spec.geometry
   pads = []
   for size, k_eff, s, out, (lo, _), d in zip(
-      g.in_spatial, g.effective_filter_shape, g.window_strides, g.out_spatial, g.padding,
-      g.lhs_dilation):
+    g.in_spatial,
+    g.effective_filter_shape,
+    g.window_strides,
+    g.out_spatial,
+    g.padding,
+    g.lhs_dilation,
+  ):
     in_dilated = 0 if size == 0 else (size - 1) * d + 1
     out_dilated = 0 if out == 0 else (out - 1) * s + 1
     before = k_eff - 1 - lo
@@ -150,7 +179,7 @@ def _lhs_transpose_padding(spec: ConvSpec) -> tuple[tuple[int, int], ...]:
 
 
 def _split_axis(a, axis, parts):
-  return a.reshape(*a.shape[:axis], parts, a.shape[axis] // parts, *a.shape[axis + 1:])
+  return a.reshape(*a.shape[:axis], parts, a.shape[axis] // parts, *a.shape[axis + 1 :])
 
 
 def _input_grad_conv(ct, w, spec, params):
@@ -160,14 +189,23 @@ def _input_grad_conv(ct, w, spec, params):
   groups = spec.feature_group_count * spec.batch_group_count
   # (*k, cg, O) with O group-major -> (*k, og, groups * cg): the groups move from
   # the kernel's output features into its (new) output features.
-  w = _split_axis(w, nsp + 1, groups)                       # (*k, cg, G, og)
-  w = jnp.moveaxis(w, nsp + 1, nsp)                         # (*k, G, cg, og)
+  w = _split_axis(w, nsp + 1, groups)  # (*k, cg, G, og)
+  w = jnp.moveaxis(w, nsp + 1, nsp)  # (*k, G, cg, og)
   w = w.reshape(*w.shape[:nsp], -1, w.shape[-1])
   w = jnp.swapaxes(jnp.flip(w, tuple(range(nsp))), nsp, nsp + 1)  # (*k, og, G*cg)
   t_spec = conv_spec(
-      "conv_general_dilated", ct.shape, w.shape, g.lhs_dilation, _lhs_transpose_padding(spec),
-      g.window_strides, g.rhs_dilation, canonical_dimension_numbers(nsp), groups, 1)
-  dx = _rebind(ct, w, t_spec, params)                       # (N', *in, G*cg)
+    "conv_general_dilated",
+    ct.shape,
+    w.shape,
+    g.lhs_dilation,
+    _lhs_transpose_padding(spec),
+    g.window_strides,
+    g.rhs_dilation,
+    canonical_dimension_numbers(nsp),
+    groups,
+    1,
+  )
+  dx = _rebind(ct, w, t_spec, params)  # (N', *in, G*cg)
   if spec.batch_group_count > 1:  # the groups go back into the batch, group-major
     dx = _split_axis(dx, nsp + 1, spec.batch_group_count)
     dx = jnp.moveaxis(dx, nsp + 1, 0)
@@ -199,12 +237,22 @@ def _patch_cotangent(ct, w, spec, precision, acc_dtype):
   nsp, t = g.num_spatial, g.num_taps
   groups, bg = spec.feature_group_count * spec.batch_group_count, spec.batch_group_count
   if groups == 1:
-    return lax.dot_general(ct, w.reshape(t, *w.shape[-2:]), (((nsp + 1,), (2,)), ((), ())),
-                           precision=precision, preferred_element_type=acc_dtype)
-  w = w.reshape(t, w.shape[-2], groups, w.shape[-1] // groups)      # (T, cg, G, og)
-  ct = _split_axis(ct, nsp + 1, groups)                               # (N', *out, G, og)
-  dp = lax.dot_general(ct, w, (((nsp + 2,), (3,)), ((nsp + 1,), (2,))), precision=precision,
-                       preferred_element_type=acc_dtype)             # (G, N', *out, T, cg)
+    return lax.dot_general(
+      ct,
+      w.reshape(t, *w.shape[-2:]),
+      (((nsp + 1,), (2,)), ((), ())),
+      precision=precision,
+      preferred_element_type=acc_dtype,
+    )
+  w = w.reshape(t, w.shape[-2], groups, w.shape[-1] // groups)  # (T, cg, G, og)
+  ct = _split_axis(ct, nsp + 1, groups)  # (N', *out, G, og)
+  dp = lax.dot_general(
+    ct,
+    w,
+    (((nsp + 2,), (3,)), ((nsp + 1,), (2,))),
+    precision=precision,
+    preferred_element_type=acc_dtype,
+  )  # (G, N', *out, T, cg)
   if bg > 1:  # batch groups: the group axis is the batch's major part
     return dp.reshape(-1, *dp.shape[2:])
   dp = jnp.moveaxis(dp, 0, -2)
@@ -237,8 +285,7 @@ def _over_batch_chunks(fn, arrays, spec: ConvSpec, chunk: int):
   """
   n = spec.geometry.batch
   num = -(-n // chunk)
-  chunk_spec = dataclasses.replace(
-      spec, geometry=dataclasses.replace(spec.geometry, batch=chunk))
+  chunk_spec = dataclasses.replace(spec, geometry=dataclasses.replace(spec.geometry, batch=chunk))
   padded = [jnp.pad(a, ((0, num * chunk - n),) + ((0, 0),) * (a.ndim - 1)) for a in arrays]
   chunks = [a.reshape(num, chunk, *a.shape[1:]) for a in padded]
   return lax.map(lambda args: fn(*args, chunk_spec), chunks)
@@ -264,13 +311,17 @@ def _lhs_rule(ct, x, w, **params):
   acc_dtype = _acc_dtype(ct.dtype, None)
   if all(s == 1 for s in spec.geometry.window_strides):
     dx = _input_grad_conv(ct, w, spec, {**params, "preferred_element_type": None})
-  elif spec.batch_group_count > 1 or (chunk := _batch_chunk(
-      spec, ct.dtype.itemsize, params["memory_budget"])) >= spec.geometry.batch:
+  elif (
+    spec.batch_group_count > 1
+    or (chunk := _batch_chunk(spec, ct.dtype.itemsize, params["memory_budget"]))
+    >= spec.geometry.batch
+  ):
     dx = _input_grad_col2im(ct, w, spec, precision, acc_dtype)
   else:
     dx = _over_batch_chunks(
-        lambda c, s: _input_grad_col2im(c, w, s, precision, acc_dtype), [ct], spec, chunk)
-    dx = dx.reshape(-1, *dx.shape[2:])[:spec.geometry.batch]
+      lambda c, s: _input_grad_col2im(c, w, s, precision, acc_dtype), [ct], spec, chunk
+    )
+    dx = dx.reshape(-1, *dx.shape[2:])[: spec.geometry.batch]
   return dx.astype(x_aval.dtype)
 
 
@@ -283,29 +334,47 @@ def _kernel_grad(x, ct, spec, precision, acc_dtype):
   if fg > 1:  # (N, *sp, G, cg) -> (G * N, *sp, cg): one patch matrix per group
     x = jnp.moveaxis(_split_axis(x, nsp + 1, fg), nsp + 1, 0)
     x = x.reshape(-1, *x.shape[2:])
-  patches = _patches(x, dataclasses.replace(spec, geometry=dataclasses.replace(
-      g, batch=x.shape[0], in_features=x.shape[-1])))         # (G*N or N, *out, T, cg)
+  patches = _patches(
+    x,
+    dataclasses.replace(
+      spec, geometry=dataclasses.replace(g, batch=x.shape[0], in_features=x.shape[-1])
+    ),
+  )  # (G*N or N, *out, T, cg)
   m = math.prod(ct.shape[:-1])
   # The cotangent is the GEMM's left operand: XLA's fast CPU GEMM wants the
   # contraction on the left operand's minor axis, and transposing the cotangent
   # for that is cheaper than transposing the patches.
   # The kernel is replicated even where the batch is sharded (lax's rule).
   mesh = jax.typeof(ct).sharding.mesh
-  out_sharding = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-                  if jax.sharding.AxisType.Explicit in mesh.axis_types else None)
+  out_sharding = (
+    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    if jax.sharding.AxisType.Explicit in mesh.axis_types
+    else None
+  )
   if groups == 1:  # contract (N, *out): multi-axis, so XLA canonicalises it for YNNPACK
     patches = patches.reshape(*patches.shape[:-2], -1)
     dims = tuple(range(nsp + 1))
-    dw = lax.dot_general(ct, patches, ((dims, dims), ((), ())), precision=precision,
-                         preferred_element_type=acc_dtype, out_sharding=out_sharding)[None]
+    dw = lax.dot_general(
+      ct,
+      patches,
+      ((dims, dims), ((), ())),
+      precision=precision,
+      preferred_element_type=acc_dtype,
+      out_sharding=out_sharding,
+    )[None]
   else:
     patches = patches.reshape(groups, m, t * patches.shape[-1])  # group-major rows
     ct = _split_axis(ct, nsp + 1, groups).reshape(m, groups, -1)
-    dw = lax.dot_general(ct, patches, (((0,), (1,)), ((1,), (0,))), precision=precision,
-                         preferred_element_type=acc_dtype,
-                         out_sharding=out_sharding)           # (G, og, T * cg)
+    dw = lax.dot_general(
+      ct,
+      patches,
+      (((0,), (1,)), ((1,), (0,))),
+      precision=precision,
+      preferred_element_type=acc_dtype,
+      out_sharding=out_sharding,
+    )  # (G, og, T * cg)
   dw = dw.reshape(groups, dw.shape[1], t, -1)
-  dw = jnp.transpose(dw, (2, 3, 0, 1))                        # (T, cg, G, og)
+  dw = jnp.transpose(dw, (2, 3, 0, 1))  # (T, cg, G, og)
   return dw.reshape(*g.filter_shape, dw.shape[1], -1)
 
 
@@ -322,8 +391,8 @@ def _rhs_rule(ct, x, w, **params):
     dw = _kernel_grad(x, ct, spec, precision, acc_dtype)
   else:
     dw = _over_batch_chunks(
-        lambda xc, cc, s: _kernel_grad(xc, cc, s, precision, acc_dtype), [x, ct], spec,
-        chunk).sum(0)
+      lambda xc, cc, s: _kernel_grad(xc, cc, s, precision, acc_dtype), [x, ct], spec, chunk
+    ).sum(0)
   return dw.astype(w_aval.dtype)
 
 
@@ -341,31 +410,31 @@ def _batch_rule(args, dims, **params):
   nsp = g.num_spatial
   fg, bg = spec.feature_group_count, spec.batch_group_count
   if xd is not None and wd is None:
-    x = jnp.moveaxis(x, xd, 0)                                 # (B, N, *sp, C)
+    x = jnp.moveaxis(x, xd, 0)  # (B, N, *sp, C)
     b = x.shape[0]
     if bg > 1:  # keep the batch groups major: (B, G, n) -> (G, B, n)
       x = jnp.swapaxes(_split_axis(x, 1, bg), 0, 1)
-    x = x.reshape(-1, *x.shape[2 if bg == 1 else 3:])
+    x = x.reshape(-1, *x.shape[2 if bg == 1 else 3 :])
     y = _rebind(x, w, _respec(spec, x.shape, w.shape, fg, bg), params)
     return y.reshape(b, -1, *y.shape[1:]), 0
   if xd is None:
-    w = jnp.moveaxis(w, wd, nsp + 1)                           # (*k, I, B, O)
+    w = jnp.moveaxis(w, wd, nsp + 1)  # (*k, I, B, O)
     b = w.shape[nsp + 1]
-    w = _split_axis(w, nsp + 2, fg * bg)                       # (*k, I, B, G, og)
-    w = jnp.swapaxes(w, nsp + 1, nsp + 2)                      # (*k, I, G, B, og)
-    w = w.reshape(*w.shape[:nsp + 1], -1)
+    w = _split_axis(w, nsp + 2, fg * bg)  # (*k, I, B, G, og)
+    w = jnp.swapaxes(w, nsp + 1, nsp + 2)  # (*k, I, G, B, og)
+    w = w.reshape(*w.shape[: nsp + 1], -1)
     y = _rebind(x, w, _respec(spec, x.shape, w.shape, fg, bg), params)
-    y = y.reshape(*y.shape[:-1], fg * bg, b, -1)               # (..., G, B, og)
+    y = y.reshape(*y.shape[:-1], fg * bg, b, -1)  # (..., G, B, og)
     y = jnp.moveaxis(y, -2, 0)
     return y.reshape(*y.shape[:-2], -1), 0
   if bg > 1:
     return jax.vmap(functools.partial(_forward, **params), (xd, wd))(x, w), 0
   # Both mapped: the map becomes the outermost feature group.
-  x = jnp.moveaxis(jnp.moveaxis(x, xd, 0), 0, -2)              # (N, *sp, B, C)
+  x = jnp.moveaxis(jnp.moveaxis(x, xd, 0), 0, -2)  # (N, *sp, B, C)
   b = x.shape[-2]
   x = x.reshape(*x.shape[:-2], -1)
-  w = jnp.moveaxis(w, wd, nsp + 1)                             # (*k, I, B, O)
-  w = w.reshape(*w.shape[:nsp + 1], -1)
+  w = jnp.moveaxis(w, wd, nsp + 1)  # (*k, I, B, O)
+  w = w.reshape(*w.shape[: nsp + 1], -1)
   y = _rebind(x, w, _respec(spec, x.shape, w.shape, fg * b, 1), params)
   y = y.reshape(*y.shape[:-1], b, -1)
   return jnp.moveaxis(y, -2, 0), 0
@@ -373,8 +442,18 @@ def _batch_rule(args, dims, **params):
 
 def _respec(spec, x_shape, w_shape, fg, bg):
   g = spec.geometry
-  return conv_spec("conv_general_dilated", x_shape, w_shape, g.window_strides, g.padding,
-                   g.lhs_dilation, g.rhs_dilation, g.dimension_numbers, fg, bg)
+  return conv_spec(
+    "conv_general_dilated",
+    x_shape,
+    w_shape,
+    g.window_strides,
+    g.padding,
+    g.lhs_dilation,
+    g.rhs_dilation,
+    g.dimension_numbers,
+    fg,
+    bg,
+  )
 
 
 batching.primitive_batchers[conv_p] = _batch_rule

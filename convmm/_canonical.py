@@ -72,8 +72,8 @@ class ConvGeometry:
   def padded_spatial(self) -> tuple[int, ...]:
     """Spatial sizes of the input after dilation and padding."""
     return tuple(
-        dilate_dim(i, d) + lo + hi
-        for i, d, (lo, hi) in zip(self.in_spatial, self.lhs_dilation, self.padding)
+      dilate_dim(i, d) + lo + hi
+      for i, d, (lo, hi) in zip(self.in_spatial, self.lhs_dilation, self.padding)
     )
 
   @property
@@ -91,7 +91,7 @@ def dilate_dim(size: int, dilation: int) -> int:
 
 
 def conv_transpose_padding(
-    k_eff: int, stride: int, padding: str | Sequence[int]
+  k_eff: int, stride: int, padding: str | Sequence[int]
 ) -> tuple[int, int]:
   """lax's transposed-convolution padding of one spatial dimension.
 
@@ -158,8 +158,14 @@ def positive_count(fn: str, name: str, value: Any, *, bool_ok: bool = False) -> 
 
 
 def canonical_ints(
-    fn: str, name: str, value: Any, length: int, *, default: int | None = None,
-    minimum: int = 1, too_small: type[Exception] = ValueError,
+  fn: str,
+  name: str,
+  value: Any,
+  length: int,
+  *,
+  default: int | None = None,
+  minimum: int = 1,
+  too_small: type[Exception] = ValueError,
 ) -> tuple[int, ...]:
   """Validates a sequence of ``length`` ints, each ``>= minimum``.
 
@@ -170,20 +176,19 @@ def canonical_ints(
   if value is None and default is not None:
     return (default,) * length
   if isinstance(value, (str, bytes)) or not isinstance(value, Sequence | np.ndarray):
-    raise TypeError(
-        f"{fn}: `{name}` must be a sequence of {length} ints, got {value!r}")
+    raise TypeError(f"{fn}: `{name}` must be a sequence of {length} ints, got {value!r}")
   values = tuple(value)
   if len(values) != length:
     raise ValueError(
-        f"{fn}: `{name}` must have one entry per spatial dimension ({length}), "
-        f"got {len(values)}: {name}={values!r}")
+      f"{fn}: `{name}` must have one entry per spatial dimension ({length}), "
+      f"got {len(values)}: {name}={values!r}"
+    )
   ints = tuple(as_int(v) for v in values)
   if any(v is None for v in ints):
     raise TypeError(f"{fn}: `{name}` must contain ints, got {name}={values!r}")
   values = tuple(v for v in ints if v is not None)
   if any(v < minimum for v in values):
-    raise too_small(
-        f"{fn}: `{name}` entries must be >= {minimum}, got {name}={values!r}")
+    raise too_small(f"{fn}: `{name}` entries must be >= {minimum}, got {name}={values!r}")
   return values
 
 
@@ -201,7 +206,7 @@ def canonical_shape(fn: str, name: str, value: Any) -> tuple[int, ...]:
 
 
 def canonical_dimension_numbers(
-    fn: str, lhs_ndim: int, rhs_ndim: int, dimension_numbers: Any
+  fn: str, lhs_ndim: int, rhs_ndim: int, dimension_numbers: Any
 ) -> ConvDimensionNumbers:
   """Validates ``dimension_numbers`` and returns ``lax.ConvDimensionNumbers``.
 
@@ -213,12 +218,13 @@ def canonical_dimension_numbers(
     # TypeError from conv_dimension_numbers otherwise.
     exc = ValueError if isinstance(dimension_numbers, ConvDimensionNumbers) else TypeError
     raise exc(
-        f"{fn}: `lhs` and `rhs` must have the same rank, got lhs.ndim={lhs_ndim} "
-        f"and rhs.ndim={rhs_ndim}")
+      f"{fn}: `lhs` and `rhs` must have the same rank, got lhs.ndim={lhs_ndim} "
+      f"and rhs.ndim={rhs_ndim}"
+    )
   if lhs_ndim < 2:
     raise ValueError(
-        f"{fn}: `lhs` must have rank >= 2 (batch, feature, *spatial), got "
-        f"ndim={lhs_ndim}")
+      f"{fn}: `lhs` must have rank >= 2 (batch, feature, *spatial), got ndim={lhs_ndim}"
+    )
   ndim = lhs_ndim
   if dimension_numbers is None:
     spec = tuple(range(ndim))
@@ -227,42 +233,54 @@ def canonical_dimension_numbers(
     for name, spec in zip(("lhs_spec", "rhs_spec", "out_spec"), dimension_numbers):
       if sorted(int(s) for s in spec) != list(range(ndim)):
         raise ValueError(
-            f"{fn}: `dimension_numbers.{name}` must be a permutation of "
-            f"range({ndim}), got {tuple(spec)!r}")
-    return ConvDimensionNumbers(*(tuple(int(s) for s in spec)
-                                  for spec in dimension_numbers))
-  if (not isinstance(dimension_numbers, Sequence) or isinstance(dimension_numbers, str)
-      or len(dimension_numbers) != 3
-      or not all(isinstance(s, str) for s in dimension_numbers)):
+          f"{fn}: `dimension_numbers.{name}` must be a permutation of "
+          f"range({ndim}), got {tuple(spec)!r}"
+        )
+    return ConvDimensionNumbers(*(tuple(int(s) for s in spec) for spec in dimension_numbers))
+  if (
+    not isinstance(dimension_numbers, Sequence)
+    or isinstance(dimension_numbers, str)
+    or len(dimension_numbers) != 3
+    or not all(isinstance(s, str) for s in dimension_numbers)
+  ):
     raise TypeError(
-        f"{fn}: `dimension_numbers` must be None, a lax.ConvDimensionNumbers or a "
-        f"tuple of three spec strings like ('NHWC', 'HWIO', 'NHWC'), got "
-        f"{dimension_numbers!r}")
+      f"{fn}: `dimension_numbers` must be None, a lax.ConvDimensionNumbers or a "
+      f"tuple of three spec strings like ('NHWC', 'HWIO', 'NHWC'), got "
+      f"{dimension_numbers!r}"
+    )
   lhs_spec, rhs_spec, out_spec = dimension_numbers
-  for name, spec, (a, b) in (("lhs_spec", lhs_spec, "NC"), ("rhs_spec", rhs_spec, "OI"),
-                             ("out_spec", out_spec, "NC")):
+  for name, spec, (a, b) in (
+    ("lhs_spec", lhs_spec, "NC"),
+    ("rhs_spec", rhs_spec, "OI"),
+    ("out_spec", out_spec, "NC"),
+  ):
     # Malformed spec strings are TypeErrors, as in lax's conv_dimension_numbers.
     if len(spec) != ndim:
       raise TypeError(
-          f"{fn}: `dimension_numbers` {name} {spec!r} must have one letter per "
-          f"array dimension ({ndim})")
+        f"{fn}: `dimension_numbers` {name} {spec!r} must have one letter per "
+        f"array dimension ({ndim})"
+      )
     if len(set(spec)) != ndim or spec.count(a) != 1 or spec.count(b) != 1:
       raise TypeError(
-          f"{fn}: `dimension_numbers` {name} {spec!r} must contain '{a}' and '{b}' "
-          f"once each and distinct spatial letters")
-  spatial = [set(s) - set(ab) for s, ab in ((lhs_spec, "NC"), (rhs_spec, "OI"),
-                                             (out_spec, "NC"))]
+        f"{fn}: `dimension_numbers` {name} {spec!r} must contain '{a}' and '{b}' "
+        f"once each and distinct spatial letters"
+      )
+  spatial = [set(s) - set(ab) for s, ab in ((lhs_spec, "NC"), (rhs_spec, "OI"), (out_spec, "NC"))]
   if not spatial[0] == spatial[1] == spatial[2]:
     raise TypeError(
-        f"{fn}: `dimension_numbers` must use the same spatial letters in all three "
-        f"specs, got {tuple(dimension_numbers)!r}")
+      f"{fn}: `dimension_numbers` must use the same spatial letters in all three "
+      f"specs, got {tuple(dimension_numbers)!r}"
+    )
   return lax.conv_dimension_numbers((0,) * ndim, (0,) * ndim, tuple(dimension_numbers))
 
 
 def canonical_padding(
-    fn: str, padding: Any, in_spatial: Sequence[int],
-    effective_filter_shape: Sequence[int], window_strides: Sequence[int],
-    lhs_dilation: Sequence[int],
+  fn: str,
+  padding: Any,
+  in_spatial: Sequence[int],
+  effective_filter_shape: Sequence[int],
+  window_strides: Sequence[int],
+  lhs_dilation: Sequence[int],
 ) -> tuple[tuple[int, int], ...]:
   """Turns 'SAME', 'SAME_LOWER', 'VALID' or (lo, hi) pairs into pairs.
 
@@ -275,56 +293,69 @@ def canonical_padding(
     mode = padding.upper()
     if mode not in PADDING_STRINGS:
       raise ValueError(
-          f"{fn}: `padding` must be one of {PADDING_STRINGS} or a sequence of "
-          f"(low, high) pairs, got {padding!r}")
+        f"{fn}: `padding` must be one of {PADDING_STRINGS} or a sequence of "
+        f"(low, high) pairs, got {padding!r}"
+      )
     if any(d != 1 for d in lhs_dilation):
       raise ValueError(
-          f"{fn}: string `padding` ({padding!r}) cannot be combined with "
-          f"`lhs_dilation`={tuple(lhs_dilation)!r}; give explicit (low, high) pairs "
-          f"or use conv_transpose / conv_adjoint")
-    return tuple((int(lo), int(hi)) for lo, hi in lax.padtype_to_pads(
-        tuple(in_spatial), tuple(effective_filter_shape), tuple(window_strides), mode))
+        f"{fn}: string `padding` ({padding!r}) cannot be combined with "
+        f"`lhs_dilation`={tuple(lhs_dilation)!r}; give explicit (low, high) pairs "
+        f"or use conv_transpose / conv_adjoint"
+      )
+    return tuple(
+      (int(lo), int(hi))
+      for lo, hi in lax.padtype_to_pads(
+        tuple(in_spatial), tuple(effective_filter_shape), tuple(window_strides), mode
+      )
+    )
   if not isinstance(padding, Sequence | np.ndarray):
     raise ValueError(
-        f"{fn}: `padding` must be a string or a sequence of (low, high) pairs, got "
-        f"{padding!r}")
+      f"{fn}: `padding` must be a string or a sequence of (low, high) pairs, got {padding!r}"
+    )
   pairs = tuple(padding)
   out = []
   for pair in pairs:
-    if (isinstance(pair, str) or not isinstance(pair, Sequence | np.ndarray)
-        or len(pair) != 2 or any(as_int(p) is None for p in pair)):
+    if (
+      isinstance(pair, str)
+      or not isinstance(pair, Sequence | np.ndarray)
+      or len(pair) != 2
+      or any(as_int(p) is None for p in pair)
+    ):
       raise ValueError(
-          f"{fn}: `padding` entries must be (low, high) pairs of ints, got "
-          f"padding={padding!r}")
+        f"{fn}: `padding` entries must be (low, high) pairs of ints, got padding={padding!r}"
+      )
     out.append((as_int(pair[0]), as_int(pair[1])))
   if len(pairs) != nsp:
     raise TypeError(
-        f"{fn}: `padding` must have one (low, high) pair per spatial dimension "
-        f"({nsp}), got {len(pairs)}: padding={padding!r}")
+      f"{fn}: `padding` must have one (low, high) pair per spatial dimension "
+      f"({nsp}), got {len(pairs)}: padding={padding!r}"
+    )
   return tuple(out)
 
 
 def output_spatial(
-    padded_spatial: Sequence[int], effective_filter_shape: Sequence[int],
-    window_strides: Sequence[int],
+  padded_spatial: Sequence[int],
+  effective_filter_shape: Sequence[int],
+  window_strides: Sequence[int],
 ) -> tuple[int, ...]:
   """The output-size rule: ``floor((padded - k_eff) / stride) + 1``, or 0."""
   return tuple(
-      (p - k) // s + 1 if p >= k else 0
-      for p, k, s in zip(padded_spatial, effective_filter_shape, window_strides))
+    (p - k) // s + 1 if p >= k else 0
+    for p, k, s in zip(padded_spatial, effective_filter_shape, window_strides)
+  )
 
 
 def conv_geometry(
-    fn: str,
-    lhs_shape: Sequence[int],
-    rhs_ndim: int,
-    filter_shape: Sequence[int] | None,
-    window_strides: Any,
-    padding: Any,
-    lhs_dilation: Any,
-    rhs_dilation: Any,
-    dimension_numbers: Any,
-    rhs_shape: Sequence[int] | None = None,
+  fn: str,
+  lhs_shape: Sequence[int],
+  rhs_ndim: int,
+  filter_shape: Sequence[int] | None,
+  window_strides: Any,
+  padding: Any,
+  lhs_dilation: Any,
+  rhs_dilation: Any,
+  dimension_numbers: Any,
+  rhs_shape: Sequence[int] | None = None,
 ) -> ConvGeometry:
   """Validates convolution arguments and returns their canonical form.
 
@@ -340,33 +371,32 @@ def conv_geometry(
     filter_shape = tuple(int(rhs_shape[d]) for d in rhs_spec[2:])
     if any(k < 1 for k in filter_shape):
       raise ValueError(
-          f"{fn}: `rhs` spatial sizes must be >= 1 (lax cannot lower an empty window), "
-          f"got rhs.shape={tuple(rhs_shape)}")
+        f"{fn}: `rhs` spatial sizes must be >= 1 (lax cannot lower an empty window), "
+        f"got rhs.shape={tuple(rhs_shape)}"
+      )
   else:
     filter_shape = canonical_ints(fn, "filter_shape", filter_shape, nsp)
   strides = canonical_ints(fn, "window_strides", window_strides, nsp)
-  lhs_dil = canonical_ints(fn, "lhs_dilation", lhs_dilation, nsp, default=1,
-                           too_small=TypeError)
-  rhs_dil = canonical_ints(fn, "rhs_dilation", rhs_dilation, nsp, default=1,
-                           too_small=TypeError)
+  lhs_dil = canonical_ints(fn, "lhs_dilation", lhs_dilation, nsp, default=1, too_small=TypeError)
+  rhs_dil = canonical_ints(fn, "rhs_dilation", rhs_dilation, nsp, default=1, too_small=TypeError)
   in_spatial = tuple(lhs_shape[d] for d in lhs_spec[2:])
   eff_filter = tuple(dilate_dim(k, d) for k, d in zip(filter_shape, rhs_dil))
   pads = canonical_padding(fn, padding, in_spatial, eff_filter, strides, lhs_dil)
-  padded = tuple(dilate_dim(i, d) + lo + hi
-                 for i, d, (lo, hi) in zip(in_spatial, lhs_dil, pads))
+  padded = tuple(dilate_dim(i, d) + lo + hi for i, d, (lo, hi) in zip(in_spatial, lhs_dil, pads))
   if any(p < 0 for p in padded):
     raise ValueError(
-        f"{fn}: negative `padding` {pads!r} crops more than the (dilated) input "
-        f"spatial size {tuple(dilate_dim(i, d) for i, d in zip(in_spatial, lhs_dil))!r}")
+      f"{fn}: negative `padding` {pads!r} crops more than the (dilated) input "
+      f"spatial size {tuple(dilate_dim(i, d) for i, d in zip(in_spatial, lhs_dil))!r}"
+    )
   return ConvGeometry(
-      dimension_numbers=dnums,
-      batch=lhs_shape[lhs_spec[0]],
-      in_features=lhs_shape[lhs_spec[1]],
-      in_spatial=in_spatial,
-      filter_shape=tuple(filter_shape),
-      window_strides=strides,
-      padding=pads,
-      lhs_dilation=lhs_dil,
-      rhs_dilation=rhs_dil,
-      out_spatial=output_spatial(padded, eff_filter, strides),
+    dimension_numbers=dnums,
+    batch=lhs_shape[lhs_spec[0]],
+    in_features=lhs_shape[lhs_spec[1]],
+    in_spatial=in_spatial,
+    filter_shape=tuple(filter_shape),
+    window_strides=strides,
+    padding=pads,
+    lhs_dilation=lhs_dil,
+    rhs_dilation=rhs_dil,
+    out_spatial=output_spatial(padded, eff_filter, strides),
   )

@@ -13,21 +13,21 @@ from jax import lax
 
 from convmm import _autodiff
 from convmm._im2col import (
-    from_channels_last,
-    pad_input,
-    tap_offsets,
-    tap_slice,
-    to_channels_last,
-    unfold_padded,
+  from_channels_last,
+  pad_input,
+  tap_offsets,
+  tap_slice,
+  to_channels_last,
+  unfold_padded,
 )
 from convmm._phases import phase_conv
 from convmm._shapes import ConvSpec, check_dtypes, conv_spec, shape_of
 from convmm._tiling import (
-    check_budget,
-    current_memory_budget,
-    sharding_of,
-    tile_plan,
-    tiled,
+  check_budget,
+  current_memory_budget,
+  sharding_of,
+  tile_plan,
+  tiled,
 )
 
 
@@ -39,6 +39,7 @@ def kernel_taps_last(rhs: jax.Array, spec: ConvSpec) -> jax.Array:
 
 
 METHODS = ("auto", "im2col", "shift", "depthwise")
+
 
 def _check_method(fn: str, method: Any, memory_budget: Any) -> tuple[str, int]:
   if method not in METHODS:
@@ -59,9 +60,10 @@ def choose_method(spec: ConvSpec, method: str, fn: str = "conv_general_dilated")
   depthwise_ok = cg == 1 and spec.batch_group_count == 1
   if method == "depthwise" and not depthwise_ok:
     raise ValueError(
-        f"{fn}: `method`='depthwise' needs one input feature per group "
-        f"(feature_group_count == lhs features); got feature_group_count="
-        f"{spec.feature_group_count} for {geometry.in_features} features")
+      f"{fn}: `method`='depthwise' needs one input feature per group "
+      f"(feature_group_count == lhs features); got feature_group_count="
+      f"{spec.feature_group_count} for {geometry.in_features} features"
+    )
   if method != "auto":
     return method
   if depthwise_ok and spec.feature_group_count > 1:
@@ -70,7 +72,11 @@ def choose_method(spec: ConvSpec, method: str, fn: str = "conv_general_dilated")
 
 
 def _group_gemm(
-    lhs: jax.Array, w: jax.Array, spec: ConvSpec, precision: Any, preferred_element_type: Any,
+  lhs: jax.Array,
+  w: jax.Array,
+  spec: ConvSpec,
+  precision: Any,
+  preferred_element_type: Any,
 ) -> jax.Array:
   """``(N, *out, K, C) x (K, C // g, O) -> (N // gb, *out, O)`` as a batched GEMM.
 
@@ -82,15 +88,22 @@ def _group_gemm(
   o = spec.out_features
   g, gb = spec.feature_group_count, spec.batch_group_count
   out_dtype = None
-  if preferred_element_type is None and jnp.issubdtype(lhs.dtype, jnp.floating) and (
-      jnp.dtype(lhs.dtype).itemsize < 4):
+  if (
+    preferred_element_type is None
+    and jnp.issubdtype(lhs.dtype, jnp.floating)
+    and (jnp.dtype(lhs.dtype).itemsize < 4)
+  ):
     # 16-bit floats accumulate in float32 and round once: more accurate, and on
     # CPU bfloat16 x bfloat16 -> float32 is XLA's fast GEMM (2-3x float32's).
     preferred_element_type, out_dtype = jnp.float32, lhs.dtype
   if g == 1 and gb == 1:
     y = lax.dot_general(
-        lhs, w, (((lhs.ndim - 2, lhs.ndim - 1), (0, 1)), ((), ())), precision=precision,
-        preferred_element_type=preferred_element_type)
+      lhs,
+      w,
+      (((lhs.ndim - 2, lhs.ndim - 1), (0, 1)), ((), ())),
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+    )
     return y if out_dtype is None else y.astype(out_dtype)
   groups, og, cg = g * gb, o // (g * gb), c // g
   lhs = lhs.reshape(gb, n // gb, *out, k, g, cg)
@@ -98,8 +111,12 @@ def _group_gemm(
   lhs = jnp.moveaxis(lhs, -2, 0).reshape(groups, m, k * cg)  # (groups, M, K)
   w = jnp.moveaxis(w.reshape(k, cg, groups, og), 2, 0).reshape(groups, k * cg, og)
   y = lax.dot_general(
-      lhs, w, (((2,), (1,)), ((0,), (0,))), precision=precision,
-      preferred_element_type=preferred_element_type)  # (groups, M, Og)
+    lhs,
+    w,
+    (((2,), (1,)), ((0,), (0,))),
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+  )  # (groups, M, Og)
   y = jnp.moveaxis(y.reshape(groups, n // gb, *out, og), 0, -2)
   y = y.reshape(n // gb, *out, o)
   return y if out_dtype is None else y.astype(out_dtype)
@@ -107,8 +124,9 @@ def _group_gemm(
 
 def _im2col_gemm(x_padded, w_tio, spec, precision, preferred_element_type):
   """Patches of a padded input, then one (batched) GEMM."""
-  patches = _autodiff.from_bits(unfold_padded(_autodiff.to_bits(x_padded), spec.geometry),
-                                x_padded.dtype)
+  patches = _autodiff.from_bits(
+    unfold_padded(_autodiff.to_bits(x_padded), spec.geometry), x_padded.dtype
+  )
   return _group_gemm(patches, w_tio, spec, precision, preferred_element_type)
 
 
@@ -132,7 +150,7 @@ def _shift_gemm(x_padded, w_tio, spec, precision, preferred_element_type):
   y = None
   for t, offset in enumerate(tap_offsets(spec.geometry)):
     tap = tap_slice(x_padded, spec.geometry, offset)[..., None, :]  # (N, *out, 1, C)
-    term = _group_gemm(tap, w_tio[t:t + 1], spec, precision, acc_dtype)
+    term = _group_gemm(tap, w_tio[t : t + 1], spec, precision, acc_dtype)
     y = term if y is None else y + term
   assert y is not None  # every kernel has at least one tap
   return y.astype(out_dtype)
@@ -163,8 +181,13 @@ _COMPUTE = {"im2col": _im2col_gemm, "shift": _shift_gemm, "depthwise": _depthwis
 
 
 def conv_channels_last(
-    x_cl: jax.Array, w_tio: jax.Array, spec: ConvSpec, precision: Any,
-    preferred_element_type: Any, method: str = "auto", memory_budget: int | None = None,
+  x_cl: jax.Array,
+  w_tio: jax.Array,
+  spec: ConvSpec,
+  precision: Any,
+  preferred_element_type: Any,
+  method: str = "auto",
+  memory_budget: int | None = None,
 ) -> jax.Array:
   """The convolution on canonical channels-last operands.
 
@@ -182,38 +205,53 @@ def conv_channels_last(
   out_dtype = preferred_element_type or jnp.result_type(x_cl.dtype, w_tio.dtype)
   if any(d > 1 for d in spec.geometry.lhs_dilation):  # never multiply the dilation's holes
     return phase_conv(
-        lambda x, w, s: conv_channels_last(x, w, s, precision, preferred_element_type, method,
-                                           memory_budget), x_cl, w_tio, spec, out_dtype)
+      lambda x, w, s: conv_channels_last(
+        x, w, s, precision, preferred_element_type, method, memory_budget
+      ),
+      x_cl,
+      w_tio,
+      spec,
+      out_dtype,
+    )
   method = choose_method(spec, method)
   budget = current_memory_budget() if memory_budget is None else memory_budget
-  compute = functools.partial(_COMPUTE[method], w_tio=w_tio, precision=precision,
-                              preferred_element_type=preferred_element_type)
+  compute = functools.partial(
+    _COMPUTE[method],
+    w_tio=w_tio,
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+  )
   if method == "shift":  # builds no patches: nothing to tile
     return compute(pad_input(x_cl, spec.geometry), spec=spec)
   batch_shards, sharded_spatial = sharding_of(x_cl)
-  plan = tile_plan(spec, jnp.dtype(x_cl.dtype).itemsize, budget,
-                   patch_copies=1 if method == "depthwise" else 3,
-                   out_itemsize=jnp.dtype(out_dtype).itemsize, batch_shards=batch_shards,
-                   sharded_spatial=sharded_spatial)
+  plan = tile_plan(
+    spec,
+    jnp.dtype(x_cl.dtype).itemsize,
+    budget,
+    patch_copies=1 if method == "depthwise" else 3,
+    out_itemsize=jnp.dtype(out_dtype).itemsize,
+    batch_shards=batch_shards,
+    sharded_spatial=sharded_spatial,
+  )
   return tiled(lambda x, s: compute(x, spec=s), x_cl, spec, plan)
 
 
 def conv_general_dilated(
-    lhs: jax.typing.ArrayLike,
-    rhs: jax.typing.ArrayLike,
-    window_strides: Sequence[int],
-    padding: str | Sequence[tuple[int, int]],
-    lhs_dilation: Sequence[int] | None = None,
-    rhs_dilation: Sequence[int] | None = None,
-    dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
-    feature_group_count: int = 1,
-    batch_group_count: int = 1,
-    precision: lax.PrecisionLike = None,
-    preferred_element_type: jax.typing.DTypeLike | None = None,
-    out_sharding: jax.sharding.NamedSharding | jax.sharding.PartitionSpec | None = None,
-    *,
-    method: str = "auto",
-    memory_budget: int | None = None,
+  lhs: jax.typing.ArrayLike,
+  rhs: jax.typing.ArrayLike,
+  window_strides: Sequence[int],
+  padding: str | Sequence[tuple[int, int]],
+  lhs_dilation: Sequence[int] | None = None,
+  rhs_dilation: Sequence[int] | None = None,
+  dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
+  feature_group_count: int = 1,
+  batch_group_count: int = 1,
+  precision: lax.PrecisionLike = None,
+  preferred_element_type: jax.typing.DTypeLike | None = None,
+  out_sharding: jax.sharding.NamedSharding | jax.sharding.PartitionSpec | None = None,
+  *,
+  method: str = "auto",
+  memory_budget: int | None = None,
 ) -> jax.Array:
   """General N-D convolution computed as im2col + GEMM; a drop-in for lax's.
 
@@ -272,17 +310,39 @@ def conv_general_dilated(
   fn = "conv_general_dilated"
   lhs_shape, lhs_dtype = shape_of(fn, "lhs", lhs)
   rhs_shape, rhs_dtype = shape_of(fn, "rhs", rhs)
-  spec = conv_spec(fn, lhs_shape, rhs_shape, window_strides, padding, lhs_dilation,
-                   rhs_dilation, dimension_numbers, feature_group_count,
-                   batch_group_count)
+  spec = conv_spec(
+    fn,
+    lhs_shape,
+    rhs_shape,
+    window_strides,
+    padding,
+    lhs_dilation,
+    rhs_dilation,
+    dimension_numbers,
+    feature_group_count,
+    batch_group_count,
+  )
   preferred_element_type = check_dtypes(fn, lhs_dtype, rhs_dtype, preferred_element_type)
   method, memory_budget = _check_method(fn, method, memory_budget)
   choose_method(spec, method, fn)
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
   # On explicit meshes, lax's sharding rule decides (and rejects what it rejects).
-  lax_sharding = None if out_sharding is not None else _lax_out_sharding(
-      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-      feature_group_count, batch_group_count, preferred_element_type)
+  lax_sharding = (
+    None
+    if out_sharding is not None
+    else _lax_out_sharding(
+      lhs,
+      rhs,
+      window_strides,
+      padding,
+      lhs_dilation,
+      rhs_dilation,
+      dimension_numbers,
+      feature_group_count,
+      batch_group_count,
+      preferred_element_type,
+    )
+  )
   out = conv_with_spec(lhs, rhs, spec, precision, preferred_element_type, method, memory_budget)
   if out_sharding is not None:
     out = _constrain(out, out_sharding)
@@ -293,6 +353,7 @@ def conv_general_dilated(
 
 def _lax_out_sharding(lhs: jax.Array, rhs: jax.Array, *args: Any) -> Any:
   """lax's output sharding when an operand is sharded over explicit mesh axes, else None."""
+
   def sharded(a):
     spec = getattr(getattr(jax.typeof(a), "sharding", None), "spec", None)
     return bool(spec) and any(entry is not None for entry in spec)
@@ -300,8 +361,11 @@ def _lax_out_sharding(lhs: jax.Array, rhs: jax.Array, *args: Any) -> Any:
   if not (sharded(lhs) or sharded(rhs)):
     return None
   *conv_args, preferred = args
-  return jax.eval_shape(lambda a, b: lax.conv_general_dilated(
-      a, b, *conv_args, preferred_element_type=preferred), lhs, rhs).sharding
+  return jax.eval_shape(
+    lambda a, b: lax.conv_general_dilated(a, b, *conv_args, preferred_element_type=preferred),
+    lhs,
+    rhs,
+  ).sharding
 
 
 def _constrain(y: jax.Array, sharding: Any) -> jax.Array:
@@ -314,17 +378,22 @@ def _constrain(y: jax.Array, sharding: Any) -> jax.Array:
   spec = tuple(getattr(sharding, "spec", sharding))
   if all(entry is None for entry in spec):
     return y
-  spec = P(*(P.UNCONSTRAINED if e is None else e for e in spec),
-           *(P.UNCONSTRAINED,) * (y.ndim - len(spec)))
+  spec = P(
+    *(P.UNCONSTRAINED if e is None else e for e in spec), *(P.UNCONSTRAINED,) * (y.ndim - len(spec))
+  )
   if isinstance(sharding, jax.sharding.NamedSharding):
     return lax.with_sharding_constraint(y, jax.sharding.NamedSharding(sharding.mesh, spec))
   return lax.with_sharding_constraint(y, spec)
 
 
 def conv_with_spec(
-    lhs: jax.Array, rhs: jax.Array, spec: ConvSpec, precision: Any = None,
-    preferred_element_type: Any = None, method: str = "auto",
-    memory_budget: int | None = None,
+  lhs: jax.Array,
+  rhs: jax.Array,
+  spec: ConvSpec,
+  precision: Any = None,
+  preferred_element_type: Any = None,
+  method: str = "auto",
+  memory_budget: int | None = None,
 ) -> jax.Array:
   """The convolution for an already validated :class:`ConvSpec`."""
   lhs_spec, rhs_spec, out_spec = spec.geometry.dimension_numbers
@@ -332,9 +401,15 @@ def conv_with_spec(
   if choose_method(spec, method) == "im2col":
     # The primitive carries convmm's own derivatives (see _autodiff).
     w = jnp.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))  # (*window, I, O)
-    y = _autodiff.conv(x_cl, w, spec, precision, preferred_element_type, "im2col",
-                       memory_budget)
+    y = _autodiff.conv(x_cl, w, spec, precision, preferred_element_type, "im2col", memory_budget)
   else:
-    y = conv_channels_last(x_cl, kernel_taps_last(rhs, spec), spec, precision,
-                           preferred_element_type, method, memory_budget)
+    y = conv_channels_last(
+      x_cl,
+      kernel_taps_last(rhs, spec),
+      spec,
+      precision,
+      preferred_element_type,
+      method,
+      memory_budget,
+    )
   return from_channels_last(y, out_spec)

@@ -51,8 +51,10 @@ def pad_input(x_cl: jax.Array, geometry: ConvGeometry) -> jax.Array:
 
 def tap_offsets(geometry: ConvGeometry) -> list[tuple[int, ...]]:
   """Start offset in the padded input of every kernel tap, row-major."""
-  return [tuple(t * d for t, d in zip(tap, geometry.rhs_dilation))
-          for tap in itertools.product(*(range(k) for k in geometry.filter_shape))]
+  return [
+    tuple(t * d for t, d in zip(tap, geometry.rhs_dilation))
+    for tap in itertools.product(*(range(k) for k in geometry.filter_shape))
+  ]
 
 
 def tap_slice(x_padded: jax.Array, geometry: ConvGeometry, offset: tuple[int, ...]) -> jax.Array:
@@ -60,9 +62,10 @@ def tap_slice(x_padded: jax.Array, geometry: ConvGeometry, offset: tuple[int, ..
   n, c = x_padded.shape[0], x_padded.shape[-1]
   # An empty output dimension (window larger than the padded input) slices nothing.
   starts = tuple(o if s_out else 0 for o, s_out in zip(offset, geometry.out_spatial))
-  limits = tuple(o + (s_out - 1) * st + 1 if s_out else 0
-                 for o, s_out, st in zip(starts, geometry.out_spatial,
-                                         geometry.window_strides))
+  limits = tuple(
+    o + (s_out - 1) * st + 1 if s_out else 0
+    for o, s_out, st in zip(starts, geometry.out_spatial, geometry.window_strides)
+  )
   start, limit = (0, *starts, 0), (n, *limits, c)
   strides = (1, *geometry.window_strides, 1)
   return lax.slice(x_padded, start, limit, strides)
@@ -80,15 +83,18 @@ def unfold_padded(x_padded: jax.Array, geometry: ConvGeometry) -> jax.Array:
   nsp = geometry.num_spatial
   y = x_padded
   for d in reversed(range(nsp)):
-    out, stride, dil = (geometry.out_spatial[d], geometry.window_strides[d],
-                        geometry.rhs_dilation[d])
+    out, stride, dil = (
+      geometry.out_spatial[d],
+      geometry.window_strides[d],
+      geometry.rhs_dilation[d],
+    )
     taps = []
     for t in range(geometry.filter_shape[d]):
       start = t * dil if out else 0
       limit = start + (out - 1) * stride + 1 if out else 0
       taps.append(lax.slice_in_dim(y, start, limit, stride, axis=1 + d))
     y = jnp.stack(taps, axis=1 + nsp)
-  return y.reshape(*y.shape[:1 + nsp], geometry.num_taps, y.shape[-1])
+  return y.reshape(*y.shape[: 1 + nsp], geometry.num_taps, y.shape[-1])
 
 
 def patches_channels_last(x_cl: jax.Array, geometry: ConvGeometry) -> jax.Array:
@@ -96,17 +102,35 @@ def patches_channels_last(x_cl: jax.Array, geometry: ConvGeometry) -> jax.Array:
   return unfold_padded(pad_input(x_cl, geometry), geometry)
 
 
-def _patches_geometry(fn, lhs_shape, filter_shape, window_strides, padding, lhs_dilation,
-                      rhs_dilation, dimension_numbers) -> ConvGeometry:
+def _patches_geometry(
+  fn,
+  lhs_shape,
+  filter_shape,
+  window_strides,
+  padding,
+  lhs_dilation,
+  rhs_dilation,
+  dimension_numbers,
+) -> ConvGeometry:
   ndim = len(lhs_shape)
-  return conv_geometry(fn, lhs_shape, ndim, filter_shape, window_strides, padding,
-                       lhs_dilation, rhs_dilation, dimension_numbers)
+  return conv_geometry(
+    fn,
+    lhs_shape,
+    ndim,
+    filter_shape,
+    window_strides,
+    padding,
+    lhs_dilation,
+    rhs_dilation,
+    dimension_numbers,
+  )
 
 
 def _patches_shape(geometry: ConvGeometry) -> tuple[int, ...]:
   return layout_shape(
-      geometry.dimension_numbers.out_spec,
-      (geometry.batch, geometry.in_features * geometry.num_taps, *geometry.out_spatial))
+    geometry.dimension_numbers.out_spec,
+    (geometry.batch, geometry.in_features * geometry.num_taps, *geometry.out_spatial),
+  )
 
 
 def _im2col(x: jax.Array, geometry: ConvGeometry) -> jax.Array:
@@ -119,15 +143,15 @@ def _im2col(x: jax.Array, geometry: ConvGeometry) -> jax.Array:
 
 
 def im2col(
-    lhs: jax.typing.ArrayLike,
-    filter_shape: Sequence[int],
-    window_strides: Sequence[int],
-    padding: str | Sequence[tuple[int, int]],
-    lhs_dilation: Sequence[int] | None = None,
-    rhs_dilation: Sequence[int] | None = None,
-    dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
-    precision: lax.PrecisionLike = None,
-    preferred_element_type: jax.typing.DTypeLike | None = None,
+  lhs: jax.typing.ArrayLike,
+  filter_shape: Sequence[int],
+  window_strides: Sequence[int],
+  padding: str | Sequence[tuple[int, int]],
+  lhs_dilation: Sequence[int] | None = None,
+  rhs_dilation: Sequence[int] | None = None,
+  dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
+  precision: lax.PrecisionLike = None,
+  preferred_element_type: jax.typing.DTypeLike | None = None,
 ) -> jax.Array:
   """Extracts convolution patches, exactly like ``lax.conv_general_dilated_patches``.
 
@@ -164,8 +188,9 @@ def im2col(
   del precision
   fn = "im2col"
   shape, dtype = shape_of(fn, "lhs", lhs)
-  geometry = _patches_geometry(fn, shape, filter_shape, window_strides, padding,
-                               lhs_dilation, rhs_dilation, dimension_numbers)
+  geometry = _patches_geometry(
+    fn, shape, filter_shape, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers
+  )
   preferred_element_type = preferred_dtype(fn, dtype, preferred_element_type)
   out = _im2col(jnp.asarray(lhs), geometry)
   if preferred_element_type is not None:
@@ -174,14 +199,14 @@ def im2col(
 
 
 def col2im(
-    patches: jax.typing.ArrayLike,
-    lhs_shape: Sequence[int],
-    filter_shape: Sequence[int],
-    window_strides: Sequence[int],
-    padding: str | Sequence[tuple[int, int]],
-    lhs_dilation: Sequence[int] | None = None,
-    rhs_dilation: Sequence[int] | None = None,
-    dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
+  patches: jax.typing.ArrayLike,
+  lhs_shape: Sequence[int],
+  filter_shape: Sequence[int],
+  window_strides: Sequence[int],
+  padding: str | Sequence[tuple[int, int]],
+  lhs_dilation: Sequence[int] | None = None,
+  rhs_dilation: Sequence[int] | None = None,
+  dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
 ) -> jax.Array:
   """Sums patches back into an array of ``lhs_shape``: the adjoint of :func:`im2col`.
 
@@ -214,14 +239,22 @@ def col2im(
   fn = "col2im"
   shape, dtype = shape_of(fn, "patches", patches)
   lhs_shape = canonical_shape(fn, "lhs_shape", lhs_shape)
-  geometry = _patches_geometry(fn, lhs_shape, filter_shape, window_strides, padding,
-                               lhs_dilation, rhs_dilation, dimension_numbers)
+  geometry = _patches_geometry(
+    fn,
+    lhs_shape,
+    filter_shape,
+    window_strides,
+    padding,
+    lhs_dilation,
+    rhs_dilation,
+    dimension_numbers,
+  )
   expected = _patches_shape(geometry)
   if shape != expected:
     raise ValueError(
-        f"{fn}: `patches` must have shape {expected} (im2col of lhs_shape={lhs_shape}), "
-        f"got patches.shape={shape}")
+      f"{fn}: `patches` must have shape {expected} (im2col of lhs_shape={lhs_shape}), "
+      f"got patches.shape={shape}"
+    )
   primal = jax.ShapeDtypeStruct(lhs_shape, dtype)
   (out,) = jax.linear_transpose(lambda x: _im2col(x, geometry), primal)(jnp.asarray(patches))
   return out
-

@@ -27,19 +27,23 @@ import numpy as np
 from jax import lax
 
 from convmm._canonical import (
-    as_int,
-    canonical_ints,
-    conv_geometry,
-    conv_transpose_padding,
-    dilate_dim,
-    positive_count,
+  as_int,
+  canonical_ints,
+  conv_geometry,
+  conv_transpose_padding,
+  dilate_dim,
+  positive_count,
 )
 
 CONV_PADDINGS = ("SAME", "SAME_LOWER", "VALID", "CIRCULAR", "REFLECT", "REPLICATE", "CAUSAL")
 TRANSPOSE_PADDINGS = ("SAME", "SAME_LOWER", "VALID", "CIRCULAR")
 # Modes lax has no name for: applied with jnp.pad, then the convolution is 'VALID'.
-_JNP_PAD_MODES = {"CIRCULAR": "wrap", "REFLECT": "reflect", "REPLICATE": "edge",
-                  "CAUSAL": "constant"}
+_JNP_PAD_MODES = {
+  "CIRCULAR": "wrap",
+  "REFLECT": "reflect",
+  "REPLICATE": "edge",
+  "CAUSAL": "constant",
+}
 
 Padding = str | tuple[tuple[int, int], ...]
 
@@ -49,16 +53,23 @@ def _kernel_size(layer: str, kernel_size: Any) -> tuple[int, ...]:
     kernel_size = (kernel_size,)
   if isinstance(kernel_size, str) or not isinstance(kernel_size, Sequence | np.ndarray):
     raise TypeError(
-        f"{layer}: `kernel_size` must be an int or a sequence of ints, got {kernel_size!r}")
+      f"{layer}: `kernel_size` must be an int or a sequence of ints, got {kernel_size!r}"
+    )
   if len(kernel_size) == 0:
-    raise ValueError(f"{layer}: `kernel_size` must have at least one entry, got "
-                     f"kernel_size={kernel_size!r}")
+    raise ValueError(
+      f"{layer}: `kernel_size` must have at least one entry, got kernel_size={kernel_size!r}"
+    )
   return canonical_ints(layer, "kernel_size", kernel_size, len(kernel_size))
 
 
 def _broadcast_ints(
-    layer: str, name: str, value: Any, rank: int, default: int = 1, minimum: int = 1,
-    dilation: bool = False,
+  layer: str,
+  name: str,
+  value: Any,
+  rank: int,
+  default: int = 1,
+  minimum: int = 1,
+  dilation: bool = False,
 ) -> tuple[int, ...]:
   """Flax's ``maybe_broadcast``: ``None`` -> ``default``, an int -> ``rank`` copies.
 
@@ -68,8 +79,9 @@ def _broadcast_ints(
     value = default
   if as_int(value) is not None:
     value = (value,) * rank
-  return canonical_ints(layer, name, value, rank, minimum=minimum,
-                        too_small=TypeError if dilation else ValueError)
+  return canonical_ints(
+    layer, name, value, rank, minimum=minimum, too_small=TypeError if dilation else ValueError
+  )
 
 
 def layer_padding(layer: str, padding: Any, rank: int, modes: Sequence[str]) -> Padding:
@@ -84,31 +96,39 @@ def layer_padding(layer: str, padding: Any, rank: int, modes: Sequence[str]) -> 
     mode = padding.upper()
     if mode not in modes:
       raise ValueError(
-          f"{layer}: `padding` must be one of {tuple(modes)}, an int, or {rank} ints or "
-          f"(low, high) pairs, got padding={padding!r}")
+        f"{layer}: `padding` must be one of {tuple(modes)}, an int, or {rank} ints or "
+        f"(low, high) pairs, got padding={padding!r}"
+      )
     return mode
   if (width := as_int(padding)) is not None:
     return ((width, width),) * rank
   if not isinstance(padding, Sequence | np.ndarray):
     raise TypeError(
-        f"{layer}: `padding` must be a string, an int, or {rank} ints or (low, high) pairs, "
-        f"got {padding!r}")
+      f"{layer}: `padding` must be a string, an int, or {rank} ints or (low, high) pairs, "
+      f"got {padding!r}"
+    )
   entries = tuple(padding)
   if len(entries) != rank:
     raise ValueError(
-        f"{layer}: `padding` must have one entry per spatial dimension ({rank}, the length "
-        f"of `kernel_size`), got {len(entries)}: padding={padding!r}")
+      f"{layer}: `padding` must have one entry per spatial dimension ({rank}, the length "
+      f"of `kernel_size`), got {len(entries)}: padding={padding!r}"
+    )
   pairs = []
   for entry in entries:
     if as_int(entry) is not None:
       pairs.append((as_int(entry),) * 2)
-    elif (isinstance(entry, Sequence | np.ndarray) and not isinstance(entry, str)
-          and len(entry) == 2 and all(as_int(p) is not None for p in entry)):
+    elif (
+      isinstance(entry, Sequence | np.ndarray)
+      and not isinstance(entry, str)
+      and len(entry) == 2
+      and all(as_int(p) is not None for p in entry)
+    ):
       pairs.append((as_int(entry[0]), as_int(entry[1])))
     else:
       raise TypeError(
-          f"{layer}: `padding` entries must be ints or (low, high) pairs of ints, got "
-          f"padding={padding!r}")
+        f"{layer}: `padding` entries must be ints or (low, high) pairs of ints, got "
+        f"padding={padding!r}"
+      )
   return tuple(pairs)
 
 
@@ -181,22 +201,30 @@ class LayerGeometry:
     """Shape of a flat input after :meth:`pad`."""
     if self.pad_width is None:
       return tuple(shape)
-    return (shape[0], *(s + lo + hi for s, (lo, hi) in zip(shape[1:-1], self.pad_width)),
-            shape[-1])
+    return (shape[0], *(s + lo + hi for s, (lo, hi) in zip(shape[1:-1], self.pad_width)), shape[-1])
 
   def out_spatial(self, in_spatial: Sequence[int]) -> tuple[int, ...]:
     """Output spatial sizes of the forward convolution of ``in_spatial``."""
     shape = self.padded_shape((1, *in_spatial, 1))
     return conv_geometry(
-        self.layer, shape, len(shape), self.kernel_size, self.strides, self.lax_padding,
-        self.input_dilation, self.kernel_dilation, self.dimension_numbers).out_spatial
+      self.layer,
+      shape,
+      len(shape),
+      self.kernel_size,
+      self.strides,
+      self.lax_padding,
+      self.input_dilation,
+      self.kernel_dilation,
+      self.dimension_numbers,
+    ).out_spatial
 
   def _check_groups(self, in_features: int, out_features: int) -> None:
     g = self.feature_group_count
     if in_features % g or out_features % g:
       raise ValueError(
-          f"{self.layer}: `feature_group_count` (={g}) must divide both feature counts, got "
-          f"{in_features} input and {out_features} output features")
+        f"{self.layer}: `feature_group_count` (={g}) must divide both feature counts, got "
+        f"{in_features} input and {out_features} output features"
+      )
 
   def kernel_shape(self, in_features: int, out_features: int) -> tuple[int, ...]:
     """Conv kernel ``(*kernel_size, in_features // groups, out_features)``.
@@ -218,16 +246,16 @@ class LayerGeometry:
 
 
 def conv_layer_geometry(
-    layer: str,
-    kernel_size: Any,
-    strides: Any = 1,
-    padding: Any = "SAME",
-    input_dilation: Any = 1,
-    kernel_dilation: Any = 1,
-    feature_group_count: Any = 1,
-    *,
-    modes: Sequence[str] = CONV_PADDINGS,
-    transposed: bool = False,
+  layer: str,
+  kernel_size: Any,
+  strides: Any = 1,
+  padding: Any = "SAME",
+  input_dilation: Any = 1,
+  kernel_dilation: Any = 1,
+  feature_group_count: Any = 1,
+  *,
+  modes: Sequence[str] = CONV_PADDINGS,
+  transposed: bool = False,
 ) -> LayerGeometry:
   """Validates the fields of a Conv/ConvLocal/ConvTranspose layer.
 
@@ -240,49 +268,67 @@ def conv_layer_geometry(
   kernel_size = _kernel_size(layer, kernel_size)
   rank = len(kernel_size)
   geometry = LayerGeometry(
-      layer=layer,
-      kernel_size=kernel_size,
-      strides=_broadcast_ints(layer, "strides", strides, rank, dilation=transposed),
-      padding=layer_padding(layer, padding, rank, modes),
-      input_dilation=_broadcast_ints(layer, "input_dilation", input_dilation, rank,
-                                     dilation=True),
-      kernel_dilation=_broadcast_ints(layer, "kernel_dilation", kernel_dilation, rank,
-                                      dilation=True),
-      feature_group_count=positive_count(layer, "feature_group_count", feature_group_count),
+    layer=layer,
+    kernel_size=kernel_size,
+    strides=_broadcast_ints(layer, "strides", strides, rank, dilation=transposed),
+    padding=layer_padding(layer, padding, rank, modes),
+    input_dilation=_broadcast_ints(layer, "input_dilation", input_dilation, rank, dilation=True),
+    kernel_dilation=_broadcast_ints(layer, "kernel_dilation", kernel_dilation, rank, dilation=True),
+    feature_group_count=positive_count(layer, "feature_group_count", feature_group_count),
   )
   if geometry.padding == "CAUSAL" and rank != 1:
     raise ValueError(
-        f"{layer}: `padding`='CAUSAL' is only defined for one spatial dimension, got "
-        f"kernel_size={kernel_size} ({rank} dimensions)")
+      f"{layer}: `padding`='CAUSAL' is only defined for one spatial dimension, got "
+      f"kernel_size={kernel_size} ({rank} dimensions)"
+    )
   if isinstance(geometry.padding, str) and any(d != 1 for d in geometry.input_dilation):
     raise ValueError(
-        f"{layer}: `padding`={geometry.padding!r} cannot be combined with `input_dilation`"
-        f"={geometry.input_dilation}; give explicit (low, high) pairs")
+      f"{layer}: `padding`={geometry.padding!r} cannot be combined with `input_dilation`"
+      f"={geometry.input_dilation}; give explicit (low, high) pairs"
+    )
   return geometry
 
 
 def transpose_layer_geometry(
-    layer: str, kernel_size: Any, strides: Any, padding: Any, kernel_dilation: Any,
+  layer: str,
+  kernel_size: Any,
+  strides: Any,
+  padding: Any,
+  kernel_dilation: Any,
 ) -> LayerGeometry:
   """Validates the fields of a ConvTranspose layer (Flax's meaning of padding).
 
   Raises:
     ValueError, TypeError: naming the offending field and its value.
   """
-  geometry = conv_layer_geometry(layer, kernel_size, strides, padding, 1, kernel_dilation,
-                                 modes=TRANSPOSE_PADDINGS, transposed=True)
+  geometry = conv_layer_geometry(
+    layer,
+    kernel_size,
+    strides,
+    padding,
+    1,
+    kernel_dilation,
+    modes=TRANSPOSE_PADDINGS,
+    transposed=True,
+  )
   if geometry.padding == "SAME_LOWER" and any(s != 1 for s in geometry.strides):
     # lax.conv_transpose passes 'SAME_LOWER' to the dilated conv, which only
     # accepts a padding string without input dilation, i.e. stride 1.
     raise ValueError(
-        f"{layer}: `padding`='SAME_LOWER' requires `strides` of 1 (as in lax.conv_transpose), "
-        f"got strides={geometry.strides}")
+      f"{layer}: `padding`='SAME_LOWER' requires `strides` of 1 (as in lax.conv_transpose), "
+      f"got strides={geometry.strides}"
+    )
   return geometry
 
 
 def adjoint_layer_geometry(
-    layer: str, kernel_size: Any, strides: Any, padding: Any, kernel_dilation: Any,
-    feature_group_count: Any, output_padding: Any,
+  layer: str,
+  kernel_size: Any,
+  strides: Any,
+  padding: Any,
+  kernel_dilation: Any,
+  feature_group_count: Any,
+  output_padding: Any,
 ) -> LayerGeometry:
   """Validates the fields of a ConvAdjoint layer.
 
@@ -294,23 +340,30 @@ def adjoint_layer_geometry(
   Raises:
     ValueError, TypeError: naming the offending field and its value.
   """
-  geometry = conv_layer_geometry(layer, kernel_size, strides, padding, 1, kernel_dilation,
-                                 feature_group_count)
-  output_padding = _broadcast_ints(layer, "output_padding", output_padding, geometry.rank,
-                                   default=0, minimum=0)
+  geometry = conv_layer_geometry(
+    layer, kernel_size, strides, padding, 1, kernel_dilation, feature_group_count
+  )
+  output_padding = _broadcast_ints(
+    layer, "output_padding", output_padding, geometry.rank, default=0, minimum=0
+  )
   if any(p >= s for p, s in zip(output_padding, geometry.strides)):
     raise ValueError(
-        f"{layer}: `output_padding` (={output_padding}) must be < `strides` "
-        f"(={geometry.strides}) in every dimension")
+      f"{layer}: `output_padding` (={output_padding}) must be < `strides` "
+      f"(={geometry.strides}) in every dimension"
+    )
   if isinstance(geometry.padding, str) and geometry.padding != "VALID" and any(output_padding):
     raise ValueError(
-        f"{layer}: `output_padding` (={output_padding}) must be 0 with `padding`="
-        f"{geometry.padding!r}, whose output size is fixed to input size * strides")
+      f"{layer}: `output_padding` (={output_padding}) must be 0 with `padding`="
+      f"{geometry.padding!r}, whose output size is fixed to input size * strides"
+    )
   return dataclasses.replace(geometry, output_padding=output_padding)
 
 
 def local_shapes(
-    geometry: LayerGeometry, in_spatial: Sequence[int], in_features: int, out_features: int,
+  geometry: LayerGeometry,
+  in_spatial: Sequence[int],
+  in_features: int,
+  out_features: int,
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """Kernel and bias shapes of a locally connected layer (lax's local conv).
 
@@ -324,13 +377,15 @@ def local_shapes(
   layer = geometry.layer
   if geometry.feature_group_count != 1:
     raise ValueError(
-        f"{layer}: `feature_group_count` must be 1 for a locally connected layer (as in "
-        f"lax.conv_general_dilated_local), got {geometry.feature_group_count}")
+      f"{layer}: `feature_group_count` must be 1 for a locally connected layer (as in "
+      f"lax.conv_general_dilated_local), got {geometry.feature_group_count}"
+    )
   in_spatial = tuple(in_spatial)
   if len(in_spatial) != geometry.rank:
     raise ValueError(
-        f"{layer}: the input spatial shape {in_spatial} must have one size per "
-        f"`kernel_size` dimension, kernel_size={geometry.kernel_size}")
+      f"{layer}: the input spatial shape {in_spatial} must have one size per "
+      f"`kernel_size` dimension, kernel_size={geometry.kernel_size}"
+    )
   out_spatial = geometry.out_spatial(in_spatial)
   patch_size = math.prod(geometry.kernel_size) * in_features
   return (*out_spatial, patch_size, out_features), (*out_spatial, out_features)
@@ -340,12 +395,15 @@ def check_mask(layer: str, mask: Any, kernel_shape: Sequence[int]) -> None:
   """Raises a ValueError if ``mask`` is given and is not shaped like the kernel."""
   if mask is not None and tuple(np.shape(mask)) != tuple(kernel_shape):
     raise ValueError(
-        f"{layer}: `mask` must have the kernel's shape {tuple(kernel_shape)}, got "
-        f"mask.shape={tuple(np.shape(mask))}")
+      f"{layer}: `mask` must have the kernel's shape {tuple(kernel_shape)}, got "
+      f"mask.shape={tuple(np.shape(mask))}"
+    )
 
 
 def in_features_of(
-    geometry: LayerGeometry, inputs: Any, in_features: int | None = None,
+  geometry: LayerGeometry,
+  inputs: Any,
+  in_features: int | None = None,
 ) -> int:
   """The input feature size, after checking the rank (and ``in_features``).
 
@@ -357,13 +415,15 @@ def in_features_of(
   layer, rank = geometry.layer, geometry.rank
   if len(shape) < rank + 1:
     raise ValueError(
-        f"{layer}: inputs must be (*batch, *spatial, features) with {rank} spatial "
-        f"dimensions (the length of `kernel_size`={geometry.kernel_size}), got "
-        f"inputs.shape={shape}")
+      f"{layer}: inputs must be (*batch, *spatial, features) with {rank} spatial "
+      f"dimensions (the length of `kernel_size`={geometry.kernel_size}), got "
+      f"inputs.shape={shape}"
+    )
   if in_features is not None and shape[-1] != in_features:
     raise ValueError(
-        f"{layer}: the last dimension of the inputs must be `in_features` (={in_features}), "
-        f"got inputs.shape={shape}")
+      f"{layer}: the last dimension of the inputs must be `in_features` (={in_features}), "
+      f"got inputs.shape={shape}"
+    )
   return shape[-1]
 
 
@@ -384,17 +444,33 @@ def adjoint_input_spatial(geometry: LayerGeometry, out_spatial: Sequence[int]) -
     return tuple(n * st for n, st in zip(out_spatial, s))
   pads = ((0, 0),) * rank if geometry.padding == "VALID" else geometry.padding
   transposed = tuple(
-      (lo, hi + extra) for (lo, hi), extra in zip(
-          map(conv_transpose_padding, geometry.effective_kernel_size, s, pads),
-          geometry.output_padding or (0,) * rank))
-  too_large = (f"{geometry.layer}: `padding` (={geometry.padding}) is too large for inputs "
-               f"of spatial shape {tuple(out_spatial)}")
+    (lo, hi + extra)
+    for (lo, hi), extra in zip(
+      map(conv_transpose_padding, geometry.effective_kernel_size, s, pads),
+      geometry.output_padding or (0,) * rank,
+    )
+  )
+  too_large = (
+    f"{geometry.layer}: `padding` (={geometry.padding}) is too large for inputs "
+    f"of spatial shape {tuple(out_spatial)}"
+  )
   try:
-    g = conv_geometry(geometry.layer, (1, 1, *out_spatial), rank + 2, geometry.kernel_size,
-                      (1,) * rank, transposed, s, geometry.kernel_dilation, None)
+    g = conv_geometry(
+      geometry.layer,
+      (1, 1, *out_spatial),
+      rank + 2,
+      geometry.kernel_size,
+      (1,) * rank,
+      transposed,
+      s,
+      geometry.kernel_dilation,
+      None,
+    )
   except ValueError as e:
     raise ValueError(f"{too_large}: {e}") from e
   if any(p < k - 1 for p, k in zip(g.padded_spatial, g.effective_filter_shape)):
-    raise ValueError(f"{too_large}: the transposed conv's padded input {g.padded_spatial} "
-                     f"is shorter than the kernel {g.effective_filter_shape} less one")
+    raise ValueError(
+      f"{too_large}: the transposed conv's padded input {g.padded_spatial} "
+      f"is shorter than the kernel {g.effective_filter_shape} less one"
+    )
   return g.out_spatial

@@ -22,11 +22,13 @@ from convmm._layer_geometry import LayerGeometry, adjoint_input_spatial, in_feat
 
 
 def _flatten_batch(
-    geometry: LayerGeometry, inputs: jax.Array, in_features: int | None,
+  geometry: LayerGeometry,
+  inputs: jax.Array,
+  in_features: int | None,
 ) -> tuple[jax.Array, tuple]:
   in_features_of(geometry, inputs, in_features)
   batch_shape = inputs.shape[: inputs.ndim - geometry.rank - 1]
-  flat = inputs.reshape(math.prod(batch_shape), *inputs.shape[len(batch_shape):])
+  flat = inputs.reshape(math.prod(batch_shape), *inputs.shape[len(batch_shape) :])
   return flat, batch_shape
 
 
@@ -44,19 +46,20 @@ def _compiled(*static_argnames: str) -> Callable:
   return functools.partial(jax.jit, static_argnums=0, static_argnames=static_argnames)
 
 
-@_compiled("in_features", "precision", "preferred_element_type", "conv_general_dilated",
-           "out_sharding")
+@_compiled(
+  "in_features", "precision", "preferred_element_type", "conv_general_dilated", "out_sharding"
+)
 def conv_layer(
-    geometry: LayerGeometry,
-    inputs: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    *,
-    in_features: int | None = None,
-    precision: Any = None,
-    preferred_element_type: Any = None,
-    conv_general_dilated: Callable[..., jax.Array] | None = None,
-    out_sharding: Any = None,
+  geometry: LayerGeometry,
+  inputs: jax.Array,
+  kernel: jax.Array,
+  bias: jax.Array | None,
+  *,
+  in_features: int | None = None,
+  precision: Any = None,
+  preferred_element_type: Any = None,
+  conv_general_dilated: Callable[..., jax.Array] | None = None,
+  out_sharding: Any = None,
 ) -> jax.Array:
   """The Conv layer's computation: pad, convolve, add the bias.
 
@@ -78,29 +81,37 @@ def conv_layer(
   conv_fn = conv_general_dilated or _conv.conv_general_dilated
   # Like flax.nnx, pass preferred_element_type only when set, so that
   # user-supplied convolution functions without that argument keep working.
-  extra = {} if preferred_element_type is None else {
-      "preferred_element_type": preferred_element_type}
+  extra = (
+    {} if preferred_element_type is None else {"preferred_element_type": preferred_element_type}
+  )
   if out_sharding is not None:
     extra["out_sharding"] = out_sharding
   y = conv_fn(
-      geometry.pad(x), kernel, geometry.strides, geometry.lax_padding,
-      lhs_dilation=geometry.input_dilation, rhs_dilation=geometry.kernel_dilation,
-      dimension_numbers=geometry.dimension_numbers,
-      feature_group_count=geometry.feature_group_count, precision=precision, **extra)
+    geometry.pad(x),
+    kernel,
+    geometry.strides,
+    geometry.lax_padding,
+    lhs_dilation=geometry.input_dilation,
+    rhs_dilation=geometry.kernel_dilation,
+    dimension_numbers=geometry.dimension_numbers,
+    feature_group_count=geometry.feature_group_count,
+    precision=precision,
+    **extra,
+  )
   return _finish(y, bias, batch_shape)
 
 
 @_compiled("in_features", "input_spatial_shape", "precision", "preferred_element_type")
 def conv_local_layer(
-    geometry: LayerGeometry,
-    inputs: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    *,
-    in_features: int | None = None,
-    input_spatial_shape: Sequence[int] | None = None,
-    precision: Any = None,
-    preferred_element_type: Any = None,
+  geometry: LayerGeometry,
+  inputs: jax.Array,
+  kernel: jax.Array,
+  bias: jax.Array | None,
+  *,
+  in_features: int | None = None,
+  input_spatial_shape: Sequence[int] | None = None,
+  precision: Any = None,
+  preferred_element_type: Any = None,
 ) -> jax.Array:
   """The locally connected layer: im2col, then one GEMM per output position.
 
@@ -124,17 +135,28 @@ def conv_local_layer(
   x, batch_shape = _flatten_batch(geometry, inputs, in_features)
   if input_spatial_shape is not None and x.shape[1:-1] != tuple(input_spatial_shape):
     raise ValueError(
-        f"{geometry.layer}: the inputs' spatial shape must be `input_spatial_shape` "
-        f"(={tuple(input_spatial_shape)}), the one the kernel was built for, got "
-        f"inputs.shape={inputs.shape}")
+      f"{geometry.layer}: the inputs' spatial shape must be `input_spatial_shape` "
+      f"(={tuple(input_spatial_shape)}), the one the kernel was built for, got "
+      f"inputs.shape={inputs.shape}"
+    )
   patches = _im2col.im2col(
-      geometry.pad(x), geometry.kernel_size, geometry.strides, geometry.lax_padding,
-      geometry.input_dilation, geometry.kernel_dilation, geometry.dimension_numbers)
+    geometry.pad(x),
+    geometry.kernel_size,
+    geometry.strides,
+    geometry.lax_padding,
+    geometry.input_dilation,
+    geometry.kernel_dilation,
+    geometry.dimension_numbers,
+  )
   rank = geometry.rank
   positions = tuple(range(1, rank + 1))
   y = lax.dot_general(
-      patches, kernel, (((rank + 1,), (rank,)), (positions, tuple(range(rank)))),
-      precision=precision, preferred_element_type=preferred_element_type)  # (*out, N, O)
+    patches,
+    kernel,
+    (((rank + 1,), (rank,)), (positions, tuple(range(rank)))),
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+  )  # (*out, N, O)
   return _finish(jnp.moveaxis(y, rank, 0), bias, batch_shape)
 
 
@@ -149,21 +171,21 @@ def _periodic_fold(y: jax.Array, period: Sequence[int], transpose_kernel: bool) 
     pads = [((d + 1) // 2, d // 2) for d in size_diffs]
   y = jnp.pad(y, [(0, 0), *pads, (0, 0)])
   for axis, p in enumerate(period, start=1):
-    y = y.reshape(*y.shape[:axis], -1, p, *y.shape[axis + 1:]).sum(axis=axis)
+    y = y.reshape(*y.shape[:axis], -1, p, *y.shape[axis + 1 :]).sum(axis=axis)
   return y
 
 
 @_compiled("in_features", "transpose_kernel", "precision", "preferred_element_type")
 def conv_transpose_layer(
-    geometry: LayerGeometry,
-    inputs: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    *,
-    in_features: int | None = None,
-    transpose_kernel: bool = False,
-    precision: Any = None,
-    preferred_element_type: Any = None,
+  geometry: LayerGeometry,
+  inputs: jax.Array,
+  kernel: jax.Array,
+  bias: jax.Array | None,
+  *,
+  in_features: int | None = None,
+  transpose_kernel: bool = False,
+  precision: Any = None,
+  preferred_element_type: Any = None,
 ) -> jax.Array:
   """Flax's ConvTranspose computation, through ``convmm.conv_transpose``.
 
@@ -186,12 +208,20 @@ def conv_transpose_layer(
     padding = "VALID"
   elif padding == "SAME_LOWER":
     # What lax.conv_transpose does with it: a stride-1 'SAME_LOWER' conv.
-    padding = lax.padtype_to_pads(in_spatial, geometry.effective_kernel_size,
-                                  (1,) * geometry.rank, "SAME_LOWER")
+    padding = lax.padtype_to_pads(
+      in_spatial, geometry.effective_kernel_size, (1,) * geometry.rank, "SAME_LOWER"
+    )
   y = _adjoint.conv_transpose(
-      x, kernel, geometry.strides, padding, rhs_dilation=geometry.kernel_dilation,
-      dimension_numbers=geometry.dimension_numbers, transpose_kernel=transpose_kernel,
-      precision=precision, preferred_element_type=preferred_element_type)
+    x,
+    kernel,
+    geometry.strides,
+    padding,
+    rhs_dilation=geometry.kernel_dilation,
+    dimension_numbers=geometry.dimension_numbers,
+    transpose_kernel=transpose_kernel,
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+  )
   if geometry.padding == "CIRCULAR":
     period = [n * s for n, s in zip(in_spatial, geometry.strides)]
     y = _periodic_fold(y, period, transpose_kernel)
@@ -200,14 +230,14 @@ def conv_transpose_layer(
 
 @_compiled("in_features", "precision", "preferred_element_type")
 def conv_adjoint_layer(
-    geometry: LayerGeometry,
-    inputs: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    *,
-    in_features: int | None = None,
-    precision: Any = None,
-    preferred_element_type: Any = None,
+  geometry: LayerGeometry,
+  inputs: jax.Array,
+  kernel: jax.Array,
+  bias: jax.Array | None,
+  *,
+  in_features: int | None = None,
+  precision: Any = None,
+  preferred_element_type: Any = None,
 ) -> jax.Array:
   """ConvAdjoint's computation: the transpose of the forward Conv, then the bias.
 
@@ -236,10 +266,16 @@ def conv_adjoint_layer(
   out_features = kernel.shape[-2] * geometry.feature_group_count
   x_shape = (y.shape[0], *adjoint_input_spatial(geometry, y.shape[1:-1]), out_features)
   x_bar = _adjoint.conv_adjoint(
-      y, kernel, geometry.padded_shape(x_shape), geometry.strides, geometry.lax_padding,
-      rhs_dilation=geometry.kernel_dilation, dimension_numbers=geometry.dimension_numbers,
-      feature_group_count=geometry.feature_group_count, precision=precision)
+    y,
+    kernel,
+    geometry.padded_shape(x_shape),
+    geometry.strides,
+    geometry.lax_padding,
+    rhs_dilation=geometry.kernel_dilation,
+    dimension_numbers=geometry.dimension_numbers,
+    feature_group_count=geometry.feature_group_count,
+    precision=precision,
+  )
   if geometry.pad_width is not None:
-    (x_bar,) = jax.linear_transpose(
-        geometry.pad, jax.ShapeDtypeStruct(x_shape, x_bar.dtype))(x_bar)
+    (x_bar,) = jax.linear_transpose(geometry.pad, jax.ShapeDtypeStruct(x_shape, x_bar.dtype))(x_bar)
   return _finish(x_bar, bias, batch_shape)

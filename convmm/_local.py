@@ -23,20 +23,22 @@ def _check_precision(fn: str, precision: lax.PrecisionLike) -> None:
   # lax's local conv takes a precision it can also hand to its patches
   # convolution: None, one Precision (or its name), or a pair; not an algorithm.
   if isinstance(precision, lax.DotAlgorithm | lax.DotAlgorithmPreset):
-    raise ValueError(f"{fn}: unsupported `precision` {precision!r}: use None, a "
-                     f"lax.Precision, its name, or a pair of them")
+    raise ValueError(
+      f"{fn}: unsupported `precision` {precision!r}: use None, a "
+      f"lax.Precision, its name, or a pair of them"
+    )
 
 
 def conv_general_dilated_local(
-    lhs: jax.typing.ArrayLike,
-    rhs: jax.typing.ArrayLike,
-    window_strides: Sequence[int],
-    padding: str | Sequence[tuple[int, int]],
-    filter_shape: Sequence[int],
-    lhs_dilation: Sequence[int] | None = None,
-    rhs_dilation: Sequence[int] | None = None,
-    dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers | None = None,
-    precision: lax.PrecisionLike = None,
+  lhs: jax.typing.ArrayLike,
+  rhs: jax.typing.ArrayLike,
+  window_strides: Sequence[int],
+  padding: str | Sequence[tuple[int, int]],
+  filter_shape: Sequence[int],
+  lhs_dilation: Sequence[int] | None = None,
+  rhs_dilation: Sequence[int] | None = None,
+  dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers | None = None,
+  precision: lax.PrecisionLike = None,
 ) -> jax.Array:
   """Unshared N-D convolution, exactly like ``lax.conv_general_dilated_local``.
 
@@ -84,26 +86,39 @@ def conv_general_dilated_local(
   lhs_shape, _ = shape_of(fn, "lhs", lhs)
   rhs_shape, _ = shape_of(fn, "rhs", rhs)
   _check_precision(fn, precision)
-  geometry = _patches_geometry(fn, lhs_shape, filter_shape, window_strides, padding,
-                               lhs_dilation, rhs_dilation, dimension_numbers)
+  geometry = _patches_geometry(
+    fn,
+    lhs_shape,
+    filter_shape,
+    window_strides,
+    padding,
+    lhs_dilation,
+    rhs_dilation,
+    dimension_numbers,
+  )
   _, rhs_spec, out_spec = geometry.dimension_numbers
   num_spatial = geometry.num_spatial
   if len(rhs_shape) != len(lhs_shape):
-    raise TypeError(f"{fn}: `rhs` must have the rank of `lhs` ({len(lhs_shape)}), got "
-                    f"rhs.shape={rhs_shape}, lhs.shape={lhs_shape}")
+    raise TypeError(
+      f"{fn}: `rhs` must have the rank of `lhs` ({len(lhs_shape)}), got "
+      f"rhs.shape={rhs_shape}, lhs.shape={lhs_shape}"
+    )
   patch_size = geometry.in_features * geometry.num_taps
   out_features = rhs_shape[rhs_spec[0]]
   expected = layout_shape(rhs_spec, (out_features, patch_size, *geometry.out_spatial))
   if rhs_shape != expected:
     raise TypeError(
-        f"{fn}: `rhs` must have shape {expected} (I = C * prod(filter_shape) = {patch_size}, "
-        f"spatial = the output positions {geometry.out_spatial}), got rhs.shape={rhs_shape}")
+      f"{fn}: `rhs` must have shape {expected} (I = C * prod(filter_shape) = {patch_size}, "
+      f"spatial = the output positions {geometry.out_spatial}), got rhs.shape={rhs_shape}"
+    )
 
   patches = to_channels_last(_im2col(jnp.asarray(lhs), geometry), out_spec)  # (N, *out, K)
   kernels = jnp.transpose(jnp.asarray(rhs), (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))
   positions = tuple(range(num_spatial))
   out = lax.dot_general(  # (*out, N, O): one (N, K) @ (K, O) product per output position
-      patches, kernels,
-      (((num_spatial + 1,), (num_spatial,)), (tuple(p + 1 for p in positions), positions)),
-      precision=precision)
+    patches,
+    kernels,
+    (((num_spatial + 1,), (num_spatial,)), (tuple(p + 1 for p in positions), positions)),
+    precision=precision,
+  )
   return from_channels_last(jnp.moveaxis(out, num_spatial, 0), out_spec)

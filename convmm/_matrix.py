@@ -75,29 +75,38 @@ def structure(spec: ConvSpec, lhs_shape: tuple[int, ...]) -> tuple[np.ndarray, .
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
-def _assemble(rhs: jax.Array, rows: jax.Array, cols: jax.Array, taps_index: jax.Array,
-              spec: ConvSpec, shape: tuple[int, int], sparse: bool):
+def _assemble(
+  rhs: jax.Array,
+  rows: jax.Array,
+  cols: jax.Array,
+  taps_index: jax.Array,
+  spec: ConvSpec,
+  shape: tuple[int, int],
+  sparse: bool,
+):
   values = kernel_taps_last(rhs, spec).reshape(-1)[taps_index]
   if sparse:
     indices = jnp.stack([rows, cols], axis=-1)
-    return jsparse.BCOO((values, indices), shape=shape, indices_sorted=True,
-                        unique_indices=True)
-  return jnp.zeros(shape, values.dtype).at[rows, cols].set(
-      values, indices_are_sorted=True, unique_indices=True)
+    return jsparse.BCOO((values, indices), shape=shape, indices_sorted=True, unique_indices=True)
+  return (
+    jnp.zeros(shape, values.dtype)
+    .at[rows, cols]
+    .set(values, indices_are_sorted=True, unique_indices=True)
+  )
 
 
 def conv_matrix(
-    rhs: jax.typing.ArrayLike,
-    lhs_shape: Sequence[int],
-    window_strides: Sequence[int],
-    padding: str | Sequence[tuple[int, int]],
-    lhs_dilation: Sequence[int] | None = None,
-    rhs_dilation: Sequence[int] | None = None,
-    dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
-    feature_group_count: int = 1,
-    *,
-    sparse: bool = False,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
+  rhs: jax.typing.ArrayLike,
+  lhs_shape: Sequence[int],
+  window_strides: Sequence[int],
+  padding: str | Sequence[tuple[int, int]],
+  lhs_dilation: Sequence[int] | None = None,
+  rhs_dilation: Sequence[int] | None = None,
+  dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
+  feature_group_count: int = 1,
+  *,
+  sparse: bool = False,
+  max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> jax.Array | jsparse.BCOO:
   """The matrix of the convolution by ``rhs`` acting on inputs of ``lhs_shape``.
 
@@ -151,20 +160,39 @@ def conv_matrix(
   fn = "conv_matrix"
   rhs_shape, _ = shape_of(fn, "rhs", rhs)
   lhs_shape = canonical_shape(fn, "lhs_shape", lhs_shape)
-  spec = conv_spec(fn, lhs_shape, rhs_shape, window_strides, padding, lhs_dilation,
-                   rhs_dilation, dimension_numbers, feature_group_count, 1)
+  spec = conv_spec(
+    fn,
+    lhs_shape,
+    rhs_shape,
+    window_strides,
+    padding,
+    lhs_dilation,
+    rhs_dilation,
+    dimension_numbers,
+    feature_group_count,
+    1,
+  )
   max_elements = positive_count(fn, "max_elements", max_elements)
   shape = (math.prod(spec.out_shape), math.prod(lhs_shape))
   if not sparse and shape[0] * shape[1] > max_elements:
     raise ValueError(
-        f"{fn}: the dense matrix would have {shape[0]}x{shape[1]}={shape[0] * shape[1]} "
-        f"elements, more than `max_elements`={max_elements} (lhs_shape={lhs_shape}, "
-        f"rhs.shape={rhs_shape}); pass sparse=True to store only the structural entries, "
-        f"or raise max_elements")
+      f"{fn}: the dense matrix would have {shape[0]}x{shape[1]}={shape[0] * shape[1]} "
+      f"elements, more than `max_elements`={max_elements} (lhs_shape={lhs_shape}, "
+      f"rhs.shape={rhs_shape}); pass sparse=True to store only the structural entries, "
+      f"or raise max_elements"
+    )
   if max(shape) > _INDEX_LIMIT:
     raise ValueError(
-        f"{fn}: the matrix shape {shape} does not fit int32 indices (at most "
-        f"{_INDEX_LIMIT} rows and columns); lhs_shape={lhs_shape}, rhs.shape={rhs_shape}")
+      f"{fn}: the matrix shape {shape} does not fit int32 indices (at most "
+      f"{_INDEX_LIMIT} rows and columns); lhs_shape={lhs_shape}, rhs.shape={rhs_shape}"
+    )
   rows, cols, taps_index = structure(spec, lhs_shape)
-  return _assemble(jnp.asarray(rhs), rows.astype(np.int32), cols.astype(np.int32),
-                   taps_index.astype(np.int32), spec, shape, bool(sparse))
+  return _assemble(
+    jnp.asarray(rhs),
+    rows.astype(np.int32),
+    cols.astype(np.int32),
+    taps_index.astype(np.int32),
+    spec,
+    shape,
+    bool(sparse),
+  )

@@ -40,8 +40,9 @@ class _Phase:
   out: int  # outputs in this phase: o0, o0 + P, ...
 
 
-def _phases(size: int, out: int, k: int, stride: int, rhs_dilation: int, lhs_dilation: int,
-            lo: int) -> list[_Phase]:
+def _phases(
+  size: int, out: int, k: int, stride: int, rhs_dilation: int, lhs_dilation: int, lo: int
+) -> list[_Phase]:
   period = lhs_dilation // math.gcd(stride, lhs_dilation)
   tap_period = lhs_dilation // math.gcd(rhs_dilation, lhs_dilation)
   sub_stride = stride // math.gcd(stride, lhs_dilation)
@@ -50,26 +51,54 @@ def _phases(size: int, out: int, k: int, stride: int, rhs_dilation: int, lhs_dil
   for o0 in range(period):
     count = -(-(out - o0) // period) if o0 < out else 0
     # Taps t with o0 * stride + t * rhs_dilation - lo divisible by lhs_dilation.
-    t0 = next((t for t in range(min(k, tap_period))
-               if (o0 * stride + t * rhs_dilation - lo) % lhs_dilation == 0), None)
+    t0 = next(
+      (
+        t
+        for t in range(min(k, tap_period))
+        if (o0 * stride + t * rhs_dilation - lo) % lhs_dilation == 0
+      ),
+      None,
+    )
     if t0 is None or count == 0:
       phases.append(_Phase(slice(0, 0), 0, sub_stride, sub_dilation, (0, 0), count))
       continue
     num_taps = -(-(k - t0) // tap_period)
     base = (o0 * stride + t0 * rhs_dilation - lo) // lhs_dilation  # input index of (o0, t0)
     extent = (count - 1) * sub_stride + (num_taps - 1) * sub_dilation + 1
-    phases.append(_Phase(slice(t0, None, tap_period), num_taps, sub_stride, sub_dilation,
-                         (-base, base + extent - size), count))
+    phases.append(
+      _Phase(
+        slice(t0, None, tap_period),
+        num_taps,
+        sub_stride,
+        sub_dilation,
+        (-base, base + extent - size),
+        count,
+      )
+    )
   return phases
 
 
-def phase_conv(conv: Callable[[jax.Array, jax.Array, ConvSpec], jax.Array], x_cl: jax.Array,
-               w_tio: jax.Array, spec: ConvSpec, out_dtype: Any) -> jax.Array:
+def phase_conv(
+  conv: Callable[[jax.Array, jax.Array, ConvSpec], jax.Array],
+  x_cl: jax.Array,
+  w_tio: jax.Array,
+  spec: ConvSpec,
+  out_dtype: Any,
+) -> jax.Array:
   """``conv`` of an input-dilated convolution as interleaved undilated phase convolutions."""
   g = spec.geometry
-  per_dim = [_phases(*args) for args in zip(
-      g.in_spatial, g.out_spatial, g.filter_shape, g.window_strides, g.rhs_dilation,
-      g.lhs_dilation, (lo for lo, _ in g.padding))]
+  per_dim = [
+    _phases(*args)
+    for args in zip(
+      g.in_spatial,
+      g.out_spatial,
+      g.filter_shape,
+      g.window_strides,
+      g.rhs_dilation,
+      g.lhs_dilation,
+      (lo for lo, _ in g.padding),
+    )
+  ]
   periods = [len(p) for p in per_dim]
   blocks = [-(-o // p) for o, p in zip(g.out_spatial, periods)]
   w = w_tio.reshape(*g.filter_shape, *w_tio.shape[1:])
@@ -80,17 +109,24 @@ def phase_conv(conv: Callable[[jax.Array, jax.Array, ConvSpec], jax.Array], x_cl
     if any(p.num_taps == 0 for p in combo) or 0 in outs:
       y = jnp.zeros((n_out, *outs, o), out_dtype)
     else:
-      sub = dataclasses.replace(g, filter_shape=tuple(p.num_taps for p in combo),
-                                window_strides=tuple(p.stride for p in combo),
-                                rhs_dilation=tuple(p.rhs_dilation for p in combo),
-                                padding=tuple(p.padding for p in combo),
-                                lhs_dilation=(1,) * len(combo), out_spatial=outs)
+      sub = dataclasses.replace(
+        g,
+        filter_shape=tuple(p.num_taps for p in combo),
+        window_strides=tuple(p.stride for p in combo),
+        rhs_dilation=tuple(p.rhs_dilation for p in combo),
+        padding=tuple(p.padding for p in combo),
+        lhs_dilation=(1,) * len(combo),
+        out_spatial=outs,
+      )
       w_sub = w[tuple(p.taps for p in combo)]
       w_sub = w_sub.reshape(math.prod(sub.filter_shape), *w_tio.shape[1:])
       y = conv(x_cl, w_sub, dataclasses.replace(spec, geometry=sub)).astype(out_dtype)
     # Pad every phase to the same number of blocks so that they interleave.
-    y = lax.pad(y, jnp.zeros((), y.dtype),
-                [(0, 0, 0), *((0, b - s, 0) for b, s in zip(blocks, outs)), (0, 0, 0)])
+    y = lax.pad(
+      y,
+      jnp.zeros((), y.dtype),
+      [(0, 0, 0), *((0, b - s, 0) for b, s in zip(blocks, outs)), (0, 0, 0)],
+    )
     ys.append(y)
   nsp = g.num_spatial
   y = jnp.stack(ys).reshape(*periods, n_out, *blocks, o)

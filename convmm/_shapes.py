@@ -33,8 +33,9 @@ class ConvSpec:
   def out_shape(self) -> tuple[int, ...]:
     """Output shape in the layout of ``dimension_numbers.out_spec``."""
     return layout_shape(
-        self.geometry.dimension_numbers.out_spec,
-        (self.out_batch, self.out_features, *self.geometry.out_spatial))
+      self.geometry.dimension_numbers.out_spec,
+      (self.out_batch, self.out_features, *self.geometry.out_spatial),
+    )
 
 
 def layout_shape(spec: Sequence[int], canonical_shape: Sequence[int]) -> tuple[int, ...]:
@@ -63,23 +64,32 @@ def shape_of(fn: str, name: str, x: Any) -> tuple[tuple[int, ...], Any]:
 
 
 def conv_spec(
-    fn: str,
-    lhs_shape: Sequence[int],
-    rhs_shape: Sequence[int],
-    window_strides: Any,
-    padding: Any,
-    lhs_dilation: Any,
-    rhs_dilation: Any,
-    dimension_numbers: Any,
-    feature_group_count: Any,
-    batch_group_count: Any,
+  fn: str,
+  lhs_shape: Sequence[int],
+  rhs_shape: Sequence[int],
+  window_strides: Any,
+  padding: Any,
+  lhs_dilation: Any,
+  rhs_dilation: Any,
+  dimension_numbers: Any,
+  feature_group_count: Any,
+  batch_group_count: Any,
 ) -> ConvSpec:
   """Validates a convolution of ``lhs_shape`` by ``rhs_shape``."""
   lhs_shape = tuple(int(s) for s in lhs_shape)
   rhs_shape = tuple(int(s) for s in rhs_shape)
   geometry = conv_geometry(
-      fn, lhs_shape, len(rhs_shape), None, window_strides, padding, lhs_dilation,
-      rhs_dilation, dimension_numbers, rhs_shape=rhs_shape)
+    fn,
+    lhs_shape,
+    len(rhs_shape),
+    None,
+    window_strides,
+    padding,
+    lhs_dilation,
+    rhs_dilation,
+    dimension_numbers,
+    rhs_shape=rhs_shape,
+  )
   groups = positive_count(fn, "feature_group_count", feature_group_count, bool_ok=True)
   batch_groups = positive_count(fn, "batch_group_count", batch_group_count, bool_ok=True)
   _, rhs_spec, _ = geometry.dimension_numbers
@@ -88,40 +98,50 @@ def conv_spec(
   c = geometry.in_features
   if groups > 1 and batch_groups > 1:
     raise ValueError(
-        f"{fn}: at most one of `feature_group_count` (={groups}) and "
-        f"`batch_group_count` (={batch_groups}) may exceed 1")
+      f"{fn}: at most one of `feature_group_count` (={groups}) and "
+      f"`batch_group_count` (={batch_groups}) may exceed 1"
+    )
   if c % groups:
     raise ValueError(
-        f"{fn}: `feature_group_count` (={groups}) must divide the lhs feature size "
-        f"{c}; lhs.shape={lhs_shape}")
+      f"{fn}: `feature_group_count` (={groups}) must divide the lhs feature size "
+      f"{c}; lhs.shape={lhs_shape}"
+    )
   if c // groups != kernel_in:
     raise ValueError(
-        f"{fn}: lhs feature size {c} divided by `feature_group_count` (={groups}) "
-        f"must equal the rhs input-feature size {kernel_in}; lhs.shape={lhs_shape}, "
-        f"rhs.shape={rhs_shape}")
+      f"{fn}: lhs feature size {c} divided by `feature_group_count` (={groups}) "
+      f"must equal the rhs input-feature size {kernel_in}; lhs.shape={lhs_shape}, "
+      f"rhs.shape={rhs_shape}"
+    )
   if out_features % groups:
     raise ValueError(
-        f"{fn}: `feature_group_count` (={groups}) must divide the rhs output-feature "
-        f"size {out_features}; rhs.shape={rhs_shape}")
+      f"{fn}: `feature_group_count` (={groups}) must divide the rhs output-feature "
+      f"size {out_features}; rhs.shape={rhs_shape}"
+    )
   if geometry.batch % batch_groups:
     raise ValueError(
-        f"{fn}: `batch_group_count` (={batch_groups}) must divide the lhs batch size "
-        f"{geometry.batch}; lhs.shape={lhs_shape}")
+      f"{fn}: `batch_group_count` (={batch_groups}) must divide the lhs batch size "
+      f"{geometry.batch}; lhs.shape={lhs_shape}"
+    )
   if out_features % batch_groups:
     raise ValueError(
-        f"{fn}: `batch_group_count` (={batch_groups}) must divide the rhs "
-        f"output-feature size {out_features}; rhs.shape={rhs_shape}")
+      f"{fn}: `batch_group_count` (={batch_groups}) must divide the rhs "
+      f"output-feature size {out_features}; rhs.shape={rhs_shape}"
+    )
   return ConvSpec(geometry, out_features, groups, batch_groups)
 
 
 def check_dtypes(
-    fn: str, lhs_dtype: Any, rhs_dtype: Any, preferred_element_type: Any = None,
+  fn: str,
+  lhs_dtype: Any,
+  rhs_dtype: Any,
+  preferred_element_type: Any = None,
 ) -> np.dtype | None:
   """lax's dtype rule: equal operand dtypes; returns the checked preferred dtype."""
   if np.dtype(lhs_dtype) != np.dtype(rhs_dtype):
     raise TypeError(
-        f"{fn}: `lhs` and `rhs` must have the same dtype (as in lax), got "
-        f"lhs.dtype={np.dtype(lhs_dtype)} and rhs.dtype={np.dtype(rhs_dtype)}")
+      f"{fn}: `lhs` and `rhs` must have the same dtype (as in lax), got "
+      f"lhs.dtype={np.dtype(lhs_dtype)} and rhs.dtype={np.dtype(rhs_dtype)}"
+    )
   return preferred_dtype(fn, lhs_dtype, preferred_element_type)
 
 
@@ -138,18 +158,23 @@ def preferred_dtype(fn: str, input_dtype: Any, preferred_element_type: Any) -> n
     preferred = jax.dtypes.canonicalize_dtype(np.dtype(preferred_element_type))
   except TypeError as e:
     raise TypeError(
-        f"{fn}: `preferred_element_type` must be a dtype, got {preferred_element_type!r}"
+      f"{fn}: `preferred_element_type` must be a dtype, got {preferred_element_type!r}"
     ) from e
   inp = np.dtype(input_dtype)
   kinds = (jnp.integer, jnp.floating, jnp.complexfloating)
   int_to_float = jnp.issubdtype(inp, jnp.integer) and jnp.issubdtype(preferred, jnp.floating)
-  if not int_to_float and (
+  if (
+    not int_to_float
+    and (
       any(jnp.issubdtype(inp, t) and not jnp.issubdtype(preferred, t) for t in kinds)
       or jnp.issubdtype(inp, jnp.signedinteger)
-      and not jnp.issubdtype(preferred, jnp.signedinteger)) or (
-      preferred.itemsize < inp.itemsize):
+      and not jnp.issubdtype(preferred, jnp.signedinteger)
+    )
+    or (preferred.itemsize < inp.itemsize)
+  ):
     raise TypeError(
-        f"{fn}: `preferred_element_type`={preferred} is not allowed for {inp} operands "
-        f"(as in lax: same kind and signedness, or integer to floating, or from bool, "
-        f"never narrower)")
+      f"{fn}: `preferred_element_type`={preferred} is not allowed for {inp} operands "
+      f"(as in lax: same kind and signedness, or integer to floating, or from bool, "
+      f"never narrower)"
+    )
   return preferred

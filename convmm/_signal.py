@@ -29,12 +29,13 @@ def _operands(fn: str, in1, in2, mode) -> tuple[jax.Array, jax.Array]:
     raise ValueError(f"{fn}: `mode` must be one of {MODES}, got {mode!r}")
   if len(shape1) != len(shape2):
     raise ValueError(
-        f"{fn}: `in1` and `in2` must have the same number of dimensions, got "
-        f"in1.shape={shape1} and in2.shape={shape2}")
+      f"{fn}: `in1` and `in2` must have the same number of dimensions, got "
+      f"in1.shape={shape1} and in2.shape={shape2}"
+    )
   if 0 in shape1 or 0 in shape2:
     raise ValueError(
-        f"{fn}: `in1` and `in2` must be non-empty, got in1.shape={shape1} and "
-        f"in2.shape={shape2}")
+      f"{fn}: `in1` and `in2` must be non-empty, got in1.shape={shape1} and in2.shape={shape2}"
+    )
   # NumPy float64 inputs become float32 unless x64 is enabled, as in jnp.asarray.
   dtype = jnp.result_type(*(jax.dtypes.canonicalize_dtype(d) for d in (dtype1, dtype2)))
   return jnp.asarray(in1, dtype), jnp.asarray(in2, dtype)
@@ -55,8 +56,9 @@ def _convolve(fn: str, in1: jax.Array, in2: jax.Array, mode: str) -> jax.Array:
       in1, in2 = in2, in1  # convolution commutes; SciPy swaps the same way
     else:
       raise ValueError(
-          f"{fn}: for mode='valid' one input must be at least as large as the other in "
-          f"every dimension, got in1.shape={in1.shape} and in2.shape={in2.shape}")
+        f"{fn}: for mode='valid' one input must be at least as large as the other in "
+        f"every dimension, got in1.shape={in1.shape} and in2.shape={in2.shape}"
+      )
     padding = [(0, 0)] * in1.ndim
   elif mode == "full":
     if in2.size > in1.size:
@@ -68,13 +70,12 @@ def _convolve(fn: str, in1: jax.Array, in2: jax.Array, mode: str) -> jax.Array:
   # Convolution is cross-correlation with the kernel mirrored along every axis.
   kernel = jnp.flip(in2)
   out = conv_general_dilated(
-      in1[None, None], kernel[None, None], (1,) * in1.ndim, padding,
-      precision=lax.Precision.HIGHEST)
+    in1[None, None], kernel[None, None], (1,) * in1.ndim, padding, precision=lax.Precision.HIGHEST
+  )
   return out[0, 0]
 
 
-def convolve(in1: jax.typing.ArrayLike, in2: jax.typing.ArrayLike, mode: str = "full"
-             ) -> jax.Array:
+def convolve(in1: jax.typing.ArrayLike, in2: jax.typing.ArrayLike, mode: str = "full") -> jax.Array:
   """N-D convolution of two arrays, with the semantics of ``scipy.signal.convolve``.
 
   ``out[n] = sum_k in1[k] * in2[n - k]``: the kernel is mirrored along every
@@ -116,8 +117,9 @@ def convolve(in1: jax.typing.ArrayLike, in2: jax.typing.ArrayLike, mode: str = "
   return _convolve(fn, in1, in2, mode)
 
 
-def correlate(in1: jax.typing.ArrayLike, in2: jax.typing.ArrayLike, mode: str = "full"
-              ) -> jax.Array:
+def correlate(
+  in1: jax.typing.ArrayLike, in2: jax.typing.ArrayLike, mode: str = "full"
+) -> jax.Array:
   """N-D cross-correlation, with the semantics of ``scipy.signal.correlate``.
 
   ``out[n] = sum_k in1[n + k] * conj(in2[k])`` (offset by the mode): the
@@ -155,4 +157,3 @@ def correlate(in1: jax.typing.ArrayLike, in2: jax.typing.ArrayLike, mode: str = 
   if in1.ndim == 0:
     return in1 * _conj(in2)
   return _convolve(fn, in1, _conj(jnp.flip(in2)), mode)
-

@@ -51,8 +51,7 @@ def _lanczos_top_vector(gram, v0: jax.Array, steps: int) -> jax.Array:
     # Rows after j are still zero, so this projects out exactly span(v_0..v_j),
     # including the three-term recurrence's alpha * v_j and beta * v_{j-1}.
     for _ in range(2):
-      w = w - jnp.dot(jnp.dot(jnp.conj(basis), w, precision=_HIGHEST), basis,
-                      precision=_HIGHEST)
+      w = w - jnp.dot(jnp.dot(jnp.conj(basis), w, precision=_HIGHEST), basis, precision=_HIGHEST)
     return w
 
   def normalise(w):
@@ -70,9 +69,12 @@ def _lanczos_top_vector(gram, v0: jax.Array, steps: int) -> jax.Array:
     # noise; normalised it is not orthogonal to the basis, so project it again.
     # The continuation is then an arbitrary orthogonal direction, coupled by beta ~ 0.
     # (An exactly zero residual leaves the remaining rows zero.)
-    v_next = lax.cond(beta <= 1e-3 * jnp.linalg.norm(w),
-                      lambda r: normalise(orthogonalise(normalise(r), basis)), normalise,
-                      residual)
+    v_next = lax.cond(
+      beta <= 1e-3 * jnp.linalg.norm(w),
+      lambda r: normalise(orthogonalise(normalise(r), basis)),
+      normalise,
+      residual,
+    )
     basis = basis.at[j + 1].set(v_next, mode="drop")
     return basis, alphas.at[j].set(alpha), betas.at[j].set(beta)
 
@@ -84,17 +86,17 @@ def _lanczos_top_vector(gram, v0: jax.Array, steps: int) -> jax.Array:
 
 
 def operator_norm(
-    rhs: jax.typing.ArrayLike,
-    lhs_shape: Sequence[int],
-    window_strides: Sequence[int],
-    padding: str | Sequence[tuple[int, int]],
-    lhs_dilation: Sequence[int] | None = None,
-    rhs_dilation: Sequence[int] | None = None,
-    dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
-    feature_group_count: int = 1,
-    *,
-    num_iters: int = DEFAULT_NUM_ITERS,
-    key: jax.Array | None = None,
+  rhs: jax.typing.ArrayLike,
+  lhs_shape: Sequence[int],
+  window_strides: Sequence[int],
+  padding: str | Sequence[tuple[int, int]],
+  lhs_dilation: Sequence[int] | None = None,
+  rhs_dilation: Sequence[int] | None = None,
+  dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
+  feature_group_count: int = 1,
+  *,
+  num_iters: int = DEFAULT_NUM_ITERS,
+  key: jax.Array | None = None,
 ) -> jax.Array:
   """The spectral norm (largest singular value) of a convolution, matrix-free.
 
@@ -143,8 +145,18 @@ def operator_norm(
   fn = "operator_norm"
   rhs_shape, rhs_dtype = shape_of(fn, "rhs", rhs)
   lhs_shape = canonical_shape(fn, "lhs_shape", lhs_shape)
-  spec = conv_spec(fn, lhs_shape, rhs_shape, window_strides, padding, lhs_dilation,
-                   rhs_dilation, dimension_numbers, feature_group_count, 1)
+  spec = conv_spec(
+    fn,
+    lhs_shape,
+    rhs_shape,
+    window_strides,
+    padding,
+    lhs_dilation,
+    rhs_dilation,
+    dimension_numbers,
+    feature_group_count,
+    1,
+  )
   num_iters = positive_count(fn, "num_iters", num_iters)
   dtype = _compute_dtype(rhs_dtype)
   # One example: the batch only repeats the same block on the diagonal.
@@ -154,19 +166,27 @@ def operator_norm(
   single = tuple(single)
   if math.prod(single) == 0 or math.prod(spec.out_shape) == 0:
     return jnp.zeros((), jnp.finfo(dtype).dtype)
-  conv_args = (("window_strides", geometry.window_strides), ("padding", geometry.padding),
-               ("lhs_dilation", geometry.lhs_dilation),
-               ("rhs_dilation", geometry.rhs_dilation),
-               ("dimension_numbers", geometry.dimension_numbers),
-               ("feature_group_count", spec.feature_group_count))
+  conv_args = (
+    ("window_strides", geometry.window_strides),
+    ("padding", geometry.padding),
+    ("lhs_dilation", geometry.lhs_dilation),
+    ("rhs_dilation", geometry.rhs_dilation),
+    ("dimension_numbers", geometry.dimension_numbers),
+    ("feature_group_count", spec.feature_group_count),
+  )
   key = jax.random.key(0) if key is None else key
   steps = min(num_iters, math.prod(single))
   return _operator_norm(jnp.asarray(rhs, dtype), key, single, conv_args, steps)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _operator_norm(rhs: jax.Array, key: jax.Array, single: tuple[int, ...],
-                   conv_args: tuple[tuple[str, Any], ...], steps: int) -> jax.Array:
+def _operator_norm(
+  rhs: jax.Array,
+  key: jax.Array,
+  single: tuple[int, ...],
+  conv_args: tuple[tuple[str, Any], ...],
+  steps: int,
+) -> jax.Array:
   kwargs: dict[str, Any] = dict(conv_args, precision=_HIGHEST)
 
   def forward(x, w):
@@ -186,7 +206,7 @@ def _operator_norm(rhs: jax.Array, key: jax.Array, single: tuple[int, ...],
 
 
 def circular_singular_values(
-    kernel: jax.typing.ArrayLike, spatial_shape: Sequence[int]
+  kernel: jax.typing.ArrayLike, spatial_shape: Sequence[int]
 ) -> jax.Array:
   """All singular values of a stride-1 convolution with circular padding.
 
@@ -225,18 +245,20 @@ def circular_singular_values(
   shape, dtype = shape_of(fn, "kernel", kernel)
   if len(shape) < 3:
     raise ValueError(
-        f"{fn}: `kernel` must have rank >= 3, (*kernel_size, C_in, C_out), got "
-        f"kernel.shape={shape}")
+      f"{fn}: `kernel` must have rank >= 3, (*kernel_size, C_in, C_out), got kernel.shape={shape}"
+    )
   nsp = len(shape) - 2
   if isinstance(spatial_shape, Sequence) and len(spatial_shape) != nsp:
     raise ValueError(
-        f"{fn}: `spatial_shape` must have one entry per kernel spatial axis ({nsp} for "
-        f"kernel.shape={shape}), got spatial_shape={tuple(spatial_shape)!r}")
+      f"{fn}: `spatial_shape` must have one entry per kernel spatial axis ({nsp} for "
+      f"kernel.shape={shape}), got spatial_shape={tuple(spatial_shape)!r}"
+    )
   spatial = canonical_ints(fn, "spatial_shape", spatial_shape, nsp)
   if any(k > s for k, s in zip(shape[:nsp], spatial)):
     raise ValueError(
-        f"{fn}: the kernel size {shape[:nsp]} must not exceed the circular input "
-        f"`spatial_shape`={spatial} in any dimension; kernel.shape={shape}")
+      f"{fn}: the kernel size {shape[:nsp]} must not exceed the circular input "
+      f"`spatial_shape`={spatial} in any dimension; kernel.shape={shape}"
+    )
   kernel = jnp.asarray(kernel, _compute_dtype(dtype))
   padded = jnp.pad(kernel, [(0, s - k) for k, s in zip(shape[:nsp], spatial)] + [(0, 0)] * 2)
   per_frequency = jnp.fft.fftn(padded, axes=tuple(range(nsp)))  # (*spatial, C_in, C_out)

@@ -38,7 +38,8 @@ from convmm._shapes import ConvSpec
 # more than the GEMM; 32 MiB measured best across the benchmark suite.
 _DEFAULT_MEMORY_BUDGET = 32 * 2**20
 _budget_override: contextvars.ContextVar[int | None] = contextvars.ContextVar(
-    "convmm_memory_budget", default=None)
+  "convmm_memory_budget", default=None
+)
 
 
 def check_budget(fn: str, name: str, nbytes: Any) -> int:
@@ -49,7 +50,8 @@ def check_budget(fn: str, name: str, nbytes: Any) -> int:
     value = operator.index(nbytes)
   except TypeError:
     raise TypeError(
-        f"{fn}: `{name}` must be a positive int number of bytes, got {nbytes!r}") from None
+      f"{fn}: `{name}` must be a positive int number of bytes, got {nbytes!r}"
+    ) from None
   if value < 1:
     raise ValueError(f"{fn}: `{name}` must be a positive number of bytes, got {nbytes!r}")
   return value
@@ -124,12 +126,20 @@ class TilePlan:
 def _window(spec: ConvSpec, tile_out: tuple[int, ...]) -> tuple[int, ...]:
   """Padded-input extent that ``tile_out`` outputs read along each dimension."""
   g = spec.geometry
-  return tuple((t - 1) * s + k if t else 0
-               for t, s, k in zip(tile_out, g.window_strides, g.effective_filter_shape))
+  return tuple(
+    (t - 1) * s + k if t else 0
+    for t, s, k in zip(tile_out, g.window_strides, g.effective_filter_shape)
+  )
 
 
-def tile_cost(spec: ConvSpec, itemsize: int, b: int, tile_out: tuple[int, ...],
-              patch_copies: int, out_itemsize: int) -> int:
+def tile_cost(
+  spec: ConvSpec,
+  itemsize: int,
+  b: int,
+  tile_out: tuple[int, ...],
+  patch_copies: int,
+  out_itemsize: int,
+) -> int:
   """Bytes a tile of ``b`` samples by ``tile_out`` outputs holds at once.
 
   ``patch_copies`` patch matrices (im2col: three, as the backward pass holds the
@@ -148,9 +158,15 @@ def tile_cost(spec: ConvSpec, itemsize: int, b: int, tile_out: tuple[int, ...],
   return cost + positions * spec.out_features * out_itemsize
 
 
-def tile_plan(spec: ConvSpec, itemsize: int, budget: int, patch_copies: int = 3,
-              out_itemsize: int | None = None, batch_shards: int = 1,
-              sharded_spatial: frozenset[int] = frozenset()) -> TilePlan:
+def tile_plan(
+  spec: ConvSpec,
+  itemsize: int,
+  budget: int,
+  patch_copies: int = 3,
+  out_itemsize: int | None = None,
+  batch_shards: int = 1,
+  sharded_spatial: frozenset[int] = frozenset(),
+) -> TilePlan:
   """The largest tiles whose :func:`tile_cost` fits ``budget``.
 
   Whole batch first, splitting output rows, then (row tiles of one) columns;
@@ -161,8 +177,13 @@ def tile_plan(spec: ConvSpec, itemsize: int, budget: int, patch_copies: int = 3,
   """
   g = spec.geometry
   n, out = g.batch, g.out_spatial
-  cost = functools.partial(tile_cost, spec, itemsize, patch_copies=patch_copies,
-                           out_itemsize=itemsize if out_itemsize is None else out_itemsize)
+  cost = functools.partial(
+    tile_cost,
+    spec,
+    itemsize,
+    patch_copies=patch_copies,
+    out_itemsize=itemsize if out_itemsize is None else out_itemsize,
+  )
   whole = TilePlan(n, out, (1,) * len(out))
   if n == 0 or 0 in out or cost(n, out) <= budget:
     return whole
@@ -174,7 +195,7 @@ def tile_plan(spec: ConvSpec, itemsize: int, budget: int, patch_copies: int = 3,
       if any(d in sharded_spatial for d in range(j + 1)):
         return
       ones = (1,) * j
-      fits = lambda r: cost(b, (*ones, r, *out[j + 1:])) <= budget  # noqa: B023
+      fits = lambda r: cost(b, (*ones, r, *out[j + 1 :])) <= budget  # noqa: B023
       if not fits(1) and j + 1 < min(2, len(out)):
         continue
       lo, hi = 1, out[j]  # largest r that fits (1 if none does)
@@ -183,14 +204,16 @@ def tile_plan(spec: ConvSpec, itemsize: int, budget: int, patch_copies: int = 3,
         lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
       count = -(-out[j] // lo)
       r = -(-out[j] // count)  # balanced tiles, the last one padded by < count outputs
-      yield TilePlan(b, (*ones, r, *out[j + 1:]),
-                     (*out[:j], count, *(1,) * (len(out) - j - 1)))
+      yield TilePlan(b, (*ones, r, *out[j + 1 :]), (*out[:j], count, *(1,) * (len(out) - j - 1)))
       return
 
   # Batch groups are kept whole; otherwise chunks are divisors of n that keep
   # the shards whole, largest first.
-  chunks = [n] if spec.batch_group_count > 1 else [
-      d for d in range(n, 0, -1) if n % d == 0 and d % batch_shards == 0] or [n]
+  chunks = (
+    [n]
+    if spec.batch_group_count > 1
+    else [d for d in range(n, 0, -1) if n % d == 0 and d % batch_shards == 0] or [n]
+  )
   plan = whole
   for b in chunks:
     for plan in levels(b):
@@ -230,19 +253,27 @@ def _zero_extended_window(x: jax.Array, axis: int, start: jax.Array, size: int) 
   """
   length = x.shape[axis]
   if length < size:  # the window is mostly padding: make room once
-    x = lax.pad(x, jnp.zeros((), x.dtype),
-                [(0, size - length if a == axis else 0, 0) for a in range(x.ndim)])
+    x = lax.pad(
+      x, jnp.zeros((), x.dtype), [(0, size - length if a == axis else 0, 0) for a in range(x.ndim)]
+    )
     length = size
   clamped = jnp.clip(start, 0, length - size)
   part = lax.dynamic_slice_in_dim(x, clamped, size, axis)
   # Shift by start - clamped (in (-size, size)), filling with zeros.
-  part = lax.pad(part, jnp.zeros((), x.dtype),
-                 [(size, size, 0) if a == axis else (0, 0, 0) for a in range(x.ndim)])
+  part = lax.pad(
+    part,
+    jnp.zeros((), x.dtype),
+    [(size, size, 0) if a == axis else (0, 0, 0) for a in range(x.ndim)],
+  )
   return lax.dynamic_slice_in_dim(part, size + start - clamped, size, axis)
 
 
-def tiled(compute: Callable[[jax.Array, ConvSpec], jax.Array], x_cl: jax.Array,
-          spec: ConvSpec, plan: TilePlan) -> jax.Array:
+def tiled(
+  compute: Callable[[jax.Array, ConvSpec], jax.Array],
+  x_cl: jax.Array,
+  spec: ConvSpec,
+  plan: TilePlan,
+) -> jax.Array:
   """``compute(window, window_spec)`` over the tiles of ``plan``, through one ``lax.scan``.
 
   Each step cuts its padded window out of the unpadded input (the overlapping
@@ -258,12 +289,20 @@ def tiled(compute: Callable[[jax.Array, ConvSpec], jax.Array], x_cl: jax.Array,
   b, tile_out, counts = plan.batch, plan.tile_out, plan.counts
   nb = n // b if b else 1
   tiles = [d for d in range(nsp) if counts[d] > 1]
-  window = tuple(_window(spec, tile_out)[d] if d in tiles else g.padded_spatial[d]
-                 for d in range(nsp))
-  tile_spec = dataclasses.replace(spec, geometry=dataclasses.replace(
-      g, batch=b, padding=((0, 0),) * nsp, in_spatial=window, out_spatial=tile_out))
-  static_pads = [(0, 0, 0)] + [(0, 0, 0) if d in tiles else (*g.padding[d], 0)
-                               for d in range(nsp)] + [(0, 0, 0)]
+  window = tuple(
+    _window(spec, tile_out)[d] if d in tiles else g.padded_spatial[d] for d in range(nsp)
+  )
+  tile_spec = dataclasses.replace(
+    spec,
+    geometry=dataclasses.replace(
+      g, batch=b, padding=((0, 0),) * nsp, in_spatial=window, out_spatial=tile_out
+    ),
+  )
+  static_pads = (
+    [(0, 0, 0)]
+    + [(0, 0, 0) if d in tiles else (*g.padding[d], 0) for d in range(nsp)]
+    + [(0, 0, 0)]
+  )
   if nb == 1 and not tiles:
     return compute(lax.pad(x_cl, jnp.zeros((), x_cl.dtype), static_pads), tile_spec)
   # Chunk k holds samples k, k + nb, ...: the major (possibly sharded) batch axis
@@ -290,8 +329,13 @@ def tiled(compute: Callable[[jax.Array, ConvSpec], jax.Array], x_cl: jax.Array,
   bo, o = y_tile.shape[0], y_tile.shape[-1]
   x_spec = _explicit_spec(x_cl)
   shape = (bo, nb, *out, o)
-  init = jnp.zeros(shape, y_tile.dtype, out_sharding=None if x_spec is None else
-                   jax.sharding.PartitionSpec(x_spec[0], None, *x_spec[1:-1], None))
+  init = jnp.zeros(
+    shape,
+    y_tile.dtype,
+    out_sharding=None
+    if x_spec is None
+    else jax.sharding.PartitionSpec(x_spec[0], None, *x_spec[1:-1], None),
+  )
 
   def step(y, index):
     chunk, position = jnp.divmod(index, plan.num_tiles)
@@ -302,5 +346,6 @@ def tiled(compute: Callable[[jax.Array, ConvSpec], jax.Array], x_cl: jax.Array,
   y, _ = lax.scan(step, init, jnp.arange(nb * plan.num_tiles, dtype=jnp.int32))
   if x_spec is None:
     return y.reshape(bo * nb, *out, o)
-  return lax.reshape(y, (bo * nb, *out, o),
-                     out_sharding=jax.sharding.PartitionSpec(*x_spec[:-1], None))
+  return lax.reshape(
+    y, (bo * nb, *out, o), out_sharding=jax.sharding.PartitionSpec(*x_spec[:-1], None)
+  )

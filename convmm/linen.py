@@ -41,15 +41,18 @@ default_bias_init = nn.initializers.zeros_init()
 
 
 def _parameters(
-    module: Any, kernel_shape: Sequence[int], bias_shape: Sequence[int], inputs: jax.Array
+  module: Any, kernel_shape: Sequence[int], bias_shape: Sequence[int], inputs: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
   """Creates 'kernel' and 'bias' as Flax does, masks the kernel, promotes dtypes."""
   geometry_rules.check_mask(type(module).__name__, module.mask, kernel_shape)
   kernel = module.param("kernel", module.kernel_init, kernel_shape, module.param_dtype)
   if module.mask is not None:
     kernel *= module.mask
-  bias = (module.param("bias", module.bias_init, bias_shape, module.param_dtype)
-          if module.use_bias else None)
+  bias = (
+    module.param("bias", module.bias_init, bias_shape, module.param_dtype)
+    if module.use_bias
+    else None
+  )
   inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
   return inputs, kernel, bias
 
@@ -92,8 +95,14 @@ class _ConvFields(_ParamFields, _ConvHead):
 
   def _geometry(self) -> geometry_rules.LayerGeometry:
     return geometry_rules.conv_layer_geometry(
-        type(self).__name__, self.kernel_size, self.strides, self.padding,
-        self.input_dilation, self.kernel_dilation, self.feature_group_count)
+      type(self).__name__,
+      self.kernel_size,
+      self.strides,
+      self.padding,
+      self.input_dilation,
+      self.kernel_dilation,
+      self.feature_group_count,
+    )
 
 
 class Conv(_ConvFields):
@@ -143,14 +152,21 @@ class Conv(_ConvFields):
     """``(*batch, *spatial, C)`` -> ``(*batch, *out_spatial, features)``."""
     geometry = self._geometry()
     kernel_shape = geometry.kernel_shape(
-        geometry_rules.in_features_of(geometry, inputs), self.features)
+      geometry_rules.in_features_of(geometry, inputs), self.features
+    )
     inputs, kernel, bias = _parameters(self, kernel_shape, (self.features,), inputs)
     conv_fn = self.conv_general_dilated
     if self.conv_general_dilated_cls is not None:
       conv_fn = self.conv_general_dilated_cls()
     return _layer_ops.conv_layer(
-        geometry, inputs, kernel, bias, precision=self.precision,
-        preferred_element_type=self.preferred_element_type, conv_general_dilated=conv_fn)
+      geometry,
+      inputs,
+      kernel,
+      bias,
+      precision=self.precision,
+      preferred_element_type=self.preferred_element_type,
+      conv_general_dilated=conv_fn,
+    )
 
 
 class ConvLocal(_ConvFields):
@@ -187,11 +203,17 @@ class ConvLocal(_ConvFields):
     geometry = self._geometry()
     in_features = geometry_rules.in_features_of(geometry, inputs)
     kernel_shape, bias_shape = geometry_rules.local_shapes(
-        geometry, jnp.shape(inputs)[-geometry.rank - 1:-1], in_features, self.features)
+      geometry, jnp.shape(inputs)[-geometry.rank - 1 : -1], in_features, self.features
+    )
     inputs, kernel, bias = _parameters(self, kernel_shape, bias_shape, inputs)
     return _layer_ops.conv_local_layer(
-        geometry, inputs, kernel, bias, precision=self.precision,
-        preferred_element_type=self.preferred_element_type)
+      geometry,
+      inputs,
+      kernel,
+      bias,
+      precision=self.precision,
+      preferred_element_type=self.preferred_element_type,
+    )
 
 
 class _TransposeHead(nn.Module):
@@ -253,15 +275,23 @@ class ConvTranspose(_ParamFields, _TransposeHead):
   def __call__(self, inputs: Array) -> Array:
     """``(*batch, *spatial, C)`` -> ``(*batch, *out_spatial, features)``, transposed."""
     geometry = geometry_rules.transpose_layer_geometry(
-        "ConvTranspose", self.kernel_size, self.strides, self.padding, self.kernel_dilation)
+      "ConvTranspose", self.kernel_size, self.strides, self.padding, self.kernel_dilation
+    )
     in_features = geometry_rules.in_features_of(geometry, inputs)
-    features = (self.features, in_features) if self.transpose_kernel else (
-        in_features, self.features)
+    features = (
+      (self.features, in_features) if self.transpose_kernel else (in_features, self.features)
+    )
     kernel_shape = geometry.kernel_shape(*features)
     inputs, kernel, bias = _parameters(self, kernel_shape, (self.features,), inputs)
     return _layer_ops.conv_transpose_layer(
-        geometry, inputs, kernel, bias, transpose_kernel=self.transpose_kernel,
-        precision=self.precision, preferred_element_type=self.preferred_element_type)
+      geometry,
+      inputs,
+      kernel,
+      bias,
+      transpose_kernel=self.transpose_kernel,
+      precision=self.precision,
+      preferred_element_type=self.preferred_element_type,
+    )
 
 
 class ConvAdjoint(_ParamFields, _AdjointHead):
@@ -328,11 +358,23 @@ class ConvAdjoint(_ParamFields, _AdjointHead):
   def __call__(self, inputs: Array) -> Array:
     """The forward Conv's output ``(*batch, *spatial, C)`` -> its input's shape."""
     geometry = geometry_rules.adjoint_layer_geometry(
-        "ConvAdjoint", self.kernel_size, self.strides, self.padding, self.kernel_dilation,
-        self.feature_group_count, self.output_padding)
+      "ConvAdjoint",
+      self.kernel_size,
+      self.strides,
+      self.padding,
+      self.kernel_dilation,
+      self.feature_group_count,
+      self.output_padding,
+    )
     kernel_shape = geometry.adjoint_kernel_shape(
-        geometry_rules.in_features_of(geometry, inputs), self.features)
+      geometry_rules.in_features_of(geometry, inputs), self.features
+    )
     inputs, kernel, bias = _parameters(self, kernel_shape, (self.features,), inputs)
     return _layer_ops.conv_adjoint_layer(
-        geometry, inputs, kernel, bias, precision=self.precision,
-        preferred_element_type=self.preferred_element_type)
+      geometry,
+      inputs,
+      kernel,
+      bias,
+      precision=self.precision,
+      preferred_element_type=self.preferred_element_type,
+    )

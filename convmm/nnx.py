@@ -69,8 +69,11 @@ class _Layer(nnx.Module):
 
 
 def _build(
-    module: _Layer, geometry: geometry_rules.LayerGeometry, kernel_shape: Sequence[int],
-    bias_shape: Sequence[int], arguments: Mapping[str, Any],
+  module: _Layer,
+  geometry: geometry_rules.LayerGeometry,
+  kernel_shape: Sequence[int],
+  bias_shape: Sequence[int],
+  arguments: Mapping[str, Any],
 ) -> None:
   """Keeps the geometry and arguments; draws ``kernel`` then ``bias`` as flax.nnx does."""
   geometry_rules.check_mask(geometry.layer, arguments["mask"], kernel_shape)
@@ -82,11 +85,15 @@ def _build(
   module.kernel_shape = tuple(kernel_shape)
   rngs, param_dtype = arguments["rngs"], arguments["param_dtype"]
   module.kernel = nnx.Param(
-      arguments["kernel_init"](rngs.params(), tuple(kernel_shape), param_dtype),
-      **arguments["kernel_metadata"])
+    arguments["kernel_init"](rngs.params(), tuple(kernel_shape), param_dtype),
+    **arguments["kernel_metadata"],
+  )
   bias_init, bias_metadata = arguments["bias_init"], arguments["bias_metadata"]
-  module.bias = nnx.Param(bias_init(rngs.params(), tuple(bias_shape), param_dtype),
-                          **bias_metadata) if arguments["use_bias"] else nnx.data(None)
+  module.bias = (
+    nnx.Param(bias_init(rngs.params(), tuple(bias_shape), param_dtype), **bias_metadata)
+    if arguments["use_bias"]
+    else nnx.data(None)
+  )
 
 
 def _operands(module: _Layer, inputs: Array) -> tuple[Array, Array, Array | None]:
@@ -135,33 +142,33 @@ class Conv(_Layer):
   """
 
   def __init__(
-      self,
-      in_features: int,
-      out_features: int,
-      kernel_size: int | Sequence[int],
-      strides: None | int | Sequence[int] = 1,
-      *,
-      padding: PaddingLike = "SAME",
-      input_dilation: None | int | Sequence[int] = 1,
-      kernel_dilation: None | int | Sequence[int] = 1,
-      feature_group_count: int = 1,
-      use_bias: bool = True,
-      mask: Array | None = None,
-      dtype: Dtype | None = None,
-      param_dtype: Dtype = jnp.float32,
-      precision: PrecisionLike = None,
-      kernel_init: Initializer = default_kernel_init,
-      bias_init: Initializer = default_bias_init,
-      conv_general_dilated: Callable[..., Array] = default_conv_general_dilated,
-      promote_dtype: Callable[..., Any] = default_promote_dtype,
-      preferred_element_type: Dtype | None = None,
-      rngs: nnx.Rngs,
-      kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
-      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: int | Sequence[int],
+    strides: None | int | Sequence[int] = 1,
+    *,
+    padding: PaddingLike = "SAME",
+    input_dilation: None | int | Sequence[int] = 1,
+    kernel_dilation: None | int | Sequence[int] = 1,
+    feature_group_count: int = 1,
+    use_bias: bool = True,
+    mask: Array | None = None,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    precision: PrecisionLike = None,
+    kernel_init: Initializer = default_kernel_init,
+    bias_init: Initializer = default_bias_init,
+    conv_general_dilated: Callable[..., Array] = default_conv_general_dilated,
+    promote_dtype: Callable[..., Any] = default_promote_dtype,
+    preferred_element_type: Dtype | None = None,
+    rngs: nnx.Rngs,
+    kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+    bias_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
     geometry = geometry_rules.conv_layer_geometry(
-        "Conv", kernel_size, strides, padding, input_dilation, kernel_dilation,
-        feature_group_count)
+      "Conv", kernel_size, strides, padding, input_dilation, kernel_dilation, feature_group_count
+    )
     kernel_shape = geometry.kernel_shape(in_features, out_features)
     _build(self, geometry, kernel_shape, (out_features,), locals())
 
@@ -172,9 +179,16 @@ class Conv(_Layer):
     """
     inputs, kernel, bias = _operands(self, inputs)
     return _layer_ops.conv_layer(
-        self.geometry, inputs, kernel, bias, in_features=self.in_features,
-        precision=self.precision, preferred_element_type=self.preferred_element_type,
-        conv_general_dilated=self.conv_general_dilated, out_sharding=out_sharding)
+      self.geometry,
+      inputs,
+      kernel,
+      bias,
+      in_features=self.in_features,
+      precision=self.precision,
+      preferred_element_type=self.preferred_element_type,
+      conv_general_dilated=self.conv_general_dilated,
+      out_sharding=out_sharding,
+    )
 
 
 class ConvLocal(_Layer):
@@ -209,35 +223,42 @@ class ConvLocal(_Layer):
   """
 
   def __init__(
-      self,
-      in_features: int,
-      out_features: int,
-      kernel_size: int | Sequence[int],
-      strides: None | int | Sequence[int] = 1,
-      *,
-      input_spatial_shape: Sequence[int],
-      padding: PaddingLike = "SAME",
-      input_dilation: None | int | Sequence[int] = 1,
-      kernel_dilation: None | int | Sequence[int] = 1,
-      feature_group_count: int = 1,
-      use_bias: bool = True,
-      mask: Array | None = None,
-      dtype: Dtype | None = None,
-      param_dtype: Dtype = jnp.float32,
-      precision: PrecisionLike = None,
-      kernel_init: Initializer = default_kernel_init,
-      bias_init: Initializer = default_bias_init,
-      promote_dtype: Callable[..., Any] = default_promote_dtype,
-      preferred_element_type: Dtype | None = None,
-      rngs: nnx.Rngs,
-      kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
-      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: int | Sequence[int],
+    strides: None | int | Sequence[int] = 1,
+    *,
+    input_spatial_shape: Sequence[int],
+    padding: PaddingLike = "SAME",
+    input_dilation: None | int | Sequence[int] = 1,
+    kernel_dilation: None | int | Sequence[int] = 1,
+    feature_group_count: int = 1,
+    use_bias: bool = True,
+    mask: Array | None = None,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    precision: PrecisionLike = None,
+    kernel_init: Initializer = default_kernel_init,
+    bias_init: Initializer = default_bias_init,
+    promote_dtype: Callable[..., Any] = default_promote_dtype,
+    preferred_element_type: Dtype | None = None,
+    rngs: nnx.Rngs,
+    kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+    bias_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
     geometry = geometry_rules.conv_layer_geometry(
-        "ConvLocal", kernel_size, strides, padding, input_dilation, kernel_dilation,
-        feature_group_count)
+      "ConvLocal",
+      kernel_size,
+      strides,
+      padding,
+      input_dilation,
+      kernel_dilation,
+      feature_group_count,
+    )
     kernel_shape, bias_shape = geometry_rules.local_shapes(
-        geometry, input_spatial_shape, in_features, out_features)
+      geometry, input_spatial_shape, in_features, out_features
+    )
     input_spatial_shape = tuple(input_spatial_shape)
     _build(self, geometry, kernel_shape, bias_shape, locals())
 
@@ -245,9 +266,15 @@ class ConvLocal(_Layer):
     """``(*batch, *input_spatial_shape, in_features)`` -> ``(*batch, *out, out_features)``."""
     inputs, kernel, bias = _operands(self, inputs)
     return _layer_ops.conv_local_layer(
-        self.geometry, inputs, kernel, bias, in_features=self.in_features,
-        input_spatial_shape=self.input_spatial_shape,
-        precision=self.precision, preferred_element_type=self.preferred_element_type)
+      self.geometry,
+      inputs,
+      kernel,
+      bias,
+      in_features=self.in_features,
+      input_spatial_shape=self.input_spatial_shape,
+      precision=self.precision,
+      preferred_element_type=self.preferred_element_type,
+    )
 
 
 class ConvTranspose(_Layer):
@@ -283,30 +310,31 @@ class ConvTranspose(_Layer):
   """
 
   def __init__(
-      self,
-      in_features: int,
-      out_features: int,
-      kernel_size: int | Sequence[int],
-      strides: int | Sequence[int] | None = None,
-      *,
-      padding: PaddingLike = "SAME",
-      kernel_dilation: int | Sequence[int] | None = None,
-      use_bias: bool = True,
-      mask: Array | None = None,
-      dtype: Dtype | None = None,
-      param_dtype: Dtype = jnp.float32,
-      precision: PrecisionLike | None = None,
-      kernel_init: Initializer = default_kernel_init,
-      bias_init: Initializer = default_bias_init,
-      transpose_kernel: bool = False,
-      promote_dtype: Callable[..., Any] = default_promote_dtype,
-      preferred_element_type: Dtype | None = None,
-      rngs: nnx.Rngs,
-      kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
-      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: int | Sequence[int],
+    strides: int | Sequence[int] | None = None,
+    *,
+    padding: PaddingLike = "SAME",
+    kernel_dilation: int | Sequence[int] | None = None,
+    use_bias: bool = True,
+    mask: Array | None = None,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    precision: PrecisionLike | None = None,
+    kernel_init: Initializer = default_kernel_init,
+    bias_init: Initializer = default_bias_init,
+    transpose_kernel: bool = False,
+    promote_dtype: Callable[..., Any] = default_promote_dtype,
+    preferred_element_type: Dtype | None = None,
+    rngs: nnx.Rngs,
+    kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+    bias_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
     geometry = geometry_rules.transpose_layer_geometry(
-        "ConvTranspose", kernel_size, strides, padding, kernel_dilation)
+      "ConvTranspose", kernel_size, strides, padding, kernel_dilation
+    )
     features = (out_features, in_features) if transpose_kernel else (in_features, out_features)
     kernel_shape = geometry.kernel_shape(*features)
     _build(self, geometry, kernel_shape, (out_features,), locals())
@@ -315,9 +343,15 @@ class ConvTranspose(_Layer):
     """``(*batch, *spatial, in_features)`` -> ``(*batch, *out_spatial, out_features)``."""
     inputs, kernel, bias = _operands(self, inputs)
     return _layer_ops.conv_transpose_layer(
-        self.geometry, inputs, kernel, bias, in_features=self.in_features,
-        transpose_kernel=self.transpose_kernel, precision=self.precision,
-        preferred_element_type=self.preferred_element_type)
+      self.geometry,
+      inputs,
+      kernel,
+      bias,
+      in_features=self.in_features,
+      transpose_kernel=self.transpose_kernel,
+      precision=self.precision,
+      preferred_element_type=self.preferred_element_type,
+    )
 
 
 class ConvAdjoint(_Layer):
@@ -358,32 +392,38 @@ class ConvAdjoint(_Layer):
   """
 
   def __init__(
-      self,
-      in_features: int,
-      out_features: int,
-      kernel_size: int | Sequence[int],
-      strides: None | int | Sequence[int] = 1,
-      *,
-      padding: PaddingLike = "SAME",
-      output_padding: int | Sequence[int] = 0,
-      kernel_dilation: None | int | Sequence[int] = 1,
-      feature_group_count: int = 1,
-      use_bias: bool = True,
-      mask: Array | None = None,
-      dtype: Dtype | None = None,
-      param_dtype: Dtype = jnp.float32,
-      precision: PrecisionLike = None,
-      kernel_init: Initializer = default_kernel_init,
-      bias_init: Initializer = default_bias_init,
-      promote_dtype: Callable[..., Any] = default_promote_dtype,
-      preferred_element_type: Dtype | None = None,
-      rngs: nnx.Rngs,
-      kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
-      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: int | Sequence[int],
+    strides: None | int | Sequence[int] = 1,
+    *,
+    padding: PaddingLike = "SAME",
+    output_padding: int | Sequence[int] = 0,
+    kernel_dilation: None | int | Sequence[int] = 1,
+    feature_group_count: int = 1,
+    use_bias: bool = True,
+    mask: Array | None = None,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    precision: PrecisionLike = None,
+    kernel_init: Initializer = default_kernel_init,
+    bias_init: Initializer = default_bias_init,
+    promote_dtype: Callable[..., Any] = default_promote_dtype,
+    preferred_element_type: Dtype | None = None,
+    rngs: nnx.Rngs,
+    kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+    bias_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
     geometry = geometry_rules.adjoint_layer_geometry(
-        "ConvAdjoint", kernel_size, strides, padding, kernel_dilation, feature_group_count,
-        output_padding)
+      "ConvAdjoint",
+      kernel_size,
+      strides,
+      padding,
+      kernel_dilation,
+      feature_group_count,
+      output_padding,
+    )
     kernel_shape = geometry.adjoint_kernel_shape(in_features, out_features)
     _build(self, geometry, kernel_shape, (out_features,), locals())
 
@@ -391,5 +431,11 @@ class ConvAdjoint(_Layer):
     """The forward's output ``(*batch, *spatial, in_features)`` -> its input's shape."""
     inputs, kernel, bias = _operands(self, inputs)
     return _layer_ops.conv_adjoint_layer(
-        self.geometry, inputs, kernel, bias, in_features=self.in_features,
-        precision=self.precision, preferred_element_type=self.preferred_element_type)
+      self.geometry,
+      inputs,
+      kernel,
+      bias,
+      in_features=self.in_features,
+      precision=self.precision,
+      preferred_element_type=self.preferred_element_type,
+    )

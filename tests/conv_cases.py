@@ -76,54 +76,73 @@ ODD = ("CNWH", "IHOW", "HWCN")
 
 # lhs (N, C, *spatial) and rhs (O, I, *k) are canonical; dimension_numbers lay them out.
 CASES = {
-    "0d_no_spatial_dims": case((2, 3), (4, 3), (), "VALID"),
-    "1d_valid": case((2, 3, 9), (4, 3, 3), (1,), "VALID"),
-    "1d_same_stride2": case((2, 3, 9), (4, 3, 3), (2,), "SAME"),
-    "1d_nwc_same_lower_even_k": case((1, 2, 8), (3, 2, 4), (1,), "SAME_LOWER",
-                                     dimension_numbers=("NWC", "WIO", "NWC")),
-    "2d_valid": case((2, 3, 6, 5), (4, 3, 3, 2), (1, 1), "VALID"),
-    "2d_same_stride2": case((2, 3, 7, 6), (4, 3, 3, 3), (2, 2), "SAME"),
-    "2d_same_lower_stride2": case((2, 3, 7, 6), (4, 3, 2, 2), (2, 1), "SAME_LOWER"),
-    "2d_lowercase_same": case((1, 2, 5, 5), (2, 2, 3, 3), (1, 1), "same"),
-    "2d_pairs": case((1, 2, 5, 6), (3, 2, 3, 2), (1, 2), ((1, 2), (0, 3))),
-    "2d_negative_pairs": case((1, 2, 7, 6), (3, 2, 2, 2), (1, 1), ((-1, 2), (1, -2))),
-    "2d_stride_gt_kernel": case((1, 2, 9, 8), (2, 2, 2, 2), (3, 4), "VALID"),
-    "2d_lhs_dilation": case((1, 2, 4, 5), (3, 2, 3, 3), (1, 1), ((2, 2), (1, 0)),
-                            lhs_dilation=(2, 3)),
-    "2d_lhs_dilation_stride": case((2, 2, 4, 4), (3, 2, 3, 2), (2, 3), ((1, 1), (0, 2)),
-                                   lhs_dilation=(2, 2)),
-    "2d_rhs_dilation_same": case((1, 2, 8, 7), (3, 2, 3, 3), (1, 1), "SAME",
-                                 rhs_dilation=(2, 3)),
-    "2d_both_dilations": case((1, 2, 5, 4), (2, 2, 2, 3), (2, 1), ((1, 1), (2, 0)),
-                              lhs_dilation=(2, 1), rhs_dilation=(1, 2)),
-    "2d_nhwc": case((2, 3, 6, 5), (4, 3, 3, 3), (1, 2), "SAME", dimension_numbers=NHWC),
-    "2d_odd_layout": case((2, 3, 6, 5), (4, 3, 3, 2), (2, 1), "SAME", dimension_numbers=ODD),
-    "2d_dimension_numbers_object": case(
-        (2, 3, 6, 5), (4, 3, 2, 3), (1, 1), ((1, 0), (0, 1)),
-        dimension_numbers=lax.ConvDimensionNumbers((3, 0, 2, 1), (1, 3, 0, 2), (2, 1, 3, 0))),
-    "2d_feature_groups": case((2, 4, 5, 5), (6, 2, 3, 3), (1, 1), "SAME",
-                              feature_group_count=2),
-    "2d_depthwise": case((2, 3, 6, 6), (3, 1, 3, 3), (1, 1), "SAME", feature_group_count=3),
-    "2d_depthwise_multiplier_nhwc": case((1, 4, 5, 5), (8, 1, 3, 3), (2, 2), "VALID",
-                                         feature_group_count=4, dimension_numbers=NHWC),
-    "2d_batch_groups": case((4, 3, 5, 5), (4, 3, 3, 3), (1, 1), "VALID", batch_group_count=2),
-    "2d_batch_groups_odd_layout": case((6, 2, 5, 4), (6, 2, 2, 2), (1, 2), "SAME",
-                                       batch_group_count=3, dimension_numbers=ODD),
-    "3d_ndhwc_strides": case((1, 2, 5, 4, 6), (3, 2, 2, 3, 2), (2, 1, 2), "SAME",
-                             dimension_numbers=("NDHWC", "DHWIO", "NDHWC")),
-    "3d_pairs_rhs_dilation_groups": case((2, 4, 5, 4, 4), (4, 2, 2, 2, 2), (1, 1, 1),
-                                         ((1, 0), (0, 1), (-1, 1)), rhs_dilation=(2, 1, 2),
-                                         feature_group_count=2),
-    "4d_valid": case((1, 2, 3, 4, 3, 3), (2, 2, 2, 2, 1, 2), (1, 2, 1, 1), "VALID"),
-    "kernel_larger_than_input": case((2, 3, 3, 4), (2, 3, 5, 2), (1, 1), "VALID"),
-    "dilated_kernel_larger_than_input": case((1, 2, 4, 4), (2, 2, 3, 1), (1, 1), "VALID",
-                                             rhs_dilation=(2, 1)),
-    "kernel_larger_same": case((1, 2, 2, 3), (2, 2, 4, 5), (1, 2), "SAME"),
-    "zero_spatial": case((2, 3, 0, 4), (2, 3, 1, 2), (1, 1), "VALID"),
-    "zero_spatial_same": case((1, 2, 0, 3), (2, 2, 2, 2), (1, 1), "SAME"),
-    "zero_batch": case((0, 2, 4, 4), (3, 2, 2, 2), (1, 1), "SAME"),
-    "zero_kernel_features": case((2, 2, 4, 4), (0, 2, 2, 2), (1, 1), "VALID"),
-    "cropped_to_empty": case((1, 2, 3, 3), (2, 2, 1, 1), (1, 1), ((-3, 0), (0, 0))),
+  "0d_no_spatial_dims": case((2, 3), (4, 3), (), "VALID"),
+  "1d_valid": case((2, 3, 9), (4, 3, 3), (1,), "VALID"),
+  "1d_same_stride2": case((2, 3, 9), (4, 3, 3), (2,), "SAME"),
+  "1d_nwc_same_lower_even_k": case(
+    (1, 2, 8), (3, 2, 4), (1,), "SAME_LOWER", dimension_numbers=("NWC", "WIO", "NWC")
+  ),
+  "2d_valid": case((2, 3, 6, 5), (4, 3, 3, 2), (1, 1), "VALID"),
+  "2d_same_stride2": case((2, 3, 7, 6), (4, 3, 3, 3), (2, 2), "SAME"),
+  "2d_same_lower_stride2": case((2, 3, 7, 6), (4, 3, 2, 2), (2, 1), "SAME_LOWER"),
+  "2d_lowercase_same": case((1, 2, 5, 5), (2, 2, 3, 3), (1, 1), "same"),
+  "2d_pairs": case((1, 2, 5, 6), (3, 2, 3, 2), (1, 2), ((1, 2), (0, 3))),
+  "2d_negative_pairs": case((1, 2, 7, 6), (3, 2, 2, 2), (1, 1), ((-1, 2), (1, -2))),
+  "2d_stride_gt_kernel": case((1, 2, 9, 8), (2, 2, 2, 2), (3, 4), "VALID"),
+  "2d_lhs_dilation": case(
+    (1, 2, 4, 5), (3, 2, 3, 3), (1, 1), ((2, 2), (1, 0)), lhs_dilation=(2, 3)
+  ),
+  "2d_lhs_dilation_stride": case(
+    (2, 2, 4, 4), (3, 2, 3, 2), (2, 3), ((1, 1), (0, 2)), lhs_dilation=(2, 2)
+  ),
+  "2d_rhs_dilation_same": case((1, 2, 8, 7), (3, 2, 3, 3), (1, 1), "SAME", rhs_dilation=(2, 3)),
+  "2d_both_dilations": case(
+    (1, 2, 5, 4), (2, 2, 2, 3), (2, 1), ((1, 1), (2, 0)), lhs_dilation=(2, 1), rhs_dilation=(1, 2)
+  ),
+  "2d_nhwc": case((2, 3, 6, 5), (4, 3, 3, 3), (1, 2), "SAME", dimension_numbers=NHWC),
+  "2d_odd_layout": case((2, 3, 6, 5), (4, 3, 3, 2), (2, 1), "SAME", dimension_numbers=ODD),
+  "2d_dimension_numbers_object": case(
+    (2, 3, 6, 5),
+    (4, 3, 2, 3),
+    (1, 1),
+    ((1, 0), (0, 1)),
+    dimension_numbers=lax.ConvDimensionNumbers((3, 0, 2, 1), (1, 3, 0, 2), (2, 1, 3, 0)),
+  ),
+  "2d_feature_groups": case((2, 4, 5, 5), (6, 2, 3, 3), (1, 1), "SAME", feature_group_count=2),
+  "2d_depthwise": case((2, 3, 6, 6), (3, 1, 3, 3), (1, 1), "SAME", feature_group_count=3),
+  "2d_depthwise_multiplier_nhwc": case(
+    (1, 4, 5, 5), (8, 1, 3, 3), (2, 2), "VALID", feature_group_count=4, dimension_numbers=NHWC
+  ),
+  "2d_batch_groups": case((4, 3, 5, 5), (4, 3, 3, 3), (1, 1), "VALID", batch_group_count=2),
+  "2d_batch_groups_odd_layout": case(
+    (6, 2, 5, 4), (6, 2, 2, 2), (1, 2), "SAME", batch_group_count=3, dimension_numbers=ODD
+  ),
+  "3d_ndhwc_strides": case(
+    (1, 2, 5, 4, 6),
+    (3, 2, 2, 3, 2),
+    (2, 1, 2),
+    "SAME",
+    dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+  ),
+  "3d_pairs_rhs_dilation_groups": case(
+    (2, 4, 5, 4, 4),
+    (4, 2, 2, 2, 2),
+    (1, 1, 1),
+    ((1, 0), (0, 1), (-1, 1)),
+    rhs_dilation=(2, 1, 2),
+    feature_group_count=2,
+  ),
+  "4d_valid": case((1, 2, 3, 4, 3, 3), (2, 2, 2, 2, 1, 2), (1, 2, 1, 1), "VALID"),
+  "kernel_larger_than_input": case((2, 3, 3, 4), (2, 3, 5, 2), (1, 1), "VALID"),
+  "dilated_kernel_larger_than_input": case(
+    (1, 2, 4, 4), (2, 2, 3, 1), (1, 1), "VALID", rhs_dilation=(2, 1)
+  ),
+  "kernel_larger_same": case((1, 2, 2, 3), (2, 2, 4, 5), (1, 2), "SAME"),
+  "zero_spatial": case((2, 3, 0, 4), (2, 3, 1, 2), (1, 1), "VALID"),
+  "zero_spatial_same": case((1, 2, 0, 3), (2, 2, 2, 2), (1, 1), "SAME"),
+  "zero_batch": case((0, 2, 4, 4), (3, 2, 2, 2), (1, 1), "SAME"),
+  "zero_kernel_features": case((2, 2, 4, 4), (0, 2, 2, 2), (1, 1), "VALID"),
+  "cropped_to_empty": case((1, 2, 3, 3), (2, 2, 1, 1), (1, 1), ((-3, 0), (0, 0))),
 }
 
 
@@ -154,8 +173,9 @@ def random_case(rng):
   kw = {}
   pad_kind = str(rng.choice(["SAME", "SAME_LOWER", "VALID", "pairs", "dilated_pairs"]))
   if pad_kind in ("pairs", "dilated_pairs"):
-    lhs_dilation = (tuple(int(d) for d in rng.integers(1, 4, nsp))
-                    if pad_kind == "dilated_pairs" else (1,) * nsp)
+    lhs_dilation = (
+      tuple(int(d) for d in rng.integers(1, 4, nsp)) if pad_kind == "dilated_pairs" else (1,) * nsp
+    )
     padding = []
     for size, d in zip(in_spatial, lhs_dilation):
       dilated = (size - 1) * d + 1

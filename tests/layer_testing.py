@@ -47,12 +47,21 @@ def torch_conv(x, kernel, bias, *, strides, padding, dilation, groups, padding_m
 
   rank = x.ndim - 2
   conv = getattr(torch.nn, f"Conv{rank}d")(
-      x.shape[-1], kernel.shape[-1], kernel.shape[:rank], stride=strides, padding=padding,
-      dilation=dilation, groups=groups, bias=bias is not None, padding_mode=padding_mode,
-      dtype=torch.float64)
+    x.shape[-1],
+    kernel.shape[-1],
+    kernel.shape[:rank],
+    stride=strides,
+    padding=padding,
+    dilation=dilation,
+    groups=groups,
+    bias=bias is not None,
+    padding_mode=padding_mode,
+    dtype=torch.float64,
+  )
   with torch.no_grad():
-    conv.weight.copy_(torch.from_numpy(np.moveaxis(np.asarray(kernel, np.float64),
-                                                   (-1, -2), (0, 1))))
+    conv.weight.copy_(
+      torch.from_numpy(np.moveaxis(np.asarray(kernel, np.float64), (-1, -2), (0, 1)))
+    )
     if bias is not None:
       conv.bias.copy_(torch.from_numpy(np.asarray(bias, np.float64)))
     y = conv(torch.from_numpy(np.moveaxis(np.asarray(x, np.float64), -1, 1)))

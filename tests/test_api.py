@@ -22,8 +22,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_all_lists_every_public_name():
   for name in convmm.__all__:
     getattr(convmm, name)  # replace_convs is imported on first use
-  public = {name for name, value in vars(convmm).items()
-            if not name.startswith("_") and not inspect.ismodule(value)}
+  public = {
+    name
+    for name, value in vars(convmm).items()
+    if not name.startswith("_") and not inspect.ismodule(value)
+  }
   assert sorted(public) == sorted(convmm.__all__)
   assert len(set(convmm.__all__)) == len(convmm.__all__), "a name is listed twice"
 

@@ -24,18 +24,26 @@ import convmm
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 CASES = {
-    "stride1_same": case((2, 3, 5, 4), (4, 3, 3, 3), (1, 1), "SAME", dimension_numbers=NHWC),
-    "strided_negative_pads": case((2, 3, 7, 6), (4, 3, 3, 2), (2, 3), ((1, -1), (-1, 2))),
-    "both_dilations": case((1, 2, 5, 4), (2, 2, 2, 3), (2, 1), ((1, 1), (2, 0)),
-                           lhs_dilation=(2, 1), rhs_dilation=(1, 2)),
-    "feature_groups_strided": case((2, 4, 6, 5), (6, 2, 3, 2), (2, 1), "SAME",
-                                   feature_group_count=2, dimension_numbers=NHWC),
-    "batch_groups_strided": case((4, 3, 6, 5), (4, 3, 2, 3), (1, 2), ((0, 1), (-1, 1)),
-                                 batch_group_count=2),
-    "1d_rhs_dilation": case((2, 3, 9), (2, 3, 3), (1,), "VALID", rhs_dilation=(2,)),
-    "3d_feature_groups": case((1, 4, 4, 3, 4), (4, 2, 2, 2, 2), (1, 2, 1), "SAME",
-                              feature_group_count=2,
-                              dimension_numbers=("NDHWC", "DHWIO", "NDHWC")),
+  "stride1_same": case((2, 3, 5, 4), (4, 3, 3, 3), (1, 1), "SAME", dimension_numbers=NHWC),
+  "strided_negative_pads": case((2, 3, 7, 6), (4, 3, 3, 2), (2, 3), ((1, -1), (-1, 2))),
+  "both_dilations": case(
+    (1, 2, 5, 4), (2, 2, 2, 3), (2, 1), ((1, 1), (2, 0)), lhs_dilation=(2, 1), rhs_dilation=(1, 2)
+  ),
+  "feature_groups_strided": case(
+    (2, 4, 6, 5), (6, 2, 3, 2), (2, 1), "SAME", feature_group_count=2, dimension_numbers=NHWC
+  ),
+  "batch_groups_strided": case(
+    (4, 3, 6, 5), (4, 3, 2, 3), (1, 2), ((0, 1), (-1, 1)), batch_group_count=2
+  ),
+  "1d_rhs_dilation": case((2, 3, 9), (2, 3, 3), (1,), "VALID", rhs_dilation=(2,)),
+  "3d_feature_groups": case(
+    (1, 4, 4, 3, 4),
+    (4, 2, 2, 2, 2),
+    (1, 2, 1),
+    "SAME",
+    feature_group_count=2,
+    dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+  ),
 }
 
 
@@ -83,8 +91,9 @@ def test_vjp_and_jvp_match_lax_float64(name, x64):
   assert_close(t, t_ref)
 
 
-@pytest.mark.parametrize("name", ["strided_negative_pads", "feature_groups_strided",
-                                  "batch_groups_strided"])
+@pytest.mark.parametrize(
+  "name", ["strided_negative_pads", "feature_groups_strided", "batch_groups_strided"]
+)
 def test_hessian_matches_lax(name, x64):
   c = CASES[name]
   lhs, rhs = make_operands(c, np.float64, seed=11)
@@ -105,14 +114,15 @@ def test_linear_transpose_matches_lax(name, x64):
   kw = conv_kwargs(c)
   y = ref(lhs, rhs, **kw)
   for arg in (0, 1):
+
     def transposed(impl, arg=arg):
       f = (lambda x: impl(x, rhs, **kw)) if arg == 0 else (lambda w: impl(lhs, w, **kw))
       return jax.linear_transpose(f, (lhs, rhs)[arg])(y)[0]
+
     assert_close(transposed(ours), transposed(ref))
 
 
-@pytest.mark.parametrize("name", ["stride1_same", "feature_groups_strided",
-                                  "batch_groups_strided"])
+@pytest.mark.parametrize("name", ["stride1_same", "feature_groups_strided", "batch_groups_strided"])
 @pytest.mark.parametrize("in_axes", [(0, None), (None, 0), (0, 0)], ids=["x", "w", "both"])
 def test_vmap_of_grad_matches_lax(name, in_axes):
   c = CASES[name]
@@ -143,8 +153,9 @@ def test_16bit_gradients_accumulate_in_float32(dtype):
     assert_close(got, want, dtype=dtype, reduction=144, grad=True)
 
 
-@pytest.mark.parametrize("name", ["stride1_same", "strided_negative_pads",
-                                  "feature_groups_strided"])
+@pytest.mark.parametrize(
+  "name", ["stride1_same", "strided_negative_pads", "feature_groups_strided"]
+)
 def test_tiny_memory_budget_chunks_the_backward(name):
   # A one-byte budget forces one sample per chunk in the kernel gradient and the
   # strided input gradient (lax.map over batch chunks).

@@ -16,20 +16,53 @@ from tolerances import tol
 
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 QUICK_LAYERS = ["tiny3x3_s2", "tiny_adjoint"]
-IMPL_KEYS = ["fwd_ms", "step_ms", "fwd_median_ms", "step_min_ms", "fwd_samples_ms",
-             "step_samples_ms", "fwd_page_faults", "step_page_faults", "gflops_fwd", "gflops_step",
-             "gemm_fraction_fwd", "gemm_fraction_step"]
-JAX_KEYS = ["compile_fwd_s", "compile_step_s", "lower_fwd_s", "xla_compile_step_s",
-            "temp_fwd_bytes", "temp_step_bytes"]
-RATIO_KEYS = ["fwd_vs_lax", "step_vs_lax", "fwd_vs_torch", "step_vs_torch", "compile_fwd_vs_lax",
-              "compile_step_vs_lax", "temp_fwd_vs_lax", "temp_step_vs_lax"]
-SUMMARY_KEYS = ["geomean_step_vs_lax", "geomean_fwd_vs_lax", "geomean_step_vs_torch",
-                "geomean_fwd_vs_torch", "max_step_vs_lax", "max_compile_vs_lax", "layers"]
+IMPL_KEYS = [
+  "fwd_ms",
+  "step_ms",
+  "fwd_median_ms",
+  "step_min_ms",
+  "fwd_samples_ms",
+  "step_samples_ms",
+  "fwd_page_faults",
+  "step_page_faults",
+  "gflops_fwd",
+  "gflops_step",
+  "gemm_fraction_fwd",
+  "gemm_fraction_step",
+]
+JAX_KEYS = [
+  "compile_fwd_s",
+  "compile_step_s",
+  "lower_fwd_s",
+  "xla_compile_step_s",
+  "temp_fwd_bytes",
+  "temp_step_bytes",
+]
+RATIO_KEYS = [
+  "fwd_vs_lax",
+  "step_vs_lax",
+  "fwd_vs_torch",
+  "step_vs_torch",
+  "compile_fwd_vs_lax",
+  "compile_step_vs_lax",
+  "temp_fwd_vs_lax",
+  "temp_step_vs_lax",
+]
+SUMMARY_KEYS = [
+  "geomean_step_vs_lax",
+  "geomean_fwd_vs_lax",
+  "geomean_step_vs_torch",
+  "geomean_fwd_vs_torch",
+  "max_step_vs_lax",
+  "max_compile_vs_lax",
+  "layers",
+]
 
 
 def run_bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True,
-                        timeout=timeout)
+  return subprocess.run(
+    [sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=timeout
+  )
 
 
 def is_positive(value) -> bool:
@@ -89,16 +122,28 @@ def test_quick_run_writes_json_and_convmm_matches_lax(tmp_path):
 def test_list_shows_every_layer():
   proc = run_bench("--list", timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  for name in ("resnet3x3", "depthwise3x3", "grouped3x3", "unet_transpose", "unet_adjoint",
-               "audio1d_k9", "video3d", "nchw3x3"):
+  for name in (
+    "resnet3x3",
+    "depthwise3x3",
+    "grouped3x3",
+    "unet_transpose",
+    "unet_adjoint",
+    "audio1d_k9",
+    "video3d",
+    "nchw3x3",
+  ):
     assert name in proc.stdout
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["--layers", "no_such_layer"], "matches no layer"),
     (["--reps", "0"], "--reps and --min-reps must be >= 1"),
     (["--variant", "method"], "expected key=value"),
-], ids=["unknown-layer", "zero-reps", "bad-variant"])
+  ],
+  ids=["unknown-layer", "zero-reps", "bad-variant"],
+)
 def test_bad_arguments_fail_with_a_message(args, message):
   proc = run_bench(*args, timeout=120)
   assert proc.returncode != 0

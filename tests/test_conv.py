@@ -49,7 +49,6 @@ def test_matches_lax_float32(name):
 # -------------------------------------------------------------- randomized sweep (seeded)
 
 
-
 @pytest.mark.parametrize("c", SWEEP, ids=[f"seed{1000 + i}" for i in range(len(SWEEP))])
 def test_random_sweep_matches_lax(c):
   lhs, rhs = make_operands(c, seed=7)
@@ -62,8 +61,14 @@ def test_random_sweep_matches_lax(c):
 # ------------------------------------------------------------------------------- dtypes
 
 
-F64_CASES = ["1d_same_stride2", "2d_both_dilations", "2d_odd_layout", "2d_depthwise",
-             "2d_batch_groups", "3d_pairs_rhs_dilation_groups"]
+F64_CASES = [
+  "1d_same_stride2",
+  "2d_both_dilations",
+  "2d_odd_layout",
+  "2d_depthwise",
+  "2d_batch_groups",
+  "3d_pairs_rhs_dilation_groups",
+]
 
 
 @pytest.mark.parametrize("name", F64_CASES)
@@ -77,8 +82,7 @@ def test_matches_lax_float64(name, x64):
   assert_close(actual, expected, reduction=reduction(c))
 
 
-LOW_PRECISION_CASES = ["2d_odd_layout", "2d_feature_groups", "2d_batch_groups",
-                       "3d_ndhwc_strides"]
+LOW_PRECISION_CASES = ["2d_odd_layout", "2d_feature_groups", "2d_batch_groups", "3d_ndhwc_strides"]
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
@@ -93,10 +97,17 @@ def test_matches_lax_low_precision(name, dtype):
 
 
 @pytest.mark.parametrize(
-    "dtype, preferred",
-    [(jnp.bfloat16, jnp.float32), (jnp.float16, jnp.float32), (jnp.float32, None),
-     (jnp.int32, None), (jnp.int8, jnp.int32), (jnp.int16, None)],
-    ids=["bf16_to_f32", "f16_to_f32", "f32", "int32", "int8_to_int32", "int16"])
+  "dtype, preferred",
+  [
+    (jnp.bfloat16, jnp.float32),
+    (jnp.float16, jnp.float32),
+    (jnp.float32, None),
+    (jnp.int32, None),
+    (jnp.int8, jnp.int32),
+    (jnp.int16, None),
+  ],
+  ids=["bf16_to_f32", "f16_to_f32", "f32", "int32", "int8_to_int32", "int16"],
+)
 def test_output_dtype_and_preferred_element_type(dtype, preferred):
   c = CASES["2d_same_stride2"]
   lhs, rhs = make_operands(c, dtype)
@@ -141,18 +152,23 @@ def test_jit(name):
   assert_close(actual, ref(lhs, rhs, **kw), reduction=reduction(c))
 
 
-@pytest.mark.parametrize("in_axes", [(0, None), (None, 0), (0, 0), (2, 1)],
-                         ids=["lhs", "rhs", "both", "inner_axes"])
+@pytest.mark.parametrize(
+  "in_axes", [(0, None), (None, 0), (0, 0), (2, 1)], ids=["lhs", "rhs", "both", "inner_axes"]
+)
 def test_vmap(in_axes):
   c = CASES["2d_feature_groups"]
   kw = conv_kwargs(c)
   lhs, rhs = make_operands(c)
   rng = np.random.default_rng(3)
   batch = 3
-  lhs = jnp.stack([lhs + i for i in range(batch)], axis=in_axes[0]) if in_axes[0] is not None \
-      else lhs
-  rhs = jnp.stack([rhs * (i + 1) for i in range(batch)], axis=in_axes[1]) \
-      if in_axes[1] is not None else rhs
+  lhs = (
+    jnp.stack([lhs + i for i in range(batch)], axis=in_axes[0]) if in_axes[0] is not None else lhs
+  )
+  rhs = (
+    jnp.stack([rhs * (i + 1) for i in range(batch)], axis=in_axes[1])
+    if in_axes[1] is not None
+    else rhs
+  )
   lhs = lhs + jnp.asarray(rng.standard_normal(lhs.shape), lhs.dtype)
   actual = jax.jit(jax.vmap(functools.partial(ours, **kw), in_axes))(lhs, rhs)
   expected = jax.jit(jax.vmap(functools.partial(ref, **kw), in_axes))(lhs, rhs)
@@ -160,13 +176,12 @@ def test_vmap(in_axes):
 
 
 NNX_CONFIGS = {
-    "same_stride": dict(kernel_size=(3, 3), strides=(2, 1), padding="SAME"),
-    "valid_dilated": dict(kernel_size=(2, 3), padding="VALID", kernel_dilation=(2, 1)),
-    "circular": dict(kernel_size=(3, 3), padding="CIRCULAR"),
-    "pairs_input_dilation": dict(kernel_size=(3, 2), padding=((1, 2), (0, 1)),
-                                 input_dilation=(2, 1)),
-    "groups": dict(kernel_size=(3, 3), feature_group_count=2),
-    "1d_causal": dict(kernel_size=(3,), padding="CAUSAL"),
+  "same_stride": dict(kernel_size=(3, 3), strides=(2, 1), padding="SAME"),
+  "valid_dilated": dict(kernel_size=(2, 3), padding="VALID", kernel_dilation=(2, 1)),
+  "circular": dict(kernel_size=(3, 3), padding="CIRCULAR"),
+  "pairs_input_dilation": dict(kernel_size=(3, 2), padding=((1, 2), (0, 1)), input_dilation=(2, 1)),
+  "groups": dict(kernel_size=(3, 3), feature_group_count=2),
+  "1d_causal": dict(kernel_size=(3,), padding="CAUSAL"),
 }
 
 
@@ -176,10 +191,13 @@ def drop_out_sharding(lhs, rhs, *args, out_sharding=None, **kw):
   return convmm.conv_general_dilated(lhs, rhs, *args, **kw)
 
 
-
-@pytest.mark.parametrize("conv", [
+@pytest.mark.parametrize(
+  "conv",
+  [
     pytest.param(convmm.conv_general_dilated, id="direct"),
-    pytest.param(drop_out_sharding, id="shim")])
+    pytest.param(drop_out_sharding, id="shim"),
+  ],
+)
 @pytest.mark.parametrize("name", list(NNX_CONFIGS))
 def test_flax_nnx_conv(name, conv):
   nnx = pytest.importorskip("flax.nnx")
@@ -188,13 +206,21 @@ def test_flax_nnx_conv(name, conv):
   in_features, out_features = 4, 6
 
   def layer(conv):
-    return nnx.Conv(in_features, out_features, precision=HIGHEST, conv_general_dilated=conv,
-                    bias_init=nnx.initializers.normal(1.0), rngs=nnx.Rngs(0), **config)
+    return nnx.Conv(
+      in_features,
+      out_features,
+      precision=HIGHEST,
+      conv_general_dilated=conv,
+      bias_init=nnx.initializers.normal(1.0),
+      rngs=nnx.Rngs(0),
+      **config,
+    )
 
   ours_layer, ref_layer = layer(conv), layer(lax.conv_general_dilated)
   np.testing.assert_array_equal(ours_layer.kernel[...], ref_layer.kernel[...])
-  x = jnp.asarray(np.random.default_rng(5).standard_normal((2, *(7,) * nsp, in_features)),
-                  jnp.float32)
+  x = jnp.asarray(
+    np.random.default_rng(5).standard_normal((2, *(7,) * nsp, in_features)), jnp.float32
+  )
   expected = nnx.jit(lambda m, x: m(x))(ref_layer, x)
   actual = nnx.jit(lambda m, x: m(x))(ours_layer, x)
   assert actual.shape == expected.shape
@@ -206,14 +232,20 @@ def test_flax_nnx_conv(name, conv):
 # Tiny configurations for check_grads: finite differences at order 2 evaluate the
 # function many times, so shapes stay minimal while still exercising each feature.
 CHECK_GRADS_CASES = {
-    "1d_same_stride2": case((1, 2, 5), (2, 2, 3), (2,), "SAME"),
-    "2d_both_dilations_odd_layout": case((1, 2, 4, 3), (2, 2, 2, 2), (2, 1), ((1, 1), (1, 0)),
-                                         lhs_dilation=(2, 1), rhs_dilation=(1, 2),
-                                         dimension_numbers=ODD),
-    "2d_feature_groups": case((1, 4, 3, 3), (2, 2, 2, 2), (1, 1), "SAME",
-                              feature_group_count=2),
-    "2d_batch_groups": case((2, 2, 3, 3), (2, 2, 2, 2), (1, 1), ((0, 1), (-1, 1)),
-                            batch_group_count=2),
+  "1d_same_stride2": case((1, 2, 5), (2, 2, 3), (2,), "SAME"),
+  "2d_both_dilations_odd_layout": case(
+    (1, 2, 4, 3),
+    (2, 2, 2, 2),
+    (2, 1),
+    ((1, 1), (1, 0)),
+    lhs_dilation=(2, 1),
+    rhs_dilation=(1, 2),
+    dimension_numbers=ODD,
+  ),
+  "2d_feature_groups": case((1, 4, 3, 3), (2, 2, 2, 2), (1, 1), "SAME", feature_group_count=2),
+  "2d_batch_groups": case(
+    (2, 2, 3, 3), (2, 2, 2, 2), (1, 1), ((0, 1), (-1, 1)), batch_group_count=2
+  ),
 }
 
 
@@ -224,8 +256,15 @@ def test_check_grads_order2_float64(name, x64):
   check_grads(jitted(ours, **conv_kwargs(c)), (lhs, rhs), order=2, modes=("fwd", "rev"))
 
 
-GRAD_CASES = ["1d_same_stride2", "2d_both_dilations", "2d_negative_pairs", "2d_odd_layout",
-              "2d_feature_groups", "2d_batch_groups", "3d_ndhwc_strides"]
+GRAD_CASES = [
+  "1d_same_stride2",
+  "2d_both_dilations",
+  "2d_negative_pairs",
+  "2d_odd_layout",
+  "2d_feature_groups",
+  "2d_batch_groups",
+  "3d_ndhwc_strides",
+]
 
 
 def value_and_vjp(lhs, rhs, cotangent, *, conv, **kw):
@@ -233,8 +272,11 @@ def value_and_vjp(lhs, rhs, cotangent, *, conv, **kw):
   return (y, *vjp(cotangent))
 
 
-@pytest.mark.parametrize("c", [CASES[n] for n in GRAD_CASES] + SWEEP[:12],
-                         ids=GRAD_CASES + [f"seed{1000 + i}" for i in range(12)])
+@pytest.mark.parametrize(
+  "c",
+  [CASES[n] for n in GRAD_CASES] + SWEEP[:12],
+  ids=GRAD_CASES + [f"seed{1000 + i}" for i in range(12)],
+)
 def test_vjp_matches_lax(c):
   lhs, rhs = make_operands(c, seed=13)
   kw = conv_kwargs(c)
@@ -246,8 +288,7 @@ def test_vjp_matches_lax(c):
   assert lhs_bar.dtype == lhs.dtype and rhs_bar.dtype == rhs.dtype
   # lhs_bar sums over output features and taps; rhs_bar over batch and output positions.
   out_positions = math.prod(out_shape) // max(1, c["rhs"][0])
-  assert_close(lhs_bar, lhs_bar_ref, reduction=c["rhs"][0] * math.prod(c["rhs"][2:]),
-               grad=True)
+  assert_close(lhs_bar, lhs_bar_ref, reduction=c["rhs"][0] * math.prod(c["rhs"][2:]), grad=True)
   assert_close(rhs_bar, rhs_bar_ref, reduction=out_positions, grad=True)
 
 
@@ -271,8 +312,9 @@ def test_second_order_matches_lax(x64):
 
   def hvp(conv, lhs, rhs):
     loss = lambda x, w: jnp.sum(jnp.sin(conv(x, w, **kw)))
-    return jax.jvp(jax.grad(loss, argnums=(0, 1)), (lhs, rhs),
-                   (jnp.ones_like(lhs), jnp.ones_like(rhs)))[1]
+    return jax.jvp(
+      jax.grad(loss, argnums=(0, 1)), (lhs, rhs), (jnp.ones_like(lhs), jnp.ones_like(rhs))
+    )[1]
 
   actual = jax.jit(functools.partial(hvp, ours))(lhs, rhs)
   expected = jax.jit(functools.partial(hvp, ref))(lhs, rhs)

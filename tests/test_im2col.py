@@ -48,8 +48,7 @@ def lax_patches(lhs, **kw):
 
 
 def case(lhs, filter_shape, strides, padding, **kw):
-  return dict(lhs=lhs, filter_shape=filter_shape, window_strides=strides, padding=padding,
-              **kw)
+  return dict(lhs=lhs, filter_shape=filter_shape, window_strides=strides, padding=padding, **kw)
 
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -57,30 +56,42 @@ ODD = ("CNWH", "IHOW", "HWCN")
 
 # lhs is canonical (N, C, *spatial); filter_shape is in the kernel spec's spatial order.
 CASES = {
-    "0d_no_spatial_dims": case((2, 3), (), (), "VALID"),
-    "1d_valid": case((2, 3, 9), (3,), (1,), "VALID"),
-    "1d_same_stride2_dilated": case((1, 2, 9), (2,), (2,), "SAME", rhs_dilation=(3,)),
-    "2d_valid": case((2, 3, 5, 6), (2, 3), (1, 1), "VALID"),
-    "2d_same_stride": case((1, 2, 7, 6), (3, 3), (2, 2), "SAME"),
-    "2d_same_lower": case((1, 2, 6, 5), (2, 2), (1, 2), "SAME_LOWER"),
-    "2d_pairs": case((1, 2, 5, 5), (3, 2), (1, 1), ((2, 1), (0, 3))),
-    "2d_negative_pairs": case((1, 2, 7, 6), (2, 2), (2, 1), ((-2, 1), (1, -1))),
-    "2d_lhs_dilation": case((1, 2, 4, 4), (3, 3), (1, 2), ((1, 2), (2, 0)), lhs_dilation=(2, 3)),
-    "2d_both_dilations": case((2, 1, 5, 4), (2, 2), (1, 1), ((1, 1), (0, 1)),
-                              lhs_dilation=(2, 1), rhs_dilation=(2, 2)),
-    "2d_nhwc": case((2, 3, 6, 5), (3, 2), (1, 1), "SAME", dimension_numbers=NHWC),
-    "2d_odd_layout": case((2, 3, 6, 5), (3, 2), (2, 1), "SAME", dimension_numbers=ODD),
-    "2d_dimension_numbers_object": case(
-        (2, 3, 5, 4), (2, 3), (1, 1), ((1, 0), (0, 1)),
-        dimension_numbers=lax.ConvDimensionNumbers((3, 0, 2, 1), (1, 3, 0, 2), (2, 1, 3, 0))),
-    "3d_ndhwc": case((1, 2, 4, 5, 3), (2, 3, 2), (1, 2, 1), "SAME",
-                     dimension_numbers=("NDHWC", "DHWIO", "NDHWC")),
-    "3d_pairs_dilated": case((1, 2, 3, 4, 4), (2, 2, 2), (2, 1, 1), ((0, 1), (1, 1), (-1, 0)),
-                             rhs_dilation=(1, 2, 1), lhs_dilation=(1, 1, 2)),
-    "4d": case((1, 2, 3, 3, 4, 3), (2, 1, 2, 2), (1, 1, 2, 1), "VALID"),
-    "window_larger_than_input": case((1, 2, 3, 3), (4, 2), (1, 1), "VALID"),
-    "zero_spatial": case((1, 2, 0, 3), (1, 2), (1, 1), "VALID"),
-    "single_tap": case((2, 3, 4, 4), (1, 1), (2, 2), "VALID"),
+  "0d_no_spatial_dims": case((2, 3), (), (), "VALID"),
+  "1d_valid": case((2, 3, 9), (3,), (1,), "VALID"),
+  "1d_same_stride2_dilated": case((1, 2, 9), (2,), (2,), "SAME", rhs_dilation=(3,)),
+  "2d_valid": case((2, 3, 5, 6), (2, 3), (1, 1), "VALID"),
+  "2d_same_stride": case((1, 2, 7, 6), (3, 3), (2, 2), "SAME"),
+  "2d_same_lower": case((1, 2, 6, 5), (2, 2), (1, 2), "SAME_LOWER"),
+  "2d_pairs": case((1, 2, 5, 5), (3, 2), (1, 1), ((2, 1), (0, 3))),
+  "2d_negative_pairs": case((1, 2, 7, 6), (2, 2), (2, 1), ((-2, 1), (1, -1))),
+  "2d_lhs_dilation": case((1, 2, 4, 4), (3, 3), (1, 2), ((1, 2), (2, 0)), lhs_dilation=(2, 3)),
+  "2d_both_dilations": case(
+    (2, 1, 5, 4), (2, 2), (1, 1), ((1, 1), (0, 1)), lhs_dilation=(2, 1), rhs_dilation=(2, 2)
+  ),
+  "2d_nhwc": case((2, 3, 6, 5), (3, 2), (1, 1), "SAME", dimension_numbers=NHWC),
+  "2d_odd_layout": case((2, 3, 6, 5), (3, 2), (2, 1), "SAME", dimension_numbers=ODD),
+  "2d_dimension_numbers_object": case(
+    (2, 3, 5, 4),
+    (2, 3),
+    (1, 1),
+    ((1, 0), (0, 1)),
+    dimension_numbers=lax.ConvDimensionNumbers((3, 0, 2, 1), (1, 3, 0, 2), (2, 1, 3, 0)),
+  ),
+  "3d_ndhwc": case(
+    (1, 2, 4, 5, 3), (2, 3, 2), (1, 2, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
+  ),
+  "3d_pairs_dilated": case(
+    (1, 2, 3, 4, 4),
+    (2, 2, 2),
+    (2, 1, 1),
+    ((0, 1), (1, 1), (-1, 0)),
+    rhs_dilation=(1, 2, 1),
+    lhs_dilation=(1, 1, 2),
+  ),
+  "4d": case((1, 2, 3, 3, 4, 3), (2, 1, 2, 2), (1, 1, 2, 1), "VALID"),
+  "window_larger_than_input": case((1, 2, 3, 3), (4, 2), (1, 1), "VALID"),
+  "zero_spatial": case((1, 2, 0, 3), (1, 2), (1, 1), "VALID"),
+  "single_tap": case((2, 3, 4, 4), (1, 1), (2, 2), "VALID"),
 }
 
 
@@ -106,10 +117,15 @@ def random_case(rng):
   if rng.random() < 0.6:
     letters = "HWD"[:nsp]
     kw["dimension_numbers"] = tuple(
-        "".join(rng.permutation(list(fixed + letters))) for fixed in ("NC", "OI", "NC"))
-  return case((int(rng.integers(1, 3)), int(rng.integers(1, 4)), *in_spatial),
-              tuple(int(k) for k in rng.integers(1, 4, nsp)),
-              tuple(int(s) for s in rng.integers(1, 4, nsp)), padding, **kw)
+      "".join(rng.permutation(list(fixed + letters))) for fixed in ("NC", "OI", "NC")
+    )
+  return case(
+    (int(rng.integers(1, 3)), int(rng.integers(1, 4)), *in_spatial),
+    tuple(int(k) for k in rng.integers(1, 4, nsp)),
+    tuple(int(s) for s in rng.integers(1, 4, nsp)),
+    padding,
+    **kw,
+  )
 
 
 SWEEP = {f"seed{2000 + i}": random_case(np.random.default_rng(2000 + i)) for i in range(24)}
@@ -141,8 +157,9 @@ def test_im2col_bit_exact_vs_lax_patches(name):
   np.testing.assert_array_equal(actual, expected)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.int32],
-                         ids=["bf16", "f16", "int32"])
+@pytest.mark.parametrize(
+  "dtype", [jnp.bfloat16, jnp.float16, jnp.int32], ids=["bf16", "f16", "int32"]
+)
 @pytest.mark.parametrize("name", ["2d_odd_layout", "2d_lhs_dilation"])
 def test_im2col_bit_exact_other_dtypes(name, dtype):
   c = CASES[name]
@@ -180,11 +197,16 @@ def test_im2col_vmap_and_grad():
   lhs = make_lhs(c)
   stacked = jnp.stack([lhs, 2 * lhs, -lhs])
   np.testing.assert_array_equal(
-      jax.jit(jax.vmap(functools.partial(convmm.im2col, **kw)))(stacked),
-      jax.jit(jax.vmap(functools.partial(lax_patches, **kw)))(stacked))
+    jax.jit(jax.vmap(functools.partial(convmm.im2col, **kw)))(stacked),
+    jax.jit(jax.vmap(functools.partial(lax_patches, **kw)))(stacked),
+  )
   # The gradient of sum(im2col(x)) counts how many windows see each element.
-  weights = jnp.asarray(np.random.default_rng(1).standard_normal(
-      jax.eval_shape(functools.partial(lax_patches, **kw), lhs).shape), jnp.float32)
+  weights = jnp.asarray(
+    np.random.default_rng(1).standard_normal(
+      jax.eval_shape(functools.partial(lax_patches, **kw), lhs).shape
+    ),
+    jnp.float32,
+  )
   loss = lambda f: jax.grad(lambda x: jnp.sum(f(x, **kw) * weights))(lhs)
   assert_close(loss(convmm.im2col), loss(lax_patches), reduction=10)
 
@@ -225,20 +247,21 @@ def test_col2im_of_ones_counts_window_overlaps():
   # Counted by hand: a 2x2 window sliding with stride 1 over a 3x4 input covers
   # the corners once, edges twice and the interior four times.
   p = jnp.ones((1, 4, 2, 3), jnp.float32)
-  expected = np.array([[1, 2, 2, 1],
-                       [1, 2, 2, 1],
-                       [1, 2, 2, 1]], np.float32) * np.array([[1], [2], [1]], np.float32)
-  np.testing.assert_array_equal(convmm.col2im(p, (1, 1, 3, 4), (2, 2), (1, 1), "VALID")[0, 0],
-                                expected)
+  expected = np.array([[1, 2, 2, 1], [1, 2, 2, 1], [1, 2, 2, 1]], np.float32) * np.array(
+    [[1], [2], [1]], np.float32
+  )
+  np.testing.assert_array_equal(
+    convmm.col2im(p, (1, 1, 3, 4), (2, 2), (1, 1), "VALID")[0, 0], expected
+  )
 
 
 FOLD_CASES = {
-    "plain": dict(hw=(5, 6), kernel=(2, 3), stride=(1, 1), padding=(0, 0), dilation=(1, 1)),
-    "stride_padding": dict(hw=(7, 6), kernel=(3, 3), stride=(2, 2), padding=(1, 1),
-                           dilation=(1, 1)),
-    "dilation": dict(hw=(7, 7), kernel=(2, 3), stride=(1, 2), padding=(2, 1), dilation=(2, 2)),
-    "uncovered_remainder": dict(hw=(8, 7), kernel=(2, 2), stride=(3, 3), padding=(0, 1),
-                                dilation=(1, 2)),
+  "plain": dict(hw=(5, 6), kernel=(2, 3), stride=(1, 1), padding=(0, 0), dilation=(1, 1)),
+  "stride_padding": dict(hw=(7, 6), kernel=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1)),
+  "dilation": dict(hw=(7, 7), kernel=(2, 3), stride=(1, 2), padding=(2, 1), dilation=(2, 2)),
+  "uncovered_remainder": dict(
+    hw=(8, 7), kernel=(2, 2), stride=(3, 3), padding=(0, 1), dilation=(1, 2)
+  ),
 }
 
 
@@ -248,14 +271,30 @@ def test_col2im_matches_torch_fold(name):
   f = FOLD_CASES[name]
   n, c = 2, 3
   (h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
-      f["hw"], f["kernel"], f["stride"], f["padding"], f["dilation"])
+    f["hw"],
+    f["kernel"],
+    f["stride"],
+    f["padding"],
+    f["dilation"],
+  )
   oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
   ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
   cols = np.random.default_rng(4).standard_normal((n, c * kh * kw, oh * ow)).astype(np.float32)
   expected = torch.nn.functional.fold(
-      torch.from_numpy(cols), output_size=(h, w), kernel_size=(kh, kw), dilation=(dh, dw),
-      padding=(ph, pw), stride=(sh, sw)).numpy()
+    torch.from_numpy(cols),
+    output_size=(h, w),
+    kernel_size=(kh, kw),
+    dilation=(dh, dw),
+    padding=(ph, pw),
+    stride=(sh, sw),
+  ).numpy()
   # torch's (N, C*kh*kw, L) columns use lax's channel-major feature order.
-  actual = convmm.col2im(jnp.asarray(cols.reshape(n, c * kh * kw, oh, ow)), (n, c, h, w),
-                         (kh, kw), (sh, sw), ((ph, ph), (pw, pw)), rhs_dilation=(dh, dw))
+  actual = convmm.col2im(
+    jnp.asarray(cols.reshape(n, c * kh * kw, oh, ow)),
+    (n, c, h, w),
+    (kh, kw),
+    (sh, sw),
+    ((ph, ph), (pw, pw)),
+    rhs_dilation=(dh, dw),
+  )
   assert_close(actual, expected, reduction=kh * kw)

@@ -24,23 +24,39 @@ HIGHEST = lax.Precision.HIGHEST
 
 
 def case(lhs_shape, strides, padding, filter_shape, out_features=3, **kw):
-  return dict(lhs_shape=lhs_shape, out_features=out_features, window_strides=strides,
-              padding=padding, filter_shape=filter_shape, **kw)
+  return dict(
+    lhs_shape=lhs_shape,
+    out_features=out_features,
+    window_strides=strides,
+    padding=padding,
+    filter_shape=filter_shape,
+    **kw,
+  )
 
 
 CASES = {
-    "2d_default_valid": case((2, 3, 5, 6), (1, 1), "VALID", (3, 3)),
-    "2d_nhwc_same_stride2": case((2, 7, 6, 3), (2, 2), "SAME", (3, 3),
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC")),
-    "2d_odd_layout": case((2, 6, 5, 3), (2, 1), "SAME", (3, 2), out_features=4,
-                          dimension_numbers=("NWHC", "WHOI", "NCWH")),
-    "2d_same_lower_rhs_dilation": case((1, 2, 7, 6), (1, 2), "SAME_LOWER", (2, 3),
-                                       rhs_dilation=(2, 1)),
-    "2d_lhs_dilation_crop": case((2, 2, 4, 5), (1, 1), [(1, -1), (-1, 2)], (3, 2),
-                                 lhs_dilation=(2, 1), rhs_dilation=(1, 2)),
-    "1d_pairs_stride2": case((3, 4, 11), (2,), [(2, 1)], (3,), rhs_dilation=(2,)),
-    "3d_ndhwc": case((1, 5, 4, 6, 2), (1, 2, 1), "SAME", (2, 3, 2), out_features=2,
-                     dimension_numbers=("NDHWC", "DHWIO", "NDHWC")),
+  "2d_default_valid": case((2, 3, 5, 6), (1, 1), "VALID", (3, 3)),
+  "2d_nhwc_same_stride2": case(
+    (2, 7, 6, 3), (2, 2), "SAME", (3, 3), dimension_numbers=("NHWC", "HWIO", "NHWC")
+  ),
+  "2d_odd_layout": case(
+    (2, 6, 5, 3), (2, 1), "SAME", (3, 2), out_features=4, dimension_numbers=("NWHC", "WHOI", "NCWH")
+  ),
+  "2d_same_lower_rhs_dilation": case(
+    (1, 2, 7, 6), (1, 2), "SAME_LOWER", (2, 3), rhs_dilation=(2, 1)
+  ),
+  "2d_lhs_dilation_crop": case(
+    (2, 2, 4, 5), (1, 1), [(1, -1), (-1, 2)], (3, 2), lhs_dilation=(2, 1), rhs_dilation=(1, 2)
+  ),
+  "1d_pairs_stride2": case((3, 4, 11), (2,), [(2, 1)], (3,), rhs_dilation=(2,)),
+  "3d_ndhwc": case(
+    (1, 5, 4, 6, 2),
+    (1, 2, 1),
+    "SAME",
+    (2, 3, 2),
+    out_features=2,
+    dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+  ),
 }
 
 
@@ -53,10 +69,13 @@ def make_operands(c, dtype=np.float32, seed=0):
   kw = conv_kwargs(c)
   rng = np.random.default_rng(seed)
   lhs = rng.standard_normal(c["lhs_shape"])
-  patches = jax.eval_shape(functools.partial(lax.conv_general_dilated_patches, **kw),
-                           jax.ShapeDtypeStruct(lhs.shape, jnp.float32))
+  patches = jax.eval_shape(
+    functools.partial(lax.conv_general_dilated_patches, **kw),
+    jax.ShapeDtypeStruct(lhs.shape, jnp.float32),
+  )
   _, rhs_spec, out_spec = lax.conv_dimension_numbers(
-      lhs.shape, (1, 1, *c["filter_shape"]), kw.get("dimension_numbers"))
+    lhs.shape, (1, 1, *c["filter_shape"]), kw.get("dimension_numbers")
+  )
   # rhs: O and I = patch size at the rhs spec's O/I axes, output positions at its spatial axes.
   rhs_shape = [0] * lhs.ndim
   rhs_shape[rhs_spec[0]] = c["out_features"]
@@ -69,8 +88,9 @@ def make_operands(c, dtype=np.float32, seed=0):
 
 def reduction(c):
   """Terms summed per output element: ``C * prod(filter_shape)``."""
-  lhs_spec = lax.conv_dimension_numbers(c["lhs_shape"], (1, 1, *c["filter_shape"]),
-                                        c.get("dimension_numbers")).lhs_spec
+  lhs_spec = lax.conv_dimension_numbers(
+    c["lhs_shape"], (1, 1, *c["filter_shape"]), c.get("dimension_numbers")
+  ).lhs_spec
   return c["lhs_shape"][lhs_spec[1]] * math.prod(c["filter_shape"])
 
 
@@ -116,8 +136,16 @@ def test_vjp_matches_lax(name):
 
 
 def test_second_order_grads_float64(x64):
-  c = case((1, 2, 5, 4), (2, 1), [(1, 0), (-1, 2)], (2, 2), out_features=2,
-           lhs_dilation=(1, 2), rhs_dilation=(2, 1), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  c = case(
+    (1, 2, 5, 4),
+    (2, 1),
+    [(1, 0), (-1, 2)],
+    (2, 2),
+    out_features=2,
+    lhs_dilation=(1, 2),
+    rhs_dilation=(2, 1),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
   lhs, rhs = make_operands(c, np.float64, seed=3)
   assert lhs.dtype == jnp.float64
   f = jitted(ours, **conv_kwargs(c))
@@ -149,8 +177,9 @@ def test_numpy_float64_and_mixed_dtypes_follow_lax():
   assert mixed.dtype == jax.eval_shape(f_ref, lhs, rhs.astype(jnp.bfloat16)).dtype
 
 
-@pytest.mark.parametrize("precision", [None, "highest", (HIGHEST, HIGHEST)],
-                         ids=["none", "name", "pair"])
+@pytest.mark.parametrize(
+  "precision", [None, "highest", (HIGHEST, HIGHEST)], ids=["none", "name", "pair"]
+)
 def test_precision_forms_match_lax(precision):
   c = CASES["1d_pairs_stride2"]
   lhs, rhs = make_operands(c, seed=6)
@@ -176,11 +205,15 @@ def _lhs_rhs():
   return make_operands(CASES["2d_default_valid"])  # rhs (3, 27, 3, 4)
 
 
-@pytest.mark.parametrize("rhs_shape, match", [
+@pytest.mark.parametrize(
+  "rhs_shape, match",
+  [
     ((3, 27, 12), r"`rhs` must have the rank of `lhs` \(4\).*rhs.shape=\(3, 27, 12\)"),
     ((3, 26, 3, 4), r"`rhs` must have shape \(3, 27, 3, 4\).*rhs.shape=\(3, 26, 3, 4\)"),
     ((3, 27, 4, 4), r"`rhs` must have shape \(3, 27, 3, 4\).*output positions \(3, 4\)"),
-], ids=["rank", "patch_size", "positions"])
+  ],
+  ids=["rank", "patch_size", "positions"],
+)
 def test_bad_rhs_shape_is_a_type_error_like_lax(rhs_shape, match):
   lhs, _ = _lhs_rhs()
   rhs = jnp.ones(rhs_shape)

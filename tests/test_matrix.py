@@ -19,36 +19,59 @@ HIGHEST = lax.Precision.HIGHEST
 
 def reference_matrix(rhs, lhs_shape, **conv_args):
   """The matrix of lax's conv: its Jacobian in the input (exact, the map is linear)."""
+
   def conv(x):
     return lax.conv_general_dilated(x, rhs, precision=HIGHEST, **conv_args).ravel()
+
   jac = jax.jit(jax.jacfwd(conv))(jnp.zeros(lhs_shape, rhs.dtype))
   return jac.reshape(jac.shape[0], math.prod(lhs_shape))
 
 
-def _case(lhs_shape, rhs_shape, strides, padding, lhs_dil=None, rhs_dil=None, dnums=None,
-          groups=1):
-  return dict(lhs_shape=lhs_shape, rhs_shape=rhs_shape, window_strides=strides,
-              padding=padding, lhs_dilation=lhs_dil, rhs_dilation=rhs_dil,
-              dimension_numbers=dnums, feature_group_count=groups)
+def _case(lhs_shape, rhs_shape, strides, padding, lhs_dil=None, rhs_dil=None, dnums=None, groups=1):
+  return dict(
+    lhs_shape=lhs_shape,
+    rhs_shape=rhs_shape,
+    window_strides=strides,
+    padding=padding,
+    lhs_dilation=lhs_dil,
+    rhs_dilation=rhs_dil,
+    dimension_numbers=dnums,
+    feature_group_count=groups,
+  )
 
 
 CASES = {
-    "1d-same-stride2": _case((2, 3, 9), (4, 3, 3), (2,), "SAME"),
-    "1d-pairs-rhs-dil": _case((1, 2, 11), (3, 2, 3), (1,), ((2, 1),), rhs_dil=(3,)),
-    "1d-nwc-lhs-dil-crop": _case((2, 7, 2), (3, 2, 2), (2,), ((-1, 2),), lhs_dil=(2,),
-                                 dnums=("NWC", "WIO", "NWC")),
-    "2d-valid": _case((1, 1, 5, 4), (2, 1, 3, 2), (1, 1), "VALID"),
-    "2d-same-lower-stride": _case((2, 2, 6, 5), (3, 2, 2, 3), (2, 3), "SAME_LOWER"),
-    "2d-nhwc-groups-dil": _case((2, 7, 5, 4), (3, 3, 2, 6), (2, 1), ((1, 2), (0, 1)),
-                                lhs_dil=(1, 2), rhs_dil=(2, 1), dnums=("NHWC", "HWIO", "NHWC"),
-                                groups=2),
-    "2d-depthwise": _case((1, 3, 5, 5), (6, 1, 3, 3), (1, 1), "SAME", groups=3),
-    "2d-mixed-layouts": _case((3, 4, 2, 2), (3, 2, 2, 2), (1, 2), ((1, 0), (1, 1)),
-                              dnums=("HNWC", "OWHI", "CWNH")),
-    "2d-kernel-larger-than-input": _case((1, 2, 2, 3), (2, 2, 4, 2), (1, 1), "VALID"),
-    "3d-valid-strides": _case((1, 2, 4, 3, 5), (2, 2, 2, 2, 3), (1, 2, 1), "VALID"),
-    "3d-ndhwc-same-dil": _case((1, 4, 3, 4, 2), (2, 2, 2, 2, 3), (1, 1, 2), "SAME",
-                               rhs_dil=(1, 2, 1), dnums=("NDHWC", "DHWIO", "NDHWC")),
+  "1d-same-stride2": _case((2, 3, 9), (4, 3, 3), (2,), "SAME"),
+  "1d-pairs-rhs-dil": _case((1, 2, 11), (3, 2, 3), (1,), ((2, 1),), rhs_dil=(3,)),
+  "1d-nwc-lhs-dil-crop": _case(
+    (2, 7, 2), (3, 2, 2), (2,), ((-1, 2),), lhs_dil=(2,), dnums=("NWC", "WIO", "NWC")
+  ),
+  "2d-valid": _case((1, 1, 5, 4), (2, 1, 3, 2), (1, 1), "VALID"),
+  "2d-same-lower-stride": _case((2, 2, 6, 5), (3, 2, 2, 3), (2, 3), "SAME_LOWER"),
+  "2d-nhwc-groups-dil": _case(
+    (2, 7, 5, 4),
+    (3, 3, 2, 6),
+    (2, 1),
+    ((1, 2), (0, 1)),
+    lhs_dil=(1, 2),
+    rhs_dil=(2, 1),
+    dnums=("NHWC", "HWIO", "NHWC"),
+    groups=2,
+  ),
+  "2d-depthwise": _case((1, 3, 5, 5), (6, 1, 3, 3), (1, 1), "SAME", groups=3),
+  "2d-mixed-layouts": _case(
+    (3, 4, 2, 2), (3, 2, 2, 2), (1, 2), ((1, 0), (1, 1)), dnums=("HNWC", "OWHI", "CWNH")
+  ),
+  "2d-kernel-larger-than-input": _case((1, 2, 2, 3), (2, 2, 4, 2), (1, 1), "VALID"),
+  "3d-valid-strides": _case((1, 2, 4, 3, 5), (2, 2, 2, 2, 3), (1, 2, 1), "VALID"),
+  "3d-ndhwc-same-dil": _case(
+    (1, 4, 3, 4, 2),
+    (2, 2, 2, 2, 3),
+    (1, 1, 2),
+    "SAME",
+    rhs_dil=(1, 2, 1),
+    dnums=("NDHWC", "DHWIO", "NDHWC"),
+  ),
 }
 
 
@@ -70,7 +93,7 @@ def _random_cases(count: int, seed: int) -> dict[str, dict]:
       padding, lhs_dil = str(rng.choice(["SAME", "VALID", "SAME_LOWER"])), None
     else:
       padding = tuple((int(lo), int(hi)) for lo, hi in rng.integers(-1, 3, (nsp, 2)))
-    letters = "DHW"[3 - nsp:]
+    letters = "DHW"[3 - nsp :]
     if rng.random() < 0.5:
       dnums = ("N" + letters + "C", letters + "IO", "N" + letters + "C")
       lhs_shape = (2, *spatial, c_in)
@@ -81,9 +104,11 @@ def _random_cases(count: int, seed: int) -> dict[str, dict]:
       rhs_shape = (c_out, c_in // groups, *kernel)
     case = _case(lhs_shape, rhs_shape, strides, padding, lhs_dil, rhs_dil, dnums, groups)
     try:
-      jax.eval_shape(lambda x, w, case=case: lax.conv_general_dilated(
-          x, w, **_conv_args(case)), jax.ShapeDtypeStruct(lhs_shape, jnp.float32),
-          jax.ShapeDtypeStruct(rhs_shape, jnp.float32))
+      jax.eval_shape(
+        lambda x, w, case=case: lax.conv_general_dilated(x, w, **_conv_args(case)),
+        jax.ShapeDtypeStruct(lhs_shape, jnp.float32),
+        jax.ShapeDtypeStruct(rhs_shape, jnp.float32),
+      )
     except (ValueError, TypeError):  # over-cropping pads, which lax rejects too
       continue
     cases[f"random{len(cases)}-{nsp}d"] = case
@@ -124,8 +149,12 @@ def test_dense_and_sparse_equal_jacobian_of_lax_conv(case):
   assert matrix.nse == np.count_nonzero(expected)
 
 
-ADJOINT_CASES = ["1d-nwc-lhs-dil-crop", "2d-nhwc-groups-dil", "2d-mixed-layouts",
-                 "3d-ndhwc-same-dil"]
+ADJOINT_CASES = [
+  "1d-nwc-lhs-dil-crop",
+  "2d-nhwc-groups-dil",
+  "2d-mixed-layouts",
+  "3d-ndhwc-same-dil",
+]
 
 
 @pytest.mark.parametrize("case", [CASES[k] for k in ADJOINT_CASES], ids=ADJOINT_CASES)
@@ -136,11 +165,14 @@ def test_matvec_is_conv_and_transpose_is_conv_adjoint(case):
   y = lax.conv_general_dilated(x, rhs, precision=HIGHEST, **args)
   cotangent = _normal(y.shape, 3)
   reduction = math.prod(case["rhs_shape"])
-  for matrix in (convmm.conv_matrix(rhs, case["lhs_shape"], **args),
-                 convmm.conv_matrix(rhs, case["lhs_shape"], **args, sparse=True)):
+  for matrix in (
+    convmm.conv_matrix(rhs, case["lhs_shape"], **args),
+    convmm.conv_matrix(rhs, case["lhs_shape"], **args, sparse=True),
+  ):
     assert_close(matrix @ x.ravel(), y.ravel(), reduction=reduction)
-    adjoint = jax.jit(lambda ct, w: convmm.conv_adjoint(
-        ct, w, case["lhs_shape"], precision=HIGHEST, **args))(cotangent, rhs)
+    adjoint = jax.jit(
+      lambda ct, w: convmm.conv_adjoint(ct, w, case["lhs_shape"], precision=HIGHEST, **args)
+    )(cotangent, rhs)
     assert_close(matrix.T @ cotangent.ravel(), adjoint.ravel(), reduction=reduction)
 
 
@@ -148,12 +180,15 @@ def test_matvec_is_conv_and_transpose_is_conv_adjoint(case):
 # a 4x4 image, VALID, is this 4x16 matrix (copied from the article; each row checked
 # by hand: output (i, j) reads the flat input indices 4 (i + a) + (j + b)).
 SOBEL = np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], np.float32)
-SOBEL_MATRIX = np.array([
+SOBEL_MATRIX = np.array(
+  [
     [1, 0, -1, 0, 2, 0, -2, 0, 1, 0, -1, 0, 0, 0, 0, 0],
     [0, 1, 0, -1, 0, 2, 0, -2, 0, 1, 0, -1, 0, 0, 0, 0],
     [0, 0, 0, 0, 1, 0, -1, 0, 2, 0, -2, 0, 1, 0, -1, 0],
     [0, 0, 0, 0, 0, 1, 0, -1, 0, 2, 0, -2, 0, 1, 0, -1],
-], np.float32)
+  ],
+  np.float32,
+)
 SOBEL_INPUT = np.array([[1, 0, -1, 1], [1, 2, -2, 0], [1, 1, -1, 1], [0, 1, 1, 0]], np.float32)
 
 
@@ -193,8 +228,9 @@ def test_jit_and_gradient_in_rhs():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.complex64], ids=["bf16", "c64"])
 def test_matrix_keeps_the_kernel_dtype_and_values(dtype):
-  rhs = jnp.asarray(np.arange(1, 13).reshape(2, 2, 3) * (1 + 1j if dtype == jnp.complex64
-                                                          else 1), dtype)
+  rhs = jnp.asarray(
+    np.arange(1, 13).reshape(2, 2, 3) * (1 + 1j if dtype == jnp.complex64 else 1), dtype
+  )
   matrix = convmm.conv_matrix(rhs, (1, 2, 4), (1,), "VALID")
   assert matrix.dtype == dtype
   # Row for output feature o at position p: kernel[o, c, t] at column c * 4 + p + t.
@@ -202,7 +238,7 @@ def test_matrix_keeps_the_kernel_dtype_and_values(dtype):
   for o in range(2):
     for p in range(2):
       for c in range(2):
-        expected[o * 2 + p, c * 4 + p:c * 4 + p + 3] = np.asarray(rhs)[o, c]
+        expected[o * 2 + p, c * 4 + p : c * 4 + p + 3] = np.asarray(rhs)[o, c]
   np.testing.assert_array_equal(np.asarray(matrix), expected)
 
 
@@ -213,45 +249,68 @@ def test_empty_output_gives_an_empty_matrix():
 
 def test_dense_limit_suggests_sparse():
   rhs = jnp.ones((4, 3, 3, 3))
-  with pytest.raises(ValueError, match=r"conv_matrix: the dense matrix would have "
-                                       r"4096x3072=12582912 elements.*`max_elements`=1000000.*"
-                                       r"sparse=True"):
+  with pytest.raises(
+    ValueError,
+    match=r"conv_matrix: the dense matrix would have "
+    r"4096x3072=12582912 elements.*`max_elements`=1000000.*"
+    r"sparse=True",
+  ):
     convmm.conv_matrix(rhs, (1, 3, 32, 32), (1, 1), "SAME", max_elements=10**6)
-  matrix = convmm.conv_matrix(rhs, (1, 3, 32, 32), (1, 1), "SAME", max_elements=10**6,
-                              sparse=True)
+  matrix = convmm.conv_matrix(rhs, (1, 3, 32, 32), (1, 1), "SAME", max_elements=10**6, sparse=True)
   assert matrix.shape == (4096, 3072) and matrix.nse == 4 * 3 * (30 * 30 * 9 + 4 * 30 * 6 + 4 * 4)
 
 
 def test_index_overflow_is_refused_before_allocation():
   with pytest.raises(ValueError, match=r"conv_matrix: the matrix shape .* does not fit int32"):
-    convmm.conv_matrix(jnp.ones((1, 1, 1, 1)), (1, 1, 2**16, 2**16), (1, 1), "VALID",
-                       sparse=True)
+    convmm.conv_matrix(jnp.ones((1, 1, 1, 1)), (1, 1, 2**16, 2**16), (1, 1), "VALID", sparse=True)
 
 
 @pytest.mark.parametrize(
-    "kwargs, error, match",
-    [
-        (dict(rhs="kernel"), TypeError, r"conv_matrix: `rhs` must be an array, got str"),
-        (dict(rhs=[[["a", "b"]]]), TypeError,
-         r"conv_matrix: `rhs` must be a numeric array, got dtype=<U1"),
-        (dict(rhs=None), TypeError, r"conv_matrix: `rhs` must be an array, got NoneType"),
-        (dict(lhs_shape=3), TypeError, r"conv_matrix: `lhs_shape` must be a sequence of ints"),
-        (dict(lhs_shape=(1, 1.5, 4)), TypeError, r"conv_matrix: `lhs_shape` must contain.*1.5"),
-        (dict(lhs_shape=(1, 2, -4)), ValueError, r"conv_matrix: `lhs_shape` entries must be >= 0"
-                                                 r", got lhs_shape=\(1, 2, -4\)"),
-        (dict(lhs_shape=(1, 3, 4)), ValueError, r"conv_matrix: lhs feature size 3"),
-        (dict(feature_group_count=2), ValueError,
-         r"conv_matrix: lhs feature size 2 divided by `feature_group_count` \(=2\)"),
-        (dict(padding="FULL"), ValueError, r"conv_matrix: `padding` must be one of"),
-        (dict(max_elements=2.5), ValueError,
-         r"conv_matrix: `max_elements` must be a positive int, got max_elements=2.5"),
-    ],
-    ids=["rhs-string", "rhs-strings", "rhs-none", "lhs-shape-int", "lhs-shape-float",
-         "lhs-shape-negative", "channel-mismatch", "groups", "padding", "max-elements"],
+  "kwargs, error, match",
+  [
+    (dict(rhs="kernel"), TypeError, r"conv_matrix: `rhs` must be an array, got str"),
+    (
+      dict(rhs=[[["a", "b"]]]),
+      TypeError,
+      r"conv_matrix: `rhs` must be a numeric array, got dtype=<U1",
+    ),
+    (dict(rhs=None), TypeError, r"conv_matrix: `rhs` must be an array, got NoneType"),
+    (dict(lhs_shape=3), TypeError, r"conv_matrix: `lhs_shape` must be a sequence of ints"),
+    (dict(lhs_shape=(1, 1.5, 4)), TypeError, r"conv_matrix: `lhs_shape` must contain.*1.5"),
+    (
+      dict(lhs_shape=(1, 2, -4)),
+      ValueError,
+      r"conv_matrix: `lhs_shape` entries must be >= 0"
+      r", got lhs_shape=\(1, 2, -4\)",
+    ),
+    (dict(lhs_shape=(1, 3, 4)), ValueError, r"conv_matrix: lhs feature size 3"),
+    (
+      dict(feature_group_count=2),
+      ValueError,
+      r"conv_matrix: lhs feature size 2 divided by `feature_group_count` \(=2\)",
+    ),
+    (dict(padding="FULL"), ValueError, r"conv_matrix: `padding` must be one of"),
+    (
+      dict(max_elements=2.5),
+      ValueError,
+      r"conv_matrix: `max_elements` must be a positive int, got max_elements=2.5",
+    ),
+  ],
+  ids=[
+    "rhs-string",
+    "rhs-strings",
+    "rhs-none",
+    "lhs-shape-int",
+    "lhs-shape-float",
+    "lhs-shape-negative",
+    "channel-mismatch",
+    "groups",
+    "padding",
+    "max-elements",
+  ],
 )
 def test_bad_arguments(kwargs, error, match):
-  args = dict(rhs=jnp.ones((2, 2, 3)), lhs_shape=(1, 2, 6), window_strides=(1,),
-              padding="VALID")
+  args = dict(rhs=jnp.ones((2, 2, 3)), lhs_shape=(1, 2, 6), window_strides=(1,), padding="VALID")
   args.update(kwargs)
   with pytest.raises(error, match=match):
     convmm.conv_matrix(**args)

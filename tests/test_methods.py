@@ -15,17 +15,35 @@ HIGHEST = lax.Precision.HIGHEST
 DN = ("NHWC", "HWIO", "NHWC")
 
 CASES = [
-    pytest.param((2, 7, 6, 4), (3, 3, 4, 5), dict(window_strides=(1, 1), padding="SAME"),
-                 id="dense-3x3-same"),
-    pytest.param((2, 9, 8, 4), (3, 2, 2, 6), dict(window_strides=(2, 1), padding=((1, 0), (2, -1)),
-                                               rhs_dilation=(1, 2), feature_group_count=2),
-                 id="grouped-strided-dilated"),
-    pytest.param((2, 8, 7, 6), (3, 3, 1, 12), dict(window_strides=(2, 2), padding="SAME_LOWER",
-                                                feature_group_count=6), id="depthwise-mult2"),
-    pytest.param((4, 6, 5, 3), (2, 3, 3, 4), dict(window_strides=(1, 1), padding="VALID",
-                                               batch_group_count=2), id="batch-groups"),
-    pytest.param((2, 5, 6, 3), (3, 3, 3, 2), dict(window_strides=(1, 1), padding=((2, 2), (1, 1)),
-                                               lhs_dilation=(2, 1)), id="lhs-dilation"),
+  pytest.param(
+    (2, 7, 6, 4), (3, 3, 4, 5), dict(window_strides=(1, 1), padding="SAME"), id="dense-3x3-same"
+  ),
+  pytest.param(
+    (2, 9, 8, 4),
+    (3, 2, 2, 6),
+    dict(
+      window_strides=(2, 1), padding=((1, 0), (2, -1)), rhs_dilation=(1, 2), feature_group_count=2
+    ),
+    id="grouped-strided-dilated",
+  ),
+  pytest.param(
+    (2, 8, 7, 6),
+    (3, 3, 1, 12),
+    dict(window_strides=(2, 2), padding="SAME_LOWER", feature_group_count=6),
+    id="depthwise-mult2",
+  ),
+  pytest.param(
+    (4, 6, 5, 3),
+    (2, 3, 3, 4),
+    dict(window_strides=(1, 1), padding="VALID", batch_group_count=2),
+    id="batch-groups",
+  ),
+  pytest.param(
+    (2, 5, 6, 3),
+    (3, 3, 3, 2),
+    dict(window_strides=(1, 1), padding=((2, 2), (1, 1)), lhs_dilation=(2, 1)),
+    id="lhs-dilation",
+  ),
 ]
 
 
@@ -44,15 +62,17 @@ def test_every_method_matches_lax_value_and_grads(x_shape, w_shape, kw):
   w = jax.random.normal(kw_, w_shape)
 
   def loss(conv, **extra):
-    return lambda x, w: jnp.sum(jnp.sin(conv(x, w, dimension_numbers=DN, precision=HIGHEST,
-                                             **kw, **extra)))
+    return lambda x, w: jnp.sum(
+      jnp.sin(conv(x, w, dimension_numbers=DN, precision=HIGHEST, **kw, **extra))
+    )
 
   ref_y = lax.conv_general_dilated(x, w, dimension_numbers=DN, precision=HIGHEST, **kw)
   ref_g = jax.grad(loss(lax.conv_general_dilated), (0, 1))(x, w)
   reduction = int(np.prod(w_shape[:-1]))
   for method in _methods_for(kw, x_shape[-1]):
-    y = convmm.conv_general_dilated(x, w, dimension_numbers=DN, precision=HIGHEST, method=method,
-                                    **kw)
+    y = convmm.conv_general_dilated(
+      x, w, dimension_numbers=DN, precision=HIGHEST, method=method, **kw
+    )
     assert_close(y, ref_y, reduction=reduction)
     g = jax.grad(loss(convmm.conv_general_dilated, method=method), (0, 1))(x, w)
     for got, want in zip(g, ref_g):
@@ -64,8 +84,9 @@ def test_depthwise_bfloat16_accumulates_in_float32():
   w = jax.random.normal(jax.random.key(2), (3, 3, 1, 8)).astype(jnp.bfloat16)
   kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=DN, feature_group_count=8)
   y = convmm.conv_general_dilated(x, w, method="depthwise", **kw)
-  ref = lax.conv_general_dilated(x.astype(jnp.float32), w.astype(jnp.float32),
-                                 precision=HIGHEST, **kw)
+  ref = lax.conv_general_dilated(
+    x.astype(jnp.float32), w.astype(jnp.float32), precision=HIGHEST, **kw
+  )
   assert y.dtype == lax.conv_general_dilated(x, w, **kw).dtype == jnp.bfloat16
   assert_close(y, ref, dtype=jnp.bfloat16, reduction=9)
 
@@ -92,8 +113,14 @@ def test_row_tiles_when_one_sample_exceeds_budget(method):
   x = jax.random.normal(jax.random.key(5), (2, 9, 8, 4))
   groups = 4 if method == "depthwise" else 1
   w = jax.random.normal(jax.random.key(6), (3, 3, 4 // groups, 8))
-  kw = dict(window_strides=(1, 1), padding=((1, 0), (0, 1)), rhs_dilation=(1, 2),
-            dimension_numbers=DN, precision=HIGHEST, feature_group_count=groups)
+  kw = dict(
+    window_strides=(1, 1),
+    padding=((1, 0), (0, 1)),
+    rhs_dilation=(1, 2),
+    dimension_numbers=DN,
+    precision=HIGHEST,
+    feature_group_count=groups,
+  )
   f = lambda x, w: convmm.conv_general_dilated(x, w, memory_budget=1024, method=method, **kw)
   ref = lambda x, w: lax.conv_general_dilated(x, w, **kw)
   assert "while" in jax.jit(f).lower(x, w).as_text()
@@ -116,13 +143,16 @@ def test_large_layer_temp_memory_stays_within_budget():
 
   def step(conv):
     return jax.value_and_grad(
-        lambda x, w: jnp.sum(conv(x, w, (1, 1), "SAME", dimension_numbers=DN) ** 2), (0, 1))
+      lambda x, w: jnp.sum(conv(x, w, (1, 1), "SAME", dimension_numbers=DN) ** 2), (0, 1)
+    )
 
-  fwd = temp_mib(lambda x, w: convmm.conv_general_dilated(x, w, (1, 1), "SAME",
-                                                          dimension_numbers=DN))
+  fwd = temp_mib(
+    lambda x, w: convmm.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
+  )
   assert fwd <= 160, fwd
-  assert temp_mib(step(convmm.conv_general_dilated)) <= temp_mib(
-      step(lax.conv_general_dilated)) + 160
+  assert (
+    temp_mib(step(convmm.conv_general_dilated)) <= temp_mib(step(lax.conv_general_dilated)) + 160
+  )
 
 
 def test_set_memory_budget_round_trips_and_validates():
@@ -136,13 +166,13 @@ def test_set_memory_budget_round_trips_and_validates():
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(method="fft"), r"conv_general_dilated: `method` must be one of"),
-        (dict(memory_budget=0), r"conv_general_dilated: `memory_budget` must be a positive"),
-        (dict(method="depthwise"), r"`method`='depthwise' needs one input feature per group"),
-    ],
-    ids=["unknown-method", "zero-budget", "depthwise-on-dense"],
+  "kwargs, match",
+  [
+    (dict(method="fft"), r"conv_general_dilated: `method` must be one of"),
+    (dict(memory_budget=0), r"conv_general_dilated: `memory_budget` must be a positive"),
+    (dict(method="depthwise"), r"`method`='depthwise' needs one input feature per group"),
+  ],
+  ids=["unknown-method", "zero-budget", "depthwise-on-dense"],
 )
 def test_method_argument_errors(kwargs, match):
   x = jnp.ones((1, 4, 4, 2))
@@ -169,8 +199,14 @@ def test_core_under_rank_promotion_raise(x_shape, w_shape, kw):
     every = kw.get("feature_group_count", 1) == x_shape[-1]
     for method in _methods_for(kw, x_shape[-1]) if every else ["auto"]:
       for budget in [None, 1024] if every else [None]:
-        conv = functools.partial(convmm.conv_general_dilated, dimension_numbers=DN,
-                                 precision=HIGHEST, method=method, memory_budget=budget, **kw)
+        conv = functools.partial(
+          convmm.conv_general_dilated,
+          dimension_numbers=DN,
+          precision=HIGHEST,
+          method=method,
+          memory_budget=budget,
+          **kw,
+        )
         everything = jax.jit(functools.partial(_value_grads_vmap, conv))
         y, (gx, gw), batched = everything(x, w)
         assert_close(y, ref, reduction=reduction)
@@ -182,8 +218,9 @@ def test_shift_float16_accumulates_in_float32():
   # Partial sums 4e4 + 4e4 overflow float16 (max 65504); the whole sum 4e4 does not.
   x = jnp.ones((2, 1, 9), jnp.float16)
   w = jnp.array([4e4, 4e4, -4e4], jnp.float16).reshape(1, 1, 3)
-  ref = lax.conv_general_dilated(x.astype(jnp.float32), w.astype(jnp.float32), (1,), "VALID",
-                                 precision=HIGHEST)
+  ref = lax.conv_general_dilated(
+    x.astype(jnp.float32), w.astype(jnp.float32), (1,), "VALID", precision=HIGHEST
+  )
   for method in ["shift", "im2col"]:
     y = convmm.conv_general_dilated(x, w, (1,), "VALID", method=method)
     assert y.dtype == jnp.float16
@@ -199,8 +236,9 @@ def _dilated_conv_reference(x, w, strides, lo, lhs_dilation, rhs_dilation, out, 
   for tap in np.ndindex(*w.shape[:-2]):
     # Input element i meets this tap at output (i * D + lo - t * rd) / stride, if whole.
     ins, outs = [], []
-    for size, d, low, t, rd, s, o_size in zip(x.shape[1:-1], lhs_dilation, lo, tap,
-                                              rhs_dilation, strides, out):
+    for size, d, low, t, rd, s, o_size in zip(
+      x.shape[1:-1], lhs_dilation, lo, tap, rhs_dilation, strides, out
+    ):
       pos = np.arange(size) * d + low - t * rd
       keep = (pos % s == 0) & (pos >= 0) & (pos < o_size * s)
       ins.append(np.arange(size)[keep])
@@ -209,22 +247,29 @@ def _dilated_conv_reference(x, w, strides, lo, lhs_dilation, rhs_dilation, out, 
     for g in range(groups):
       cg, og = c // groups, o // groups
       with np.errstate(invalid="ignore"):  # Inf taps: Inf - Inf where they meet inputs
-        term = xs[..., g * cg:(g + 1) * cg] @ w[tap][:, g * og:(g + 1) * og]
+        term = xs[..., g * cg : (g + 1) * cg] @ w[tap][:, g * og : (g + 1) * og]
       y[np.ix_(range(n), *outs, range(g * og, (g + 1) * og))] += term
   return y
 
 
 @pytest.mark.parametrize(
-    "x_shape, w_shape, kw",
-    [
-        pytest.param((2, 7, 3), (3, 3, 4), dict(window_strides=(1,), lhs_dilation=(2,)),
-                     id="1d-d2"),
-        pytest.param((2, 5, 6, 3), (3, 4, 3, 2),
-                     dict(window_strides=(2, 1), lhs_dilation=(3, 2), rhs_dilation=(1, 2)),
-                     id="2d-d3x2-strided"),
-        pytest.param((2, 4, 4, 4), (2, 2, 1, 8), dict(window_strides=(1, 1), lhs_dilation=(2, 2),
-                                                   feature_group_count=4), id="depthwise-d2"),
-    ])
+  "x_shape, w_shape, kw",
+  [
+    pytest.param((2, 7, 3), (3, 3, 4), dict(window_strides=(1,), lhs_dilation=(2,)), id="1d-d2"),
+    pytest.param(
+      (2, 5, 6, 3),
+      (3, 4, 3, 2),
+      dict(window_strides=(2, 1), lhs_dilation=(3, 2), rhs_dilation=(1, 2)),
+      id="2d-d3x2-strided",
+    ),
+    pytest.param(
+      (2, 4, 4, 4),
+      (2, 2, 1, 8),
+      dict(window_strides=(1, 1), lhs_dilation=(2, 2), feature_group_count=4),
+      id="depthwise-d2",
+    ),
+  ],
+)
 def test_lhs_dilation_holes_are_not_multiplied(x_shape, w_shape, kw):
   # An Inf in the kernel stays out of every output whose Inf tap only meets the holes
   # between dilated input elements ('VALID': no zero padding, which may give NaN).
@@ -234,21 +279,33 @@ def test_lhs_dilation_holes_are_not_multiplied(x_shape, w_shape, kw):
   w = jax.random.normal(jax.random.key(10), w_shape)
   w = w.at[(1,) * nsp].set(jnp.inf)
   kw = dict(kw, padding=((0, 0),) * nsp)
-  shape = jax.eval_shape(lambda x, w: lax.conv_general_dilated(x, w, dimension_numbers=dn, **kw),
-                         x, w).shape
-  ref = _dilated_conv_reference(x, w, kw["window_strides"], (0,) * nsp, kw["lhs_dilation"],
-                                kw.get("rhs_dilation", (1,) * nsp), shape[1:-1],
-                                kw.get("feature_group_count", 1))
+  shape = jax.eval_shape(
+    lambda x, w: lax.conv_general_dilated(x, w, dimension_numbers=dn, **kw), x, w
+  ).shape
+  ref = _dilated_conv_reference(
+    x,
+    w,
+    kw["window_strides"],
+    (0,) * nsp,
+    kw["lhs_dilation"],
+    kw.get("rhs_dilation", (1,) * nsp),
+    shape[1:-1],
+    kw.get("feature_group_count", 1),
+  )
   finite = np.isfinite(ref)
   assert finite.any() and not finite.all()
   for method in _methods_for(kw, x_shape[-1]):
-    y = np.asarray(convmm.conv_general_dilated(x, w, dimension_numbers=dn, precision=HIGHEST,
-                                               method=method, **kw))
+    y = np.asarray(
+      convmm.conv_general_dilated(
+        x, w, dimension_numbers=dn, precision=HIGHEST, method=method, **kw
+      )
+    )
     assert np.isfinite(y[finite]).all(), method
     assert_close(y[finite], ref[finite].astype(np.float32), reduction=int(np.prod(w_shape[:-1])))
   if nsp == 1:  # lax (XLA:CPU) skips the holes in 1-D too; in 2-D it gives NaN everywhere
-    lax_y = np.asarray(lax.conv_general_dilated(x, w, dimension_numbers=dn, precision=HIGHEST,
-                                                **kw))
+    lax_y = np.asarray(
+      lax.conv_general_dilated(x, w, dimension_numbers=dn, precision=HIGHEST, **kw)
+    )
     assert_close(lax_y[finite], ref[finite].astype(np.float32), reduction=9)
 
 
@@ -258,7 +315,8 @@ def test_lhs_dilation_matches_lax_randomized():
   for _ in range(12):
     nsp = int(rng.integers(1, 3))
     dilation, strides, rhs_dilation, k, size = (
-        tuple(int(v) for v in rng.integers(1, hi, nsp)) for hi in (4, 4, 3, 5, 7))
+      tuple(int(v) for v in rng.integers(1, hi, nsp)) for hi in (4, 4, 3, 5, 7)
+    )
     padding = tuple((int(a), int(b)) for a, b in rng.integers(-1, 4, (nsp, 2)))
     x = rng.standard_normal((2, 3, *size)).astype(np.float32)
     w = rng.standard_normal((4, 3, *k)).astype(np.float32)

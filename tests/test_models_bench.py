@@ -18,10 +18,22 @@ import jax.numpy as jnp
 import pytest
 
 MODELS_PY = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "models.py"
-IMPL_KEYS = ["fwd_ms", "step_ms", "fwd_min_ms", "step_min_ms", "fwd_samples_ms",
-             "step_samples_ms", "compile_fwd_s", "compile_step_s", "lower_fwd_s", "lower_step_s",
-             "compile_fwd_samples_s", "compile_step_samples_s", "temp_fwd_bytes",
-             "temp_step_bytes"]
+IMPL_KEYS = [
+  "fwd_ms",
+  "step_ms",
+  "fwd_min_ms",
+  "step_min_ms",
+  "fwd_samples_ms",
+  "step_samples_ms",
+  "compile_fwd_s",
+  "compile_step_s",
+  "lower_fwd_s",
+  "lower_step_s",
+  "compile_fwd_samples_s",
+  "compile_step_samples_s",
+  "temp_fwd_bytes",
+  "temp_step_bytes",
+]
 RATIO_KEYS = ["fwd", "step", "compile_fwd", "compile_step", "temp_fwd", "temp_step"]
 ERROR_KEYS = ["fwd", "loss", "grads", "grads_worst_leaf", "model_state", "output_finite"]
 # max |convmm - flax| / max |flax| over each tree, float32, these shallow --quick networks:
@@ -45,14 +57,28 @@ def is_positive(value) -> bool:
 def test_quick_run_reports_every_field_and_convmm_matches_flax(tmp_path, models, capsys):
   path = tmp_path / "models.json"
   proc = subprocess.run(
-      [sys.executable, str(MODELS_PY), "--quick", "--models", "resnet18",
-       "--dtypes", "float32,bfloat16", "--json", str(path)],
-      capture_output=True, text=True, timeout=900)
+    [
+      sys.executable,
+      str(MODELS_PY),
+      "--quick",
+      "--models",
+      "resnet18",
+      "--dtypes",
+      "float32,bfloat16",
+      "--json",
+      str(path),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(path.read_text())
   assert report["meta"]["quick"] is True and report["meta"]["repeats"] == 1
   assert [(r["model"], r["dtype"]) for r in report["results"]] == [
-      ("resnet18", "float32"), ("resnet18", "bfloat16")]
+    ("resnet18", "float32"),
+    ("resnet18", "bfloat16"),
+  ]
   for r in report["results"]:
     label = (r["model"], r["dtype"])
     assert "error" not in r, (label, r.get("error"))
@@ -61,8 +87,9 @@ def test_quick_run_reports_every_field_and_convmm_matches_flax(tmp_path, models,
     for impl, record in r["impls"].items():
       missing = [key for key in IMPL_KEYS if key not in record]
       assert not missing, (label, impl, missing)
-      assert all(is_positive(record[key]) for key in (
-          "fwd_ms", "step_ms", "compile_fwd_s", "compile_step_s")), (label, impl, record)
+      assert all(
+        is_positive(record[key]) for key in ("fwd_ms", "step_ms", "compile_fwd_s", "compile_step_s")
+      ), (label, impl, record)
       assert isinstance(record["temp_step_bytes"], int), (label, impl)
       assert len(record["fwd_samples_ms"]) == 1 and len(record["compile_step_samples_s"]) == 1
     assert set(r["ratios"]) == set(RATIO_KEYS), label
@@ -97,12 +124,12 @@ def test_convmm_models_run_no_lax_convolution(models):
     spec = models.QUICK_MODELS[name]
     flax_model = spec.build(jnp.float32)
     inputs, _ = models.make_batch(spec, jnp.float32, 0)
-    variables = jax.eval_shape(functools.partial(flax_model.init, train=False),
-                               jax.random.key(0), *inputs)
+    variables = jax.eval_shape(
+      functools.partial(flax_model.init, train=False), jax.random.key(0), *inputs
+    )
     primitives = {}
     for impl, model in (("flax", flax_model), ("convmm", models.convmm_model(flax_model))):
-      jaxpr = jax.make_jaxpr(lambda v, *x, m=model: m.apply(v, *x, train=False))(
-          variables, *inputs)
+      jaxpr = jax.make_jaxpr(lambda v, *x, m=model: m.apply(v, *x, train=False))(variables, *inputs)
       primitives[impl] = str(jaxpr)
     assert "conv_general_dilated" in primitives["flax"], name
     assert "conv_general_dilated" not in primitives["convmm"], name
@@ -121,11 +148,15 @@ def test_parameter_trees_are_checked(models):
     models.check_same_parameters(flax_model, wider, inputs)
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["--models", "vgg"], "--models: unknown ['vgg']"),
     (["--dtypes", "float16"], "--dtypes: got ['float16']"),
     (["--repeats", "-1"], "must be >= 1"),
-], ids=["unknown-model", "unknown-dtype", "negative-repeats"])
+  ],
+  ids=["unknown-model", "unknown-dtype", "negative-repeats"],
+)
 def test_bad_arguments_fail_with_a_message(models, args, message, capsys):
   with pytest.raises(SystemExit):
     models.parse_args(args)

@@ -29,8 +29,12 @@ CELL_TIMEOUT = 300  # seconds per cell; the slowest cell takes a few seconds
 
 def test_there_are_notebooks():
   names = [path.name for path in NOTEBOOKS]
-  assert names[:4] == ["01_im2col_illustrated.ipynb", "02_conv_as_matrix.ipynb",
-                       "03_why_the_matrix_view_matters.ipynb", "04_train_a_cnn.ipynb"], names
+  assert names[:4] == [
+    "01_im2col_illustrated.ipynb",
+    "02_conv_as_matrix.ipynb",
+    "03_why_the_matrix_view_matters.ipynb",
+    "04_train_a_cnn.ipynb",
+  ], names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
@@ -41,8 +45,12 @@ def test_notebook_executes(path, tmp_path):
   for cell in notebook.cells:
     if cell.cell_type == "code":
       cell.outputs, cell.execution_count = [], None
-  client = NotebookClient(notebook, timeout=CELL_TIMEOUT, kernel_name="python3",
-                          resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+  client = NotebookClient(
+    notebook,
+    timeout=CELL_TIMEOUT,
+    kernel_name="python3",
+    resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
+  )
   try:
     client.execute()
   except CellExecutionError as error:
@@ -51,8 +59,7 @@ def test_notebook_executes(path, tmp_path):
     nbformat.write(notebook, copy)  # the executed copy, for a look after a failure
   code = [cell for cell in notebook.cells if cell.cell_type == "code"]
   assert code and all(cell.execution_count is not None for cell in code)
-  assert not [output for cell in code for output in cell.outputs
-              if output.output_type == "error"]
+  assert not [output for cell in code for output in cell.outputs if output.output_type == "error"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
@@ -62,8 +69,9 @@ def test_committed_notebook_has_outputs(path):
   code = [cell for cell in notebook.cells if cell.cell_type == "code"]
   unexecuted = [i for i, cell in enumerate(code) if cell.execution_count is None]
   assert not unexecuted, f"{path.name}: code cells {unexecuted} were committed unexecuted"
-  errors = [output.get("ename") for cell in code for output in cell.outputs
-            if output.output_type == "error"]
+  errors = [
+    output.get("ename") for cell in code for output in cell.outputs if output.output_type == "error"
+  ]
   assert not errors, f"{path.name}: committed with errors {errors}"
   images = sum("image/png" in output.get("data", {}) for cell in code for output in cell.outputs)
   assert images >= 1, f"{path.name}: no figure among the committed outputs"
@@ -76,6 +84,6 @@ def test_notebook_matches_its_text_twin(path):
     pytest.skip(f"{path.name} has no text twin")
   from_twin = jupytext.read(twin, fmt="py:percent").cells
   committed = nbformat.read(path, as_version=4).cells
-  assert [(c.cell_type, c.source) for c in committed] == \
-      [(c.cell_type, c.source) for c in from_twin], (
-        f"{path.name} differs from {twin.name}: rebuild it as README.md (Notebooks) says")
+  assert [(c.cell_type, c.source) for c in committed] == [
+    (c.cell_type, c.source) for c in from_twin
+  ], f"{path.name} differs from {twin.name}: rebuild it as README.md (Notebooks) says"

@@ -17,10 +17,19 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def results():
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
-  proc = subprocess.run([sys.executable, str(HERE / "sharding_checks.py")], env=env,
-                        capture_output=True, text=True, timeout=900, check=False)
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+  )
+  proc = subprocess.run(
+    [sys.executable, str(HERE / "sharding_checks.py")],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
   by_check = {}
@@ -45,8 +54,11 @@ def test_output_sharding_equals_lax(results):
       assert row["convmm"] == row["lax"], row
 
 
-@pytest.mark.xfail(strict=True, reason="Auto mesh, spatially sharded input, row tiles: the "
-                   "tiles' dynamic_slice gathers the sharded rows/columns (not fixed)")
+@pytest.mark.xfail(
+  strict=True,
+  reason="Auto mesh, spatially sharded input, row tiles: the "
+  "tiles' dynamic_slice gathers the sharded rows/columns (not fixed)",
+)
 def test_auto_spatial_tiles_are_gathered(results):
   gaps = [row for row in results["output_sharding"] if _known_gap(row)]
   assert gaps and all(row["convmm"] == row["lax"] for row in gaps), gaps

@@ -13,20 +13,22 @@ from tolerances import assert_close
 import convmm
 
 MODES = ("full", "same", "valid")
-FUNCTIONS = {"convolve": (convmm.convolve, scipy.signal.convolve),
-             "correlate": (convmm.correlate, scipy.signal.correlate)}
+FUNCTIONS = {
+  "convolve": (convmm.convolve, scipy.signal.convolve),
+  "correlate": (convmm.correlate, scipy.signal.correlate),
+}
 
 # (in1.shape, in2.shape): in1 larger, in2 larger in every dim (SciPy swaps them for
 # 'valid'; 'same' keeps in1's shape), and neither larger (no 'valid' result).
 SHAPES = {
-    "1d": ((7,), (3,)),
-    "1d-in2-larger": ((4,), (6,)),
-    "1d-even-kernel": ((6,), (4,)),
-    "2d": ((5, 6), (3, 2)),
-    "2d-in2-larger": ((3, 4), (4, 5)),
-    "2d-mixed": ((5, 3), (2, 4)),
-    "3d": ((4, 3, 5), (2, 3, 2)),
-    "3d-in2-larger": ((2, 2, 3), (3, 4, 3)),
+  "1d": ((7,), (3,)),
+  "1d-in2-larger": ((4,), (6,)),
+  "1d-even-kernel": ((6,), (4,)),
+  "2d": ((5, 6), (3, 2)),
+  "2d-in2-larger": ((3, 4), (4, 5)),
+  "2d-mixed": ((5, 3), (2, 4)),
+  "3d": ((4, 3, 5), (2, 3, 2)),
+  "3d-in2-larger": ((2, 2, 3), (3, 4, 3)),
 }
 COMPLEX_SHAPES = ["1d-in2-larger", "2d", "3d"]
 
@@ -70,8 +72,9 @@ def test_complex_matches_scipy_in_every_mode(shapes, name):
 def test_correlate_conjugates_in2():
   in1, in2 = np.array([1.0 + 0j, 0, 0]), np.array([1j, 0])
   # sum_k in1[n + k] conj(in2[k]) with the full offset: in2 has length 2.
-  np.testing.assert_array_equal(convmm.correlate(in1, in2.astype(np.complex64)),
-                                np.array([0, -1j, 0, 0], np.complex64))
+  np.testing.assert_array_equal(
+    convmm.correlate(in1, in2.astype(np.complex64)), np.array([0, -1j, 0, 0], np.complex64)
+  )
   assert_close(convmm.correlate(in1, in2), scipy.signal.correlate(in1, in2), dtype=np.float32)
 
 
@@ -98,11 +101,17 @@ def test_scalars_multiply(name):
 def test_deep_learning_convolution_is_correlation_and_convolution_mirrors():
   image = _data((6, 5), 3, np.float32)
   kernel = _data((3, 2), 4, np.float32)
-  layer = lax.conv_general_dilated(image[None, None], kernel[None, None], (1, 1), "VALID",
-                                   precision=lax.Precision.HIGHEST)[0, 0]
+  layer = lax.conv_general_dilated(
+    image[None, None], kernel[None, None], (1, 1), "VALID", precision=lax.Precision.HIGHEST
+  )[0, 0]
   assert_close(convmm.correlate(image, kernel, "valid"), layer, reduction=6)
-  mirrored = lax.conv_general_dilated(image[None, None], kernel[None, None, ::-1, ::-1], (1, 1),
-                                      "VALID", precision=lax.Precision.HIGHEST)[0, 0]
+  mirrored = lax.conv_general_dilated(
+    image[None, None],
+    kernel[None, None, ::-1, ::-1],
+    (1, 1),
+    "VALID",
+    precision=lax.Precision.HIGHEST,
+  )[0, 0]
   assert_close(convmm.convolve(image, kernel, "valid"), mirrored, reduction=6)
   assert not np.allclose(convmm.convolve(image, kernel, "valid"), layer, atol=1e-3)
 
@@ -120,26 +129,53 @@ def test_jit_and_grad():
 
 @pytest.mark.parametrize("name", list(FUNCTIONS))
 @pytest.mark.parametrize(
-    "in1, in2, mode, error, match",
-    [
-        (np.ones(3), np.ones(2), "circular", ValueError,
-         r"`mode` must be one of \('full', 'same', 'valid'\), got 'circular'"),
-        (np.ones(3), np.ones(2), None, ValueError, r"`mode` must be one of .* got None"),
-        (np.ones(3), np.ones((2, 2)), "full", ValueError,
-         r"`in1` and `in2` must have the same number of dimensions, got in1.shape=\(3,\) "
-         r"and in2.shape=\(2, 2\)"),
-        (np.ones((3, 2)), np.ones((2, 3)), "valid", ValueError,
-         r"for mode='valid' one input must be at least as large as the other in every "
-         r"dimension, got in1.shape=\(3, 2\) and in2.shape=\(2, 3\)"),
-        (np.ones((0, 2)), np.ones((2, 2)), "same", ValueError,
-         r"`in1` and `in2` must be non-empty, got in1.shape=\(0, 2\)"),
-        ("signal", np.ones(2), "full", TypeError, r"`in1` must be an array, got str"),
-        (np.ones(2), {"k": 1}, "full", TypeError, r"`in2` must be an array, got dict"),
-        (["a", "b"], np.ones(2), "full", TypeError,
-         r"`in1` must be a numeric array, got dtype=<U1"),
-    ],
-    ids=["unknown-mode", "mode-none", "rank-mismatch", "valid-neither-larger", "empty",
-         "in1-string", "in2-dict", "in1-strings"],
+  "in1, in2, mode, error, match",
+  [
+    (
+      np.ones(3),
+      np.ones(2),
+      "circular",
+      ValueError,
+      r"`mode` must be one of \('full', 'same', 'valid'\), got 'circular'",
+    ),
+    (np.ones(3), np.ones(2), None, ValueError, r"`mode` must be one of .* got None"),
+    (
+      np.ones(3),
+      np.ones((2, 2)),
+      "full",
+      ValueError,
+      r"`in1` and `in2` must have the same number of dimensions, got in1.shape=\(3,\) "
+      r"and in2.shape=\(2, 2\)",
+    ),
+    (
+      np.ones((3, 2)),
+      np.ones((2, 3)),
+      "valid",
+      ValueError,
+      r"for mode='valid' one input must be at least as large as the other in every "
+      r"dimension, got in1.shape=\(3, 2\) and in2.shape=\(2, 3\)",
+    ),
+    (
+      np.ones((0, 2)),
+      np.ones((2, 2)),
+      "same",
+      ValueError,
+      r"`in1` and `in2` must be non-empty, got in1.shape=\(0, 2\)",
+    ),
+    ("signal", np.ones(2), "full", TypeError, r"`in1` must be an array, got str"),
+    (np.ones(2), {"k": 1}, "full", TypeError, r"`in2` must be an array, got dict"),
+    (["a", "b"], np.ones(2), "full", TypeError, r"`in1` must be a numeric array, got dtype=<U1"),
+  ],
+  ids=[
+    "unknown-mode",
+    "mode-none",
+    "rank-mismatch",
+    "valid-neither-larger",
+    "empty",
+    "in1-string",
+    "in2-dict",
+    "in1-strings",
+  ],
 )
 def test_bad_arguments(name, in1, in2, mode, error, match):
   with pytest.raises(error, match=rf"{name}: {match}"):

@@ -20,9 +20,14 @@ def _eqn_count(f, *shapes):
   jaxpr = jax.make_jaxpr(f)(*(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes))
 
   def count(jaxpr):
-    return sum(1 + sum(count(sub.jaxpr if hasattr(sub, "jaxpr") else sub)
-                       for sub in jax.extend.core.jaxprs_in_params(eqn.params))
-               for eqn in jaxpr.eqns)
+    return sum(
+      1
+      + sum(
+        count(sub.jaxpr if hasattr(sub, "jaxpr") else sub)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params)
+      )
+      for eqn in jaxpr.eqns
+    )
 
   return count(jaxpr.jaxpr)
 
@@ -30,8 +35,10 @@ def _eqn_count(f, *shapes):
 def test_tracing_does_not_grow_with_the_number_of_tiles():
   # 10^4 and 10^5 samples under a 4 KiB budget: ~100 and ~1000 tiles, one map body.
   conv = lambda x, w: convmm.conv_general_dilated(x, w, (1,), "SAME", memory_budget=4096)  # noqa: E731
-  small, large = _eqn_count(conv, (1, 1, 10**4), (1, 1, 9)), _eqn_count(conv, (1, 1, 10**5),
-                                                                        (1, 1, 9))
+  small, large = (
+    _eqn_count(conv, (1, 1, 10**4), (1, 1, 9)),
+    _eqn_count(conv, (1, 1, 10**5), (1, 1, 9)),
+  )
   assert small == large < 200, (small, large)
 
 
@@ -48,9 +55,8 @@ def test_long_signal_matches_lax():
   y, y_ref = f(x, w), ref(x, w)
   t = plan.tile_out[0]
   for start in [0, t - 5, 2 * t - 5, n - 1000]:  # the ends and two tile boundaries
-    assert_close(y[..., start:start + 1000], y_ref[..., start:start + 1000], reduction=9)
-  assert_close(jnp.sum(y, dtype=jnp.float32), jnp.sum(y_ref, dtype=jnp.float32),
-               reduction=9 * n)
+    assert_close(y[..., start : start + 1000], y_ref[..., start : start + 1000], reduction=9)
+  assert_close(jnp.sum(y, dtype=jnp.float32), jnp.sum(y_ref, dtype=jnp.float32), reduction=9 * n)
 
 
 @pytest.mark.parametrize("rows", [1021, 2039], ids=["1021", "2039"])
@@ -63,8 +69,9 @@ def test_prime_output_rows_get_big_tiles(rows):
   assert plan.num_tiles > 1 and plan.tile_out[0] >= 32, plan  # big tiles, not one-row tiles
   assert tile_cost(spec, 4, plan.batch, plan.tile_out, 3, 4) <= budget
   kw = dict(dimension_numbers=DN, precision=HIGHEST)
-  y = jax.jit(lambda x, w: convmm.conv_general_dilated(x, w, (1, 1), "SAME",
-                                                       memory_budget=budget, **kw))(x, w)
+  y = jax.jit(
+    lambda x, w: convmm.conv_general_dilated(x, w, (1, 1), "SAME", memory_budget=budget, **kw)
+  )(x, w)
   assert_close(y, lax.conv_general_dilated(x, w, (1, 1), "SAME", **kw), reduction=18)
 
 
@@ -82,15 +89,15 @@ def test_tile_plan_fits_the_budget_and_covers_the_output():
 
 
 @pytest.mark.parametrize(
-    "x_shape, w_shape",
-    [((1, 512, 512, 8), (31, 31, 8, 8)), ((1, 2048, 2048, 16), (3, 3, 16, 16))],
-    ids=["512x512-k31", "2048x2048-k3"])
+  "x_shape, w_shape",
+  [((1, 512, 512, 8), (31, 31, 8, 8)), ((1, 2048, 2048, 16), (3, 3, 16, 16))],
+  ids=["512x512-k31", "2048x2048-k3"],
+)
 def test_compiled_temporaries_within_budget_plus_input_and_output(x_shape, w_shape):
   # Issue 13: these compiled to 525 and 641 MiB of temporaries. Compiled only.
   x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
   w = jax.ShapeDtypeStruct(w_shape, jnp.float32)
-  f = jax.jit(lambda x, w: convmm.conv_general_dilated(x, w, (1, 1), "SAME",
-                                                       dimension_numbers=DN))
+  f = jax.jit(lambda x, w: convmm.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN))
   memory = f.lower(x, w).compile().memory_analysis()
   budget = current_memory_budget()
   limit = budget + memory.argument_size_in_bytes + memory.output_size_in_bytes
@@ -110,25 +117,42 @@ def test_memory_budget_context_manager():
     assert _is_tiled(conv, x, w)
     with convmm.memory_budget(2**30):  # nested: the innermost wins
       assert not _is_tiled(conv, x, w)
-    assert not _is_tiled(lambda x, w: convmm.conv_general_dilated(  # explicit argument wins
-        x, w, (1, 1), "SAME", dimension_numbers=DN, memory_budget=2**30), x, w)
+    assert not _is_tiled(
+      lambda x, w: convmm.conv_general_dilated(  # explicit argument wins
+        x, w, (1, 1), "SAME", dimension_numbers=DN, memory_budget=2**30
+      ),
+      x,
+      w,
+    )
   assert not _is_tiled(conv, x, w)  # restored on exit
-  y = convmm.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN,
-                                  memory_budget=np.int64(4096))
-  assert_close(y, lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN,
-                                           precision=HIGHEST), reduction=36)
+  y = convmm.conv_general_dilated(
+    x, w, (1, 1), "SAME", dimension_numbers=DN, memory_budget=np.int64(4096)
+  )
+  assert_close(
+    y,
+    lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN, precision=HIGHEST),
+    reduction=36,
+  )
 
 
-@pytest.mark.parametrize("bad, error", [(0, ValueError), (-5, ValueError), (1.5, TypeError),
-                                        ("1", TypeError), (True, TypeError)],
-                         ids=["zero", "negative", "float", "str", "bool"])
+@pytest.mark.parametrize(
+  "bad, error",
+  [(0, ValueError), (-5, ValueError), (1.5, TypeError), ("1", TypeError), (True, TypeError)],
+  ids=["zero", "negative", "float", "str", "bool"],
+)
 def test_memory_budget_errors(bad, error):
   with pytest.raises(error, match=r"memory_budget: `nbytes`"):
     with convmm.memory_budget(bad):
       pass
   with pytest.raises(error, match=r"conv_general_dilated: `memory_budget`"):
-    convmm.conv_general_dilated(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), (1, 1), "SAME",
-                                dimension_numbers=DN, memory_budget=bad)
+    convmm.conv_general_dilated(
+      jnp.ones((1, 4, 4, 1)),
+      jnp.ones((3, 3, 1, 1)),
+      (1, 1),
+      "SAME",
+      dimension_numbers=DN,
+      memory_budget=bad,
+    )
 
 
 def test_layers_pick_up_a_new_budget():

@@ -58,8 +58,14 @@ def script_env():
 
 def run_script(args, cwd=REPO):
   """Runs the example as a program; fails the test with its output if it fails."""
-  proc = subprocess.run([*COMMAND, *args], cwd=cwd, env=script_env(),
-                        capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+  proc = subprocess.run(
+    [*COMMAND, *args],
+    cwd=cwd,
+    env=script_env(),
+    capture_output=True,
+    text=True,
+    timeout=SUBPROCESS_TIMEOUT,
+  )
   assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
   return proc.stdout
 
@@ -107,8 +113,7 @@ def test_linen_cnn_gradients_match_flax_conv(digits_batch):
   ours = models.CNN(conv="convmm", precision=HIGHEST)
   flax_own = models.CNN(conv="lax", precision=HIGHEST)
   params = ours.init(jax.random.key(0), images)["params"]
-  grad_fn = jax.jit(jax.value_and_grad(train.loss_fn, argnums=1, has_aux=True),
-                    static_argnums=0)
+  grad_fn = jax.jit(jax.value_and_grad(train.loss_fn, argnums=1, has_aux=True), static_argnums=0)
   (loss, logits), grads = grad_fn(ours, params, images, labels)
   (ref_loss, ref_logits), ref_grads = grad_fn(flax_own, params, images, labels)
   assert_nonzero(ref_grads)
@@ -172,11 +177,30 @@ def test_two_devices_match_one_device(one_device_run, two_device_run):
 def test_two_processes_match_two_devices(two_device_run, tmp_path):
   _, two, _ = two_device_run
   coordinator = f"127.0.0.1:{free_port()}"
-  procs = [subprocess.Popen(
-      [*COMMAND, *RUN_FLAGS, "--num-processes", "2", "--process-id", str(i),
-       "--coordinator", coordinator, "--init-timeout", "120", "--out", str(tmp_path)],
-      cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        *COMMAND,
+        *RUN_FLAGS,
+        "--num-processes",
+        "2",
+        "--process-id",
+        str(i),
+        "--coordinator",
+        coordinator,
+        "--init-timeout",
+        "120",
+        "--out",
+        str(tmp_path),
+      ],
+      cwd=REPO,
+      env=script_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = []
   try:
     for proc in procs:
@@ -233,7 +257,8 @@ def test_checkpoint_round_trip(tmp_path):
   manager.close()
   zeros = jax.tree.map(jnp.zeros_like, (params, opt_state))
   epoch, got_params, got_opt_state, got_meta = checkpoints.restore_checkpoint(
-      checkpoints.checkpoint_manager(tmp_path), *zeros)
+    checkpoints.checkpoint_manager(tmp_path), *zeros
+  )
   assert epoch == 5 and got_meta == meta
   jax.tree.map(np.testing.assert_array_equal, (got_params, got_opt_state), (params, opt_state))
 
@@ -261,14 +286,18 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
 def write_idx(path: Path, array: np.ndarray, type_code: int = 0x08) -> bytes:
   """Writes ``array`` in IDX format (big-endian), gzipped if the name ends in .gz."""
   dtype = np.dtype(input_pipeline.IDX_DTYPES[type_code])
-  raw = (bytes([0, 0, type_code, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
-         + np.asarray(array, dtype).tobytes())
+  raw = (
+    bytes([0, 0, type_code, array.ndim])
+    + np.asarray(array.shape, ">u4").tobytes()
+    + np.asarray(array, dtype).tobytes()
+  )
   path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
   return raw
 
 
-@pytest.mark.parametrize("name", ["x-images-idx3-ubyte", "x-images-idx3-ubyte.gz"],
-                         ids=["plain", "gz"])
+@pytest.mark.parametrize(
+  "name", ["x-images-idx3-ubyte", "x-images-idx3-ubyte.gz"], ids=["plain", "gz"]
+)
 def test_read_idx_round_trip(tmp_path, name):
   images = np.random.default_rng(0).integers(0, 256, (3, 4, 5), dtype=np.uint8)
   write_idx(tmp_path / name, images)
@@ -289,8 +318,11 @@ def test_read_idx_errors_name_the_file(tmp_path):
   images = np.zeros((3, 4, 5), np.uint8)
   raw = write_idx(tmp_path / "ok-idx3-ubyte", images)
   (tmp_path / "cut-idx3-ubyte").write_bytes(raw[:-7])
-  with pytest.raises(ValueError, match=r"'.*cut-idx3-ubyte' is truncated: shape \(3, 4, 5\) "
-                                       r"of uint8 needs 60 data bytes, found 53"):
+  with pytest.raises(
+    ValueError,
+    match=r"'.*cut-idx3-ubyte' is truncated: shape \(3, 4, 5\) "
+    r"of uint8 needs 60 data bytes, found 53",
+  ):
     input_pipeline.read_idx(tmp_path / "cut-idx3-ubyte")
   (tmp_path / "cut-idx3-ubyte.gz").write_bytes(gzip.compress(raw)[:-12])
   with pytest.raises(ValueError, match=r"cut-idx3-ubyte\.gz' is not a readable gzip file"):
@@ -313,8 +345,10 @@ def write_mnist(directory: Path, gz: bool, num_train: int = 6, num_test: int = 4
   suffix = ".gz" if gz else ""
   arrays = {}
   for split, n in (("train", num_train), ("t10k", num_test)):
-    arrays[split] = (rng.integers(0, 256, (n, 7, 7), dtype=np.uint8),
-                     rng.integers(0, 10, n, dtype=np.uint8))
+    arrays[split] = (
+      rng.integers(0, 256, (n, 7, 7), dtype=np.uint8),
+      rng.integers(0, 10, n, dtype=np.uint8),
+    )
     write_idx(directory / f"{split}-images-idx3-ubyte{suffix}", arrays[split][0])
     write_idx(directory / f"{split}-labels-idx1-ubyte{suffix}", arrays[split][1])
   return arrays
@@ -339,8 +373,9 @@ def test_load_mnist_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"no t10k labels file in `data_dir`"):
     input_pipeline.load_mnist(tmp_path)
   with pytest.raises(FileNotFoundError, match=r"no train images file"):
-    run_main(["--data", "mnist", "--data-dir", str(tmp_path / "empty"), "--out",
-              str(tmp_path / "out")])
+    run_main(
+      ["--data", "mnist", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]
+    )
 
 
 def test_digits_split_is_fixed():
@@ -380,14 +415,18 @@ def flip_bytes(directory: Path, count: int = 8):
   path = max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
   data = bytearray(path.read_bytes())
   middle = len(data) // 2
-  data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+  data[middle : middle + count] = bytes(b ^ 0xFF for b in data[middle : middle + count])
   path.write_bytes(bytes(data))
 
 
 def restore(out: Path, like, config=None):
   skipped = []
-  result = checkpoints.restore_checkpoint(checkpoints.checkpoint_manager(out), *like, config,
-                                          on_skip=lambda epoch, why: skipped.append((epoch, why)))
+  result = checkpoints.restore_checkpoint(
+    checkpoints.checkpoint_manager(out),
+    *like,
+    config,
+    on_skip=lambda epoch, why: skipped.append((epoch, why)),
+  )
   return result, skipped
 
 
@@ -405,8 +444,11 @@ def test_resume_falls_back_past_a_damaged_latest_checkpoint(tmp_path, damage, ad
   (epoch, params, opt_state, _), skipped = restore(tmp_path, adam_state)
   assert epoch == 1
   jax.tree.map(np.testing.assert_array_equal, (params, opt_state), checkpoints.host_tree(one))
-  why = {"array_bytes": r"digest mismatch|unreadable arrays", "meta_json": "unreadable metadata",
-         "non_finite": "non-finite"}[damage]
+  why = {
+    "array_bytes": r"digest mismatch|unreadable arrays",
+    "meta_json": "unreadable metadata",
+    "non_finite": "non-finite",
+  }[damage]
   assert [e for e, _ in skipped] == [2] and re_search(why, skipped[0][1]), skipped
 
 
@@ -417,16 +459,19 @@ def re_search(pattern, text):
 def test_resume_with_every_checkpoint_damaged_says_so(tmp_path, adam_state):
   save_epochs(tmp_path, {1: adam_state})
   flip_bytes(tmp_path / "checkpoints" / "1" / "state")
-  with pytest.raises(checkpoints.NoCheckpointError,
-                     match=r"no usable checkpoint in .*\(epoch 1: .*\); run without --resume"):
+  with pytest.raises(
+    checkpoints.NoCheckpointError,
+    match=r"no usable checkpoint in .*\(epoch 1: .*\); run without --resume",
+  ):
     restore(tmp_path, adam_state)
 
 
 def test_resume_after_a_kill_before_the_first_checkpoint(tmp_path, adam_state):
   # What a kill during the first save leaves: Orbax's unfinished temporary directory.
   (tmp_path / "checkpoints" / "1.orbax-checkpoint-tmp-1795813000").mkdir(parents=True)
-  with pytest.raises(FileNotFoundError,
-                     match=r"no checkpoint in .* \(only unfinished saves: 1\.orbax-checkpoint-tmp"):
+  with pytest.raises(
+    FileNotFoundError, match=r"no checkpoint in .* \(only unfinished saves: 1\.orbax-checkpoint-tmp"
+  ):
     restore(tmp_path, adam_state)
   (tmp_path / "checkpoints" / "1.orbax-checkpoint-tmp-1795813000").rmdir()  # empty checkpoints/
   with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*checkpoints'; run without"):
@@ -441,9 +486,14 @@ def test_resume_into_a_missing_out_creates_nothing(tmp_path):
 
 def test_resume_command_without_checkpoint_is_one_line(tmp_path):
   (tmp_path / "checkpoints" / "1.orbax-checkpoint-tmp-1795813000").mkdir(parents=True)
-  proc = subprocess.run([*COMMAND, *RUN_FLAGS, "--out", str(tmp_path), "--resume"], cwd=REPO,
-                        env=script_env(), capture_output=True, text=True,
-                        timeout=SUBPROCESS_TIMEOUT)
+  proc = subprocess.run(
+    [*COMMAND, *RUN_FLAGS, "--out", str(tmp_path), "--resume"],
+    cwd=REPO,
+    env=script_env(),
+    capture_output=True,
+    text=True,
+    timeout=SUBPROCESS_TIMEOUT,
+  )
   assert proc.returncode == 1, (proc.stdout, proc.stderr)
   assert "Traceback" not in proc.stderr
   errors = [line for line in proc.stderr.splitlines() if "train_cnn" in line]
@@ -452,8 +502,11 @@ def test_resume_command_without_checkpoint_is_one_line(tmp_path):
 
 def test_resume_with_another_optimizer_is_a_flag_error(one_device_run):
   out, _, _ = one_device_run
-  with pytest.raises(ValueError, match=r"`--optimizer` \(=sgd\) differs from the checkpoint's "
-                                       r"\(=adam\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"`--optimizer` \(=sgd\) differs from the checkpoint's "
+    r"\(=adam\)",
+  ):
     run_main([*RUN_FLAGS, "--out", str(out), "--resume", "--optimizer", "sgd"])
 
 
@@ -461,8 +514,12 @@ def test_new_run_into_an_out_with_checkpoints_refuses(one_device_run):
   out, _, _ = one_device_run
   before = sorted(p.name for p in (out / "checkpoints").iterdir())
   stdout = io.StringIO()
-  with contextlib.redirect_stdout(stdout), pytest.raises(
-      FileExistsError, match=r"already holds checkpoints of a run \(epochs 1, 2\); pass --resume"):
+  with (
+    contextlib.redirect_stdout(stdout),
+    pytest.raises(
+      FileExistsError, match=r"already holds checkpoints of a run \(epochs 1, 2\); pass --resume"
+    ),
+  ):
     main([*RUN_FLAGS, "--out", str(out)])
   assert "wrote" not in stdout.getvalue()
   assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
@@ -474,7 +531,9 @@ def test_wrote_line_lists_the_checkpoints_saved(one_device_run):
   assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1", "2"]
 
 
-@pytest.mark.parametrize("flags, message", [
+@pytest.mark.parametrize(
+  "flags, message",
+  [
     (["--lr", "nan"], "`--lr` must be a positive finite number, got nan"),
     (["--lr", "-1"], "`--lr` must be a positive finite number, got -1.0"),
     (["--lr", "inf"], "`--lr` must be a positive finite number, got inf"),
@@ -484,8 +543,19 @@ def test_wrote_line_lists_the_checkpoints_saved(one_device_run):
     (["--train-limit", "-5"], "`--train-limit` must be at least 1, got -5"),
     (["--seed", "-1"], "`--seed` must be at least 0, got -1"),
     (["--heartbeat-timeout", "0"], "`--heartbeat-timeout` must be at least 1, got 0"),
-], ids=["lr_nan", "lr_negative", "lr_inf", "momentum_negative", "momentum_nan", "test_limit_0",
-        "train_limit_negative", "seed_negative", "heartbeat_0"])
+  ],
+  ids=[
+    "lr_nan",
+    "lr_negative",
+    "lr_inf",
+    "momentum_negative",
+    "momentum_nan",
+    "test_limit_0",
+    "train_limit_negative",
+    "seed_negative",
+    "heartbeat_0",
+  ],
+)
 def test_flags_out_of_range_are_one_line_errors(flags, message, capsys):
   with pytest.raises(SystemExit) as exit_info:
     parse_args(flags)
@@ -495,8 +565,23 @@ def test_flags_out_of_range_are_one_line_errors(flags, message, capsys):
 
 
 def test_metrics_json_is_valid_json_when_training_diverges(tmp_path):
-  metrics, _ = run_main(["--train-limit", "64", "--test-limit", "16", "--epochs", "1",
-                         "--no-progress", "--lr", "1e30", "--conv", "lax", "--out", str(tmp_path)])
+  metrics, _ = run_main(
+    [
+      "--train-limit",
+      "64",
+      "--test-limit",
+      "16",
+      "--epochs",
+      "1",
+      "--no-progress",
+      "--lr",
+      "1e30",
+      "--conv",
+      "lax",
+      "--out",
+      str(tmp_path),
+    ]
+  )
   assert metrics["train_loss"] == [None]  # the loss is NaN: JSON null, not a bare NaN
 
   def reject(constant):
@@ -513,10 +598,30 @@ def start_processes(flags_of, tmp_path: Path) -> list[tuple[subprocess.Popen, Pa
   for i in range(2):
     log = tmp_path / f"process{i}.log"
     with open(log, "w") as sink:
-      started.append((subprocess.Popen(
-          [*COMMAND, "--num-processes", "2", "--process-id", str(i), "--coordinator", coordinator,
-           "--init-timeout", "120", *flags_of(i)],
-          cwd=REPO, env=script_env(), stdout=sink, stderr=subprocess.STDOUT, text=True), log))
+      started.append(
+        (
+          subprocess.Popen(
+            [
+              *COMMAND,
+              "--num-processes",
+              "2",
+              "--process-id",
+              str(i),
+              "--coordinator",
+              coordinator,
+              "--init-timeout",
+              "120",
+              *flags_of(i),
+            ],
+            cwd=REPO,
+            env=script_env(),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            text=True,
+          ),
+          log,
+        )
+      )
   return started
 
 
@@ -535,8 +640,7 @@ def epoch_one_checkpoint(tmp_path_factory):
   return out
 
 
-def test_two_processes_resume_without_a_shared_out(one_device_run, epoch_one_checkpoint,
-                                                   tmp_path):
+def test_two_processes_resume_without_a_shared_out(one_device_run, epoch_one_checkpoint, tmp_path):
   # Process 0 resumes from its own --out; process 1's --out is empty and stays so.
   _, uninterrupted, _ = one_device_run
   outs = [tmp_path / "process0_out", tmp_path / "process1_out"]
@@ -553,18 +657,27 @@ def test_two_processes_resume_without_a_shared_out(one_device_run, epoch_one_che
   metrics = read_metrics(outs[0])
   assert metrics["processes"] == 2 and metrics["resumed_from_epoch"] == 1
   assert f"resuming {outs[0]} after epoch 1" in logs[0]
-  np.testing.assert_allclose(metrics["train_loss"], uninterrupted["train_loss"],
-                             rtol=tol(np.float32))
-  np.testing.assert_allclose(metrics["test_loss"], uninterrupted["test_loss"],
-                             rtol=tol(np.float32))
+  np.testing.assert_allclose(
+    metrics["train_loss"], uninterrupted["train_loss"], rtol=tol(np.float32)
+  )
+  np.testing.assert_allclose(metrics["test_loss"], uninterrupted["test_loss"], rtol=tol(np.float32))
   assert not outs[1].exists() or not any(outs[1].iterdir())  # process 1 wrote nothing
   assert sorted(p.name for p in (outs[0] / "checkpoints").iterdir()) == ["1", "2"]
   assert logs[0].splitlines()[-1] == logs[1].splitlines()[-1]  # the same test accuracy
 
 
 def test_when_a_process_dies_the_other_stops_within_60_seconds(tmp_path):
-  flags = ["--train-limit", "256", "--test-limit", "100", "--epochs", "100000", "--no-progress",
-           "--conv", "lax"]
+  flags = [
+    "--train-limit",
+    "256",
+    "--test-limit",
+    "100",
+    "--epochs",
+    "100000",
+    "--no-progress",
+    "--conv",
+    "lax",
+  ]
   started = start_processes(lambda i: [*flags, "--out", str(tmp_path / f"out{i}")], tmp_path)
   (survivor, survivor_log), (victim, _) = started
   try:
@@ -581,8 +694,11 @@ def test_when_a_process_dies_the_other_stops_within_60_seconds(tmp_path):
     stop_all(started)
   text = survivor_log.read_text()
   assert survivor.returncode != 0 and seconds < 60, (survivor.returncode, seconds, text)
-  assert re_search(r"train_cnn: process 0 of 2: stopping, a collective with the other "
-                   r"processes failed \(another process died", text), text
+  assert re_search(
+    r"train_cnn: process 0 of 2: stopping, a collective with the other "
+    r"processes failed \(another process died",
+    text,
+  ), text
   assert "Traceback" not in text
 
 
@@ -611,9 +727,11 @@ def test_conv_replace_computes_every_convolution_with_convmm(digits_batch):
   # The loss and its gradient (the backward convolutions too) hold no XLA convolution. (The
   # values: replace_convs's own tests compare Flax models with and without it.)
   assert "conv_general_dilated" in primitive_names(
-      jax.make_jaxpr(lambda p: grad_fn(flax_own, p, images, labels))(params))
+    jax.make_jaxpr(lambda p: grad_fn(flax_own, p, images, labels))(params)
+  )
   assert "conv_general_dilated" not in primitive_names(
-      jax.make_jaxpr(lambda p: grad_fn(replaced, p, images, labels))(params))
+    jax.make_jaxpr(lambda p: grad_fn(replaced, p, images, labels))(params)
+  )
 
 
 def test_conv_replace_reaches_97_percent_on_digits(tmp_path):

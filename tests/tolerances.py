@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 
 TOLERANCE = {
-    np.dtype(jnp.float64): 1e-12,
-    np.dtype(jnp.float32): 1e-5,
-    np.dtype(jnp.float16): 1e-3,
-    np.dtype(jnp.bfloat16): 1e-2,
-    np.dtype(jnp.complex128): 1e-12,
-    np.dtype(jnp.complex64): 1e-5,
+  np.dtype(jnp.float64): 1e-12,
+  np.dtype(jnp.float32): 1e-5,
+  np.dtype(jnp.float16): 1e-3,
+  np.dtype(jnp.bfloat16): 1e-2,
+  np.dtype(jnp.complex128): 1e-12,
+  np.dtype(jnp.complex64): 1e-5,
 }
 GRAD_FACTOR = 10.0
 

@@ -43,14 +43,19 @@ def checkpoint_manager(out: Path):
   # Synchronous saves: the run is short and a finished epoch should be on disk when it says so.
   # active_processes={0}: no other process takes part (or needs to see this directory).
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=2, enable_async_checkpointing=False, create=False,
-      multiprocessing_options=ocp.options.MultiprocessingOptions(
-          primary_host=0, active_processes={jax.process_index()}))
+    max_to_keep=2,
+    enable_async_checkpointing=False,
+    create=False,
+    multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=0, active_processes={jax.process_index()}
+    ),
+  )
   return ocp.CheckpointManager(directory, options=options)
 
 
 def host_tree(tree: Any) -> Any:
   """A tree of replicated jax Arrays (or host arrays) as NumPy arrays, from this process."""
+
   def host(x):
     return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
 
@@ -84,10 +89,17 @@ def save_checkpoint(manager, epoch: int, params, opt_state, meta: dict) -> bool:
   import orbax.checkpoint as ocp
 
   state = host_tree({"params": params, "opt_state": opt_state})
-  return bool(manager.save(epoch, force=True, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      meta=ocp.args.JsonSave(json_safe(meta)),
-      integrity=ocp.args.JsonSave({"state_sha256": state_digest(state)}))))
+  return bool(
+    manager.save(
+      epoch,
+      force=True,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave(json_safe(meta)),
+        integrity=ocp.args.JsonSave({"state_sha256": state_digest(state)}),
+      ),
+    )
+  )
 
 
 def _reason(error: BaseException) -> str:
@@ -99,9 +111,10 @@ def check_resume_config(saved: dict, config: dict, out: Path) -> None:
   for name in RESUME_FLAGS:
     if saved.get(name) != config[name]:
       raise FlagError(
-          f"train_cnn: `--{name.replace('_', '-')}` (={config[name]}) differs from the "
-          f"checkpoint's (={saved.get(name)}) in {str(out)!r}; a resumed run must keep the flags "
-          f"that fix the batches and updates: {', '.join(RESUME_FLAGS)}")
+        f"train_cnn: `--{name.replace('_', '-')}` (={config[name]}) differs from the "
+        f"checkpoint's (={saved.get(name)}) in {str(out)!r}; a resumed run must keep the flags "
+        f"that fix the batches and updates: {', '.join(RESUME_FLAGS)}"
+      )
 
 
 def refuse_other_run(manager, out: Path) -> None:
@@ -110,13 +123,19 @@ def refuse_other_run(manager, out: Path) -> None:
   steps = sorted(manager.all_steps())
   if steps:
     raise OutDirInUseError(
-        f"train_cnn: `--out` {str(out)!r} already holds checkpoints of a run (epochs "
-        f"{', '.join(map(str, steps))}); pass --resume to continue that run, or choose another "
-        f"--out")
+      f"train_cnn: `--out` {str(out)!r} already holds checkpoints of a run (epochs "
+      f"{', '.join(map(str, steps))}); pass --resume to continue that run, or choose another "
+      f"--out"
+    )
 
 
-def restore_checkpoint(manager, params, opt_state, config: dict | None = None,
-                       on_skip: Callable[[int, str], None] | None = None):
+def restore_checkpoint(
+  manager,
+  params,
+  opt_state,
+  config: dict | None = None,
+  on_skip: Callable[[int, str], None] | None = None,
+):
   """``(epoch, params, opt_state, meta)`` of the newest usable checkpoint, as NumPy arrays.
 
   ``params`` and ``opt_state`` give the tree structure, shapes and dtypes. Newer checkpoints
@@ -136,8 +155,10 @@ def restore_checkpoint(manager, params, opt_state, config: dict | None = None,
   if not steps:
     partial = sorted(p.name for p in directory.glob("*.orbax-checkpoint-tmp*"))
     detail = f" (only unfinished saves: {', '.join(partial)})" if partial else ""
-    raise NoCheckpointError(f"train_cnn: no checkpoint in {str(directory)!r}{detail}; run "
-                            f"without --resume to start afresh")
+    raise NoCheckpointError(
+      f"train_cnn: no checkpoint in {str(directory)!r}{detail}; run "
+      f"without --resume to start afresh"
+    )
   skipped = []
 
   def skip(step, reason):
@@ -147,8 +168,9 @@ def restore_checkpoint(manager, params, opt_state, config: dict | None = None,
 
   for step in steps:
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          meta=ocp.args.JsonRestore(), integrity=ocp.args.JsonRestore()))
+      restored = manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), integrity=ocp.args.JsonRestore())
+      )
       meta, integrity = restored["meta"], restored["integrity"]
       digest = integrity["state_sha256"]
       if not isinstance(meta, dict) or not isinstance(meta.get("history"), dict):
@@ -159,8 +181,9 @@ def restore_checkpoint(manager, params, opt_state, config: dict | None = None,
     if config is not None:
       check_resume_config(meta.get("config", {}), config, directory.parent)
     try:
-      state = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target)))["state"]
+      state = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+      )["state"]
       state = host_tree(state)
     except Exception as error:  # likewise
       skip(step, f"unreadable arrays ({_reason(error)})")
@@ -168,13 +191,18 @@ def restore_checkpoint(manager, params, opt_state, config: dict | None = None,
     if state_digest(state) != digest:
       skip(step, "its arrays differ from what was saved (digest mismatch)")
       continue
-    if not all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state)
-               if np.issubdtype(leaf.dtype, np.inexact)):
+    if not all(
+      np.all(np.isfinite(leaf))
+      for leaf in jax.tree.leaves(state)
+      if np.issubdtype(leaf.dtype, np.inexact)
+    ):
       skip(step, "it holds non-finite values")
       continue
     return step, state["params"], state["opt_state"], meta
-  raise NoCheckpointError(f"train_cnn: no usable checkpoint in {str(directory)!r} ("
-                          f"{'; '.join(skipped)}); run without --resume to start afresh")
+  raise NoCheckpointError(
+    f"train_cnn: no usable checkpoint in {str(directory)!r} ("
+    f"{'; '.join(skipped)}); run without --resume to start afresh"
+  )
 
 
 def set_aside(manager, out: Path, epochs: list[int]) -> list[Path]:

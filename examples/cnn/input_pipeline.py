@@ -21,14 +21,16 @@ DIGITS_TEST_FRACTION = 0.2
 
 class Dataset(NamedTuple):
   """Images ``(N, H, W, 1)`` float32 in [0, 1] and integer labels ``(N,)``."""
+
   train_images: np.ndarray
   train_labels: np.ndarray
   test_images: np.ndarray
   test_labels: np.ndarray
 
 
-def load_digits(test_fraction: float = DIGITS_TEST_FRACTION,
-                split_seed: int = DIGITS_SPLIT_SEED) -> Dataset:
+def load_digits(
+  test_fraction: float = DIGITS_TEST_FRACTION, split_seed: int = DIGITS_SPLIT_SEED
+) -> Dataset:
   """scikit-learn's 8x8 handwritten digits, split into train/test by a fixed permutation.
 
   >>> data = load_digits()
@@ -76,20 +78,26 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
   except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a cut gzip stream is EOF
     raise ValueError(f"read_idx: {str(path)!r} is not a readable gzip file ({e})") from None
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
-    raise ValueError(f"read_idx: {str(path)!r} is not an IDX file: expected the magic bytes "
-                     f"00 00 <type in {sorted(IDX_DTYPES)}> <ndim>, got {raw[:4].hex(' ')!r}")
+    raise ValueError(
+      f"read_idx: {str(path)!r} is not an IDX file: expected the magic bytes "
+      f"00 00 <type in {sorted(IDX_DTYPES)}> <ndim>, got {raw[:4].hex(' ')!r}"
+    )
   dtype, ndim = np.dtype(IDX_DTYPES[raw[2]]), raw[3]
   header = 4 + 4 * ndim
   if len(raw) < header:
-    raise ValueError(f"read_idx: {str(path)!r} is truncated: its header declares {ndim} "
-                     f"dimensions ({header} header bytes) but the file has {len(raw)} bytes")
+    raise ValueError(
+      f"read_idx: {str(path)!r} is truncated: its header declares {ndim} "
+      f"dimensions ({header} header bytes) but the file has {len(raw)} bytes"
+    )
   shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, offset=4))
   expected = math.prod(shape) * dtype.itemsize
   found = len(raw) - header
   if found != expected:
     problem = "is truncated" if found < expected else "has trailing bytes"
-    raise ValueError(f"read_idx: {str(path)!r} {problem}: shape {shape} of {dtype.name} needs "
-                     f"{expected} data bytes, found {found}")
+    raise ValueError(
+      f"read_idx: {str(path)!r} {problem}: shape {shape} of {dtype.name} needs "
+      f"{expected} data bytes, found {found}"
+    )
   return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -100,8 +108,10 @@ def find_idx(data_dir: Path, split: str, kind: str) -> Path:
   for name in names:
     if (data_dir / name).is_file():
       return data_dir / name
-  raise FileNotFoundError(f"load_mnist: no {split} {kind} file in `data_dir` {str(data_dir)!r}; "
-                          f"looked for {', '.join(names)}")
+  raise FileNotFoundError(
+    f"load_mnist: no {split} {kind} file in `data_dir` {str(data_dir)!r}; "
+    f"looked for {', '.join(names)}"
+  )
 
 
 def load_mnist(data_dir: str | os.PathLike) -> Dataset:
@@ -113,14 +123,20 @@ def load_mnist(data_dir: str | os.PathLike) -> Dataset:
     labels_path = find_idx(data_dir, split, "labels")
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or images.dtype != np.uint8:
-      raise ValueError(f"load_mnist: {str(images_path)!r} should hold uint8 images (N, H, W), "
-                       f"got {images.dtype.name} {images.shape}")
+      raise ValueError(
+        f"load_mnist: {str(images_path)!r} should hold uint8 images (N, H, W), "
+        f"got {images.dtype.name} {images.shape}"
+      )
     if labels.shape != images.shape[:1]:
-      raise ValueError(f"load_mnist: {str(labels_path)!r} should hold {images.shape[0]} labels "
-                       f"(one per image in {images_path.name}), got shape {labels.shape}")
+      raise ValueError(
+        f"load_mnist: {str(labels_path)!r} should hold {images.shape[0]} labels "
+        f"(one per image in {images_path.name}), got shape {labels.shape}"
+      )
     if labels.size and not 0 <= labels.min() <= labels.max() < NUM_CLASSES:
-      raise ValueError(f"load_mnist: {str(labels_path)!r} has labels outside 0..{NUM_CLASSES - 1}: "
-                       f"min {labels.min()}, max {labels.max()}")
+      raise ValueError(
+        f"load_mnist: {str(labels_path)!r} has labels outside 0..{NUM_CLASSES - 1}: "
+        f"min {labels.min()}, max {labels.max()}"
+      )
     arrays += [(images / 255.0).astype(np.float32)[..., None], labels.astype(np.int32)]
   return Dataset(*arrays)
 
@@ -129,12 +145,15 @@ def load_data(args: argparse.Namespace) -> Dataset:
   """The data set the flags ask for, cut to --train-limit / --test-limit."""
   data = load_digits() if args.data == "digits" else load_mnist(args.data_dir)
   train, test = slice(args.train_limit), slice(args.test_limit)
-  return Dataset(data.train_images[train], data.train_labels[train],
-                 data.test_images[test], data.test_labels[test])
+  return Dataset(
+    data.train_images[train],
+    data.train_labels[train],
+    data.test_images[test],
+    data.test_labels[test],
+  )
 
 
 def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   """The example order of one epoch: a function of (seed, epoch) only, so a resumed run and
   any device or process layout see the same batches."""
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
-

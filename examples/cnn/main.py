@@ -52,45 +52,84 @@ from examples.cnn.train import DEFAULT_LR
 def build_parser() -> argparse.ArgumentParser:
   """The command-line flags of :func:`main`."""
   parser = argparse.ArgumentParser(
-      prog="python -m examples.cnn.main", description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    prog="python -m examples.cnn.main",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
   add = parser.add_argument
   add("--epochs", type=int, default=12, help="total number of epochs (counting resumed ones)")
-  add("--batch-size", type=int, default=32,
-      help="global batch size; must be divisible by the total number of devices")
-  add("--lr", type=float, default=None,
-      help="learning rate (default: 1e-3 for adam, 0.05 for sgd)")
+  add(
+    "--batch-size",
+    type=int,
+    default=32,
+    help="global batch size; must be divisible by the total number of devices",
+  )
+  add("--lr", type=float, default=None, help="learning rate (default: 1e-3 for adam, 0.05 for sgd)")
   add("--optimizer", choices=("adam", "sgd"), default="adam", help="optax optimiser")
   add("--momentum", type=float, default=0.9, help="momentum of --optimizer sgd")
   add("--seed", type=int, default=0, help="seed of the initial parameters and the batch order")
-  add("--conv", choices=models.CONVS, default="convmm",
-      help="what computes the convolutions: convmm's layers (im2col + GEMM), Flax's own (lax), "
-      "or Flax's own model wrapped in convmm.replace_convs (replace)")
-  add("--devices", type=int, default=1,
-      help="local devices per process for data parallelism (on CPU, JAX is asked for this many "
-      "devices through jax_num_cpu_devices)")
+  add(
+    "--conv",
+    choices=models.CONVS,
+    default="convmm",
+    help="what computes the convolutions: convmm's layers (im2col + GEMM), Flax's own (lax), "
+    "or Flax's own model wrapped in convmm.replace_convs (replace)",
+  )
+  add(
+    "--devices",
+    type=int,
+    default=1,
+    help="local devices per process for data parallelism (on CPU, JAX is asked for this many "
+    "devices through jax_num_cpu_devices)",
+  )
   add("--num-processes", type=int, default=1, help="number of processes (jax.distributed)")
   add("--process-id", type=int, default=0, help="index of this process, 0 .. num-processes - 1")
-  add("--coordinator", default=None, metavar="HOST:PORT",
-      help="address of process 0's coordinator service (required with --num-processes > 1)")
-  add("--init-timeout", type=int, default=300,
-      help="seconds to wait for all processes to join the coordinator")
-  add("--heartbeat-timeout", type=int, default=30,
-      help="seconds after which a process that stopped responding is declared dead and the "
-      "others stop")
-  add("--data", choices=("digits", "mnist"), default="digits",
-      help="digits: scikit-learn's 8x8 digits; mnist: MNIST-format IDX files in --data-dir")
-  add("--data-dir", type=Path, default=None,
-      help="directory holding {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] (MNIST or "
-      "Fashion-MNIST)")
+  add(
+    "--coordinator",
+    default=None,
+    metavar="HOST:PORT",
+    help="address of process 0's coordinator service (required with --num-processes > 1)",
+  )
+  add(
+    "--init-timeout",
+    type=int,
+    default=300,
+    help="seconds to wait for all processes to join the coordinator",
+  )
+  add(
+    "--heartbeat-timeout",
+    type=int,
+    default=30,
+    help="seconds after which a process that stopped responding is declared dead and the "
+    "others stop",
+  )
+  add(
+    "--data",
+    choices=("digits", "mnist"),
+    default="digits",
+    help="digits: scikit-learn's 8x8 digits; mnist: MNIST-format IDX files in --data-dir",
+  )
+  add(
+    "--data-dir",
+    type=Path,
+    default=None,
+    help="directory holding {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] (MNIST or "
+    "Fashion-MNIST)",
+  )
   add("--train-limit", type=int, default=None, help="use only the first N training examples")
   add("--test-limit", type=int, default=None, help="use only the first N test examples")
   add("--eval-batch-size", type=int, default=500, help="examples per evaluation batch")
-  add("--out", type=Path, default=None,
-      help="output directory for metrics.json, the plot and checkpoints (default: "
-      "runs/<timestamp>)")
-  add("--resume", action="store_true",
-      help="continue from the newest usable checkpoint in --out up to --epochs")
+  add(
+    "--out",
+    type=Path,
+    default=None,
+    help="output directory for metrics.json, the plot and checkpoints (default: runs/<timestamp>)",
+  )
+  add(
+    "--resume",
+    action="store_true",
+    help="continue from the newest usable checkpoint in --out up to --epochs",
+  )
   add("--no-progress", action="store_true", help="do not show progress bars")
   return parser
 
@@ -99,9 +138,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   """Parses and checks the flags; a value out of range is a one-line usage error (exit 2)."""
   parser = build_parser()
   args = parser.parse_args(argv)
-  minimums = {"epochs": 0, "batch_size": 1, "devices": 1, "num_processes": 1,
-              "eval_batch_size": 1, "seed": 0, "init_timeout": 1, "heartbeat_timeout": 1,
-              "train_limit": 1, "test_limit": 1}
+  minimums = {
+    "epochs": 0,
+    "batch_size": 1,
+    "devices": 1,
+    "num_processes": 1,
+    "eval_batch_size": 1,
+    "seed": 0,
+    "init_timeout": 1,
+    "heartbeat_timeout": 1,
+    "train_limit": 1,
+    "test_limit": 1,
+  }
   for name, minimum in minimums.items():
     value = getattr(args, name)
     if value is not None and value < minimum:
@@ -116,8 +164,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.error(f"`--process-id` must be in [0, {args.num_processes}), got {args.process_id}")
   total_devices = args.devices * args.num_processes
   if args.batch_size % total_devices:
-    parser.error(f"`--batch-size` ({args.batch_size}) must be divisible by the total number of "
-                 f"devices ({args.devices} x {args.num_processes} processes = {total_devices})")
+    parser.error(
+      f"`--batch-size` ({args.batch_size}) must be divisible by the total number of "
+      f"devices ({args.devices} x {args.num_processes} processes = {total_devices})"
+    )
   if args.data == "mnist" and args.data_dir is None:
     parser.error("`--data mnist` needs `--data-dir DIR` (nothing is downloaded)")
   if args.resume and args.out is None:

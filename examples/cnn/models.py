@@ -34,8 +34,10 @@ def conv_class(conv: str = "convmm", api: str = "linen") -> type:
   All take the same arguments and create the same parameters.
   """
   if conv not in CONVS or api not in ("linen", "nnx"):
-    raise ValueError(f"conv_class: expected `conv` in {CONVS} and `api` in "
-                     f"('linen', 'nnx'), got conv={conv!r}, api={api!r}")
+    raise ValueError(
+      f"conv_class: expected `conv` in {CONVS} and `api` in "
+      f"('linen', 'nnx'), got conv={conv!r}, api={api!r}"
+    )
   if api == "linen":
     return convmm.linen.Conv if conv == "convmm" else nn.Conv
   return convmm.nnx.Conv if conv == "convmm" else nnx.Conv
@@ -47,6 +49,7 @@ class CNN(nn.Module):
   ``conv`` picks the implementation ('convmm' or 'lax'); the parameters are the same either way.
   Input ``(N, H, W, C)``, output logits ``(N, num_classes)``.
   """
+
   conv: str = "convmm"
   num_classes: int = NUM_CLASSES
   precision: Any = None
@@ -66,15 +69,31 @@ class CNN(nn.Module):
 class NnxCNN(nnx.Module):
   """The same CNN as :class:`CNN` written with Flax NNX layers."""
 
-  def __init__(self, conv: str = "convmm", *, image_shape: Sequence[int] = (8, 8, 1),
-               num_classes: int = NUM_CLASSES, precision: Any = None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    conv: str = "convmm",
+    *,
+    image_shape: Sequence[int] = (8, 8, 1),
+    num_classes: int = NUM_CLASSES,
+    precision: Any = None,
+    rngs: nnx.Rngs,
+  ):
     conv_cls = conv_class(conv, "nnx")
     height, width, channels = image_shape
     widths = (channels, *FEATURES)
-    self.convs = nnx.List([
-        conv_cls(widths[i], widths[i + 1], (3, 3), strides=2 if i == 1 else 1,
-                 precision=precision, rngs=rngs)
-        for i in range(len(FEATURES))])
+    self.convs = nnx.List(
+      [
+        conv_cls(
+          widths[i],
+          widths[i + 1],
+          (3, 3),
+          strides=2 if i == 1 else 1,
+          precision=precision,
+          rngs=rngs,
+        )
+        for i in range(len(FEATURES))
+      ]
+    )
     flat = math.ceil(height / 2) * math.ceil(width / 2) * FEATURES[-1]  # SAME padding, stride 2
     self.hidden = nnx.Linear(flat, HIDDEN, precision=precision, rngs=rngs)
     self.head = nnx.Linear(HIDDEN, num_classes, precision=precision, rngs=rngs)
@@ -84,7 +103,6 @@ class NnxCNN(nnx.Module):
       x = nnx.relu(conv(x))
     x = x.reshape(x.shape[0], -1)
     return self.head(nnx.relu(self.hidden(x)))
-
 
 
 def apply(model: CNN, variables: Any, images: jax.Array) -> jax.Array:

@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 class DataParallel(NamedTuple):
   """A 1-D mesh over every device of every process, with the batch split along 'data'."""
+
   mesh: Mesh
   batch: NamedSharding  # leading (batch) axis split over 'data'
   replicated: NamedSharding  # a full copy on every device
@@ -43,15 +44,18 @@ class DataParallel(NamedTuple):
     Every process holds the whole global batch here (the data is small), but only its rows
     are passed on, as a multi-host input pipeline that reads its own shard would.
     """
-    rows = [index[0] for index in
-            self.batch.addressable_devices_indices_map(global_batch.shape).values()]
+    rows = [
+      index[0] for index in self.batch.addressable_devices_indices_map(global_batch.shape).values()
+    ]
     start = min(r.indices(len(global_batch))[0] for r in rows)
     stop = max(r.indices(len(global_batch))[1] for r in rows)
     return jax.make_array_from_process_local_data(
-        self.batch, global_batch[start:stop], global_batch.shape)
+      self.batch, global_batch[start:stop], global_batch.shape
+    )
 
   def put_replicated(self, tree: Any) -> Any:
     """A tree of host arrays (the same values in every process) as replicated jax Arrays."""
+
     def put(x):
       x = np.asarray(x)
       return jax.make_array_from_callback(x.shape, self.replicated, lambda index: x[index])
@@ -66,9 +70,13 @@ def host_value(x: jax.Array) -> np.ndarray:
 
 def data_devices(per_process: int) -> list[jax.Device]:
   """The first ``per_process`` devices of every process, ordered by process."""
-  return [device for process in range(jax.process_count())
-          for device in sorted((d for d in jax.devices() if d.process_index == process),
-                               key=lambda d: d.id)[:per_process]]
+  return [
+    device
+    for process in range(jax.process_count())
+    for device in sorted(
+      (d for d in jax.devices() if d.process_index == process), key=lambda d: d.id
+    )[:per_process]
+  ]
 
 
 def start_jax(args: argparse.Namespace) -> None:
@@ -88,15 +96,20 @@ def start_jax(args: argparse.Namespace) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # A process that stops sending heartbeats for heartbeat_timeout_seconds is declared dead and
     # the others are stopped; one that exits is noticed at once by the next collective.
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                               initialization_timeout=args.init_timeout,
-                               heartbeat_timeout_seconds=args.heartbeat_timeout)
+    jax.distributed.initialize(
+      args.coordinator,
+      args.num_processes,
+      args.process_id,
+      initialization_timeout=args.init_timeout,
+      heartbeat_timeout_seconds=args.heartbeat_timeout,
+    )
   if jax.local_device_count() < args.devices:
     raise ValueError(
-        f"train_cnn: `--devices` (={args.devices}) exceeds the {jax.local_device_count()} local "
-        f"{jax.default_backend()} devices JAX started with; on CPU run the example from the "
-        f"command line (it sets jax_num_cpu_devices before JAX starts) or call "
-        f"jax.config.update('jax_num_cpu_devices', {args.devices}) right after importing jax")
+      f"train_cnn: `--devices` (={args.devices}) exceeds the {jax.local_device_count()} local "
+      f"{jax.default_backend()} devices JAX started with; on CPU run the example from the "
+      f"command line (it sets jax_num_cpu_devices before JAX starts) or call "
+      f"jax.config.update('jax_num_cpu_devices', {args.devices}) right after importing jax"
+    )
 
 
 def is_peer_failure(error: BaseException) -> bool:
@@ -105,17 +118,28 @@ def is_peer_failure(error: BaseException) -> bool:
   collectives, ValueError, with a text that names Gloo or the coordination service."""
   if jax.process_count() <= 1 or not isinstance(error, RuntimeError | ValueError):
     return False
-  return any(marker in str(error) for marker in (
-      "Gloo", "Connection closed", "Connection reset", "coordination service",
-      "CoordinationService", "DEADLINE_EXCEEDED", "UNAVAILABLE"))
+  return any(
+    marker in str(error)
+    for marker in (
+      "Gloo",
+      "Connection closed",
+      "Connection reset",
+      "coordination service",
+      "CoordinationService",
+      "DEADLINE_EXCEEDED",
+      "UNAVAILABLE",
+    )
+  )
 
 
 def peer_failure_message(error: BaseException) -> str:
   """One line for the log of a process whose collective failed."""
   first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-  return (f"train_cnn: process {jax.process_index()} of {jax.process_count()}: stopping, a "
-          f"collective with the other processes failed (another process died or cannot be "
-          f"reached): {first_line[:300]}")
+  return (
+    f"train_cnn: process {jax.process_index()} of {jax.process_count()}: stopping, a "
+    f"collective with the other processes failed (another process died or cannot be "
+    f"reached): {first_line[:300]}"
+  )
 
 
 def broadcast_json(value: Any) -> Any:
@@ -140,4 +164,3 @@ def default_out_dir() -> Path:
   """runs/<timestamp>, the same in every process (process 0's clock decides)."""
   stamp = broadcast_json(int(time.time()))
   return Path("runs") / datetime.datetime.fromtimestamp(stamp).strftime("%Y%m%d-%H%M%S")
-
