@@ -9,6 +9,7 @@ silently wrong result).
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import jax
@@ -847,6 +848,10 @@ LAX_ACCEPTS = {
 @pytest.mark.parametrize("name", LAX_ACCEPTS)
 def test_accepts_what_lax_accepts(name):
   lax_fn, fn, _, args, kwargs = LAX_ACCEPTS[name]
+  if "use_consistent_padding" in kwargs and (
+    "use_consistent_padding" not in inspect.signature(lax_fn).parameters
+  ):
+    pytest.skip("the reference, lax.conv_transpose(use_consistent_padding=...), needs a newer jax")
   expected = lax_fn(*args, **kwargs)
   actual = fn(*args, **kwargs)
   assert actual.dtype == expected.dtype and actual.shape == expected.shape
@@ -1022,6 +1027,7 @@ MISTAKES = {
 
 @pytest.mark.parametrize("kind", MISTAKES)
 def test_same_mistake_same_exception_everywhere(kind):
+  pytest.importorskip("flax")  # the layers are among the places checked (not in the floor job)
   calls, exc = MISTAKES[kind]
   for where, call in calls().items():
     with pytest.raises(exc) as info:
