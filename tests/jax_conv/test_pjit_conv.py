@@ -18,19 +18,8 @@ HERE = pathlib.Path(__file__).parent
 ROOT = HERE.parent.parent
 
 CASES = {
-  "test_conv_general_dilated": pytest.mark.xfail(
-    strict=True,
-    reason="a NumPy float64 kernel with x64 off is rejected ('`lhs` and `rhs` must have the "
-    "same dtype') where lax canonicalises it to float32 (issue 13, fixed by rules); with a "
-    "float32 kernel it fails as test_grad_conv_general_dilated does (XlaConvBound)",
-  ),
-  "test_grad_conv_general_dilated": pytest.mark.xfail(
-    strict=True,
-    reason="convmm binds XLA's conv primitive: _conv._lax_out_sharding traces "
-    "lax.conv_general_dilated (eval_shape) to take lax's output sharding on explicit meshes "
-    "(17b13fd), which the vendored tests' guard rejects (XlaConvBound); no convolution is "
-    "computed by XLA, but the rule should come without binding lax's conv (lead to route)",
-  ),
+  "test_conv_general_dilated": (),
+  "test_grad_conv_general_dilated": (),
   "test_vmap_conv_general_dilated": (),
 }
 
