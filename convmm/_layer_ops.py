@@ -19,6 +19,7 @@ from jax import lax
 
 from convmm import _adjoint, _conv, _im2col
 from convmm._layer_geometry import LayerGeometry, adjoint_input_spatial, in_features_of
+from convmm._tiling import current_memory_budget
 
 
 def _flatten_batch(
@@ -42,8 +43,24 @@ def _compiled(*static_argnames: str) -> Callable:
   # One compiled computation per layer call. The im2col core is dozens of
   # small ops (a slice per kernel tap, their transposes in the adjoint), which
   # eager use would compile and dispatch one by one; under an outer jit this
-  # inner jit is simply inlined. The geometry and options are static.
-  return functools.partial(jax.jit, static_argnums=0, static_argnames=static_argnames)
+  # inner jit is simply inlined. The geometry and options are static. The memory
+  # budget in force is part of the cache key (it is read while tracing).
+  def decorate(fn: Callable) -> Callable:
+    def with_budget(*args, memory_budget_key: int, **kwargs):
+      del memory_budget_key
+      return fn(*args, **kwargs)
+
+    jitted = jax.jit(
+      with_budget, static_argnums=0, static_argnames=(*static_argnames, "memory_budget_key")
+    )
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+      return jitted(*args, memory_budget_key=current_memory_budget(), **kwargs)
+
+    return call
+
+  return decorate
 
 
 @_compiled(
