@@ -43,7 +43,14 @@ from jax.interpreters import ad, batching, mlir
 from convmm._canonical import ConvDimensionNumbers
 from convmm._im2col import pad_input, unfold_padded
 from convmm._shapes import ConvSpec, conv_spec
-from convmm._tiling import current_memory_budget
+from convmm._tiling import (
+  batch_chunk,
+  current_memory_budget,
+  map_batch_chunks,
+  sharding_of,
+  tile_plan,
+  tiled,
+)
 
 
 def canonical_dimension_numbers(num_spatial: int) -> ConvDimensionNumbers:
@@ -269,26 +276,12 @@ def _input_grad_col2im(ct, w, spec, precision, acc_dtype):
   return dx
 
 
-def _batch_chunk(spec: ConvSpec, itemsize: int, budget: int | None) -> int:
+def _batch_chunk(spec: ConvSpec, x: jax.Array, itemsize: int, budget: int | None) -> int:
   """Samples per chunk so that a chunk's patch matrix (and a copy) fits the budget."""
   budget = current_memory_budget() if budget is None else budget
   g = spec.geometry
   sample = 2 * math.prod(g.out_spatial) * g.num_taps * g.in_features * itemsize
-  return max(1, min(g.batch, budget // max(sample, 1)))
-
-
-def _over_batch_chunks(fn, arrays, spec: ConvSpec, chunk: int):
-  """``fn(*array_chunks, chunk_spec)`` mapped over zero-padded batch chunks.
-
-  Returns the stacked per-chunk results ``(num_chunks, ...)``; one chunk's
-  patches exist at a time.
-  """
-  n = spec.geometry.batch
-  num = -(-n // chunk)
-  chunk_spec = dataclasses.replace(spec, geometry=dataclasses.replace(spec.geometry, batch=chunk))
-  padded = [jnp.pad(a, ((0, num * chunk - n),) + ((0, 0),) * (a.ndim - 1)) for a in arrays]
-  chunks = [a.reshape(num, chunk, *a.shape[1:]) for a in padded]
-  return lax.map(lambda args: fn(*args, chunk_spec), chunks)
+  return batch_chunk(g.batch, budget // max(sample, 1), sharding_of(x)[0])
 
 
 def _acc_dtype(dtype, preferred):
@@ -313,15 +306,18 @@ def _lhs_rule(ct, x, w, **params):
     dx = _input_grad_conv(ct, w, spec, {**params, "preferred_element_type": None})
   elif (
     spec.batch_group_count > 1
-    or (chunk := _batch_chunk(spec, ct.dtype.itemsize, params["memory_budget"]))
+    or (chunk := _batch_chunk(spec, ct, ct.dtype.itemsize, params["memory_budget"]))
     >= spec.geometry.batch
   ):
     dx = _input_grad_col2im(ct, w, spec, precision, acc_dtype)
   else:
-    dx = _over_batch_chunks(
-      lambda c, s: _input_grad_col2im(c, w, s, precision, acc_dtype), [ct], spec, chunk
+    dx = map_batch_chunks(
+      lambda c, s: _input_grad_col2im(c, w, s, precision, acc_dtype),
+      [ct],
+      chunk,
+      reduce=False,
+      spec=spec,
     )
-    dx = dx.reshape(-1, *dx.shape[2:])[: spec.geometry.batch]
   return dx.astype(x_aval.dtype)
 
 
@@ -386,13 +382,28 @@ def _rhs_rule(ct, x, w, **params):
   if ct.size == 0 or x.size == 0:
     return jnp.zeros(w_aval.shape, w_aval.dtype)
   acc_dtype = _acc_dtype(ct.dtype, None)
-  chunk = _batch_chunk(spec, ct.dtype.itemsize, params["memory_budget"])
-  if spec.batch_group_count > 1 or chunk >= spec.geometry.batch:
-    dw = _kernel_grad(x, ct, spec, precision, acc_dtype)
+  kernel_grad = lambda xc, cc, s: _kernel_grad(xc, cc, s, precision, acc_dtype)
+  if spec.batch_group_count > 1:
+    dw = kernel_grad(x, ct, spec)
+  elif all(d == 1 for d in spec.geometry.lhs_dilation):
+    # The forward's tiles (output rows, then batch chunks), summed: the patches
+    # and their GEMM operand copy are two of the forward's three patch copies.
+    batch_shards, sharded_spatial = sharding_of(x)
+    budget = params["memory_budget"]
+    plan = tile_plan(
+      spec,
+      ct.dtype.itemsize,
+      current_memory_budget() if budget is None else budget,
+      patch_copies=2,
+      out_itemsize=ct.dtype.itemsize,
+      batch_shards=batch_shards,
+      sharded_spatial=sharded_spatial,
+    )
+    dw = tiled(kernel_grad, x, spec, plan, cotangent=ct)
+  elif (chunk := _batch_chunk(spec, x, ct.dtype.itemsize, params["memory_budget"])) < len(x):
+    dw = map_batch_chunks(kernel_grad, [x, ct], chunk, reduce=True, spec=spec)
   else:
-    dw = _over_batch_chunks(
-      lambda xc, cc, s: _kernel_grad(xc, cc, s, precision, acc_dtype), [x, ct], spec, chunk
-    ).sum(0)
+    dw = kernel_grad(x, ct, spec)
   return dw.astype(w_aval.dtype)
 
 

@@ -269,10 +269,11 @@ def _zero_extended_window(x: jax.Array, axis: int, start: jax.Array, size: int) 
 
 
 def tiled(
-  compute: Callable[[jax.Array, ConvSpec], jax.Array],
+  compute: Callable[..., jax.Array],
   x_cl: jax.Array,
   spec: ConvSpec,
   plan: TilePlan,
+  cotangent: jax.Array | None = None,
 ) -> jax.Array:
   """``compute(window, window_spec)`` over the tiles of ``plan``, through one ``lax.scan``.
 
@@ -283,6 +284,11 @@ def tiled(
   step's convolution is rematerialised in the backward pass, so neither the
   forward nor autodiff keeps more than one tile's patches alive. Needs
   ``lhs_dilation`` of 1 (see :mod:`convmm._phases`).
+
+  With a ``cotangent`` (output-shaped), each step calls
+  ``compute(window, cotangent_tile, window_spec)`` instead and the results are
+  summed (a kernel gradient); the outputs a moved-back last tile shares with
+  its neighbour are zeroed in its cotangent tile, so each is counted once.
   """
   g = spec.geometry
   n, out, nsp = g.batch, g.out_spatial, g.num_spatial
@@ -304,27 +310,55 @@ def tiled(
     + [(0, 0, 0)]
   )
   if nb == 1 and not tiles:
-    return compute(lax.pad(x_cl, jnp.zeros((), x_cl.dtype), static_pads), tile_spec)
+    x = lax.pad(x_cl, jnp.zeros((), x_cl.dtype), static_pads)
+    return compute(x, tile_spec) if cotangent is None else compute(x, cotangent, tile_spec)
   # Chunk k holds samples k, k + nb, ...: the major (possibly sharded) batch axis
   # stays whole and the chunk index is a minor axis.
   x_chunks = x_cl.reshape(b, nb, *x_cl.shape[1:])
 
   def out_starts(position):
-    starts = []
+    starts, indices = [], []
     for d in reversed(range(nsp)):
       position, i = jnp.divmod(position, counts[d])
       starts.append(jnp.minimum(i * tile_out[d], out[d] - tile_out[d]))
-    return starts[::-1]
+      indices.append(i)
+    return starts[::-1], indices[::-1]
 
-  @functools.partial(jax.checkpoint, prevent_cse=False)
-  def tile(chunk, starts):
+  def window_of(chunk, starts):
     x = lax.dynamic_index_in_dim(x_chunks, chunk, axis=1, keepdims=False)
     for d in tiles:
       start = starts[d] * g.window_strides[d] - g.padding[d][0]
       x = _zero_extended_window(x, 1 + d, start, window[d])
-    return compute(lax.pad(x, jnp.zeros((), x.dtype), static_pads), tile_spec)
+    return lax.pad(x, jnp.zeros((), x.dtype), static_pads)
 
   zero = jnp.zeros((), jnp.int32)
+  steps = jnp.arange(nb * plan.num_tiles, dtype=jnp.int32)
+  if cotangent is not None:
+    ct_chunks = cotangent.reshape(b, nb, *cotangent.shape[1:])
+
+    def ct_tile(chunk, starts, indices):
+      ct = lax.dynamic_index_in_dim(ct_chunks, chunk, axis=1, keepdims=False)
+      ct = lax.dynamic_slice(ct, [zero, *starts, zero], (b, *tile_out, ct.shape[-1]))
+      for d in tiles:  # outputs the previous tile already counted
+        fresh = starts[d] + jnp.arange(tile_out[d]) >= indices[d] * tile_out[d]
+        fresh = lax.broadcast_in_dim(fresh, ct.shape, (1 + d,))
+        ct = jnp.where(fresh, ct, jnp.zeros((), ct.dtype))
+      return ct
+
+    def summand(index):
+      chunk, position = jnp.divmod(index, plan.num_tiles)
+      starts, indices = out_starts(position)
+      return compute(window_of(chunk, starts), ct_tile(chunk, starts, indices), tile_spec)
+
+    total = jax.eval_shape(summand, zero)
+    init = jnp.zeros(total.shape, total.dtype)
+    total, _ = lax.scan(lambda acc, i: (acc + summand(i), None), init, steps)
+    return total
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def tile(chunk, starts):
+    return compute(window_of(chunk, starts), tile_spec)
+
   y_tile = jax.eval_shape(tile, zero, [zero] * nsp)
   bo, o = y_tile.shape[0], y_tile.shape[-1]
   x_spec = _explicit_spec(x_cl)
@@ -339,13 +373,73 @@ def tiled(
 
   def step(y, index):
     chunk, position = jnp.divmod(index, plan.num_tiles)
-    starts = out_starts(position)
+    starts, _ = out_starts(position)
     update = tile(chunk, starts)[:, None]
     return lax.dynamic_update_slice(y, update, [zero, chunk, *starts, zero]), None
 
-  y, _ = lax.scan(step, init, jnp.arange(nb * plan.num_tiles, dtype=jnp.int32))
+  y, _ = lax.scan(step, init, steps)
   if x_spec is None:
     return y.reshape(bo * nb, *out, o)
   return lax.reshape(
     y, (bo * nb, *out, o), out_sharding=jax.sharding.PartitionSpec(*x_spec[:-1], None)
   )
+
+
+def batch_chunk(n: int, limit: int, batch_shards: int = 1) -> int:
+  """Samples per chunk: at most ``limit``, keeping ``batch_shards`` whole where it can.
+
+  A divisor of ``n`` (no padded samples) unless the largest one is under half of
+  ``limit``, then ``limit`` itself (the last chunk padded).
+  """
+  limit = max(1, min(n, limit))
+  divisors = [d for d in range(limit, 0, -1) if n % d == 0]
+  shard_whole = [d for d in divisors if d % batch_shards == 0]
+  best = (shard_whole or divisors)[0]
+  return best if 2 * best > limit or shard_whole else limit
+
+
+def map_batch_chunks(
+  fn: Callable[..., jax.Array],
+  arrays: list[jax.Array],
+  chunk: int,
+  *,
+  reduce: bool,
+  spec: ConvSpec,
+) -> jax.Array:
+  """``fn(*chunks, chunk_spec)`` over batch chunks of ``arrays`` in one ``lax.scan``.
+
+  Chunk ``k`` holds samples ``k, k + num, ...`` (``x.reshape(chunk, num, ...)``),
+  so that a batch sharded over devices stays sharded inside every chunk, as in
+  :func:`tiled`. With ``reduce`` the chunk results are summed (a kernel
+  gradient); otherwise they are the per-sample results, put back in order.
+  Samples padded to fill the last chunk are zeros and are dropped.
+  """
+  n = arrays[0].shape[0]
+  num = -(-n // chunk)
+  if num * chunk != n:
+    arrays = [jnp.pad(a, ((0, num * chunk - n),) + ((0, 0),) * (a.ndim - 1)) for a in arrays]
+  chunks = [a.reshape(chunk, num, *a.shape[1:]) for a in arrays]
+  chunk_spec = dataclasses.replace(spec, geometry=dataclasses.replace(spec.geometry, batch=chunk))
+  take = lambda k: [
+    *(lax.dynamic_index_in_dim(a, k, axis=1, keepdims=False) for a in chunks),
+    chunk_spec,
+  ]
+  zero = jnp.zeros((), jnp.int32)
+  first = jax.eval_shape(lambda: fn(*take(zero)))
+  if reduce:
+    init = jnp.zeros(first.shape, first.dtype)
+    step = lambda acc, k: (acc + fn(*take(k)), None)
+  else:
+    shape = (first.shape[0], num, *first.shape[1:])
+    x_spec = _explicit_spec(arrays[0])
+    init = jnp.zeros(
+      shape,
+      first.dtype,
+      out_sharding=None if x_spec is None else jax.sharding.PartitionSpec(x_spec[0]),
+    )
+    step = lambda y, k: (
+      lax.dynamic_update_index_in_dim(y, fn(*take(k))[:, None], k, axis=1),
+      None,
+    )
+  y, _ = lax.scan(step, init, jnp.arange(num, dtype=jnp.int32))
+  return y if reduce else y.reshape(-1, *y.shape[2:])[:n]

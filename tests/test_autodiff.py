@@ -20,6 +20,8 @@ from jax.test_util import check_grads
 from tolerances import assert_close
 
 import convmm
+from convmm._shapes import conv_spec
+from convmm._tiling import tile_plan
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -170,6 +172,40 @@ def test_tiny_memory_budget_chunks_the_backward(name):
 
   for got, want in zip(grads(ours, memory_budget=1), grads(ref)):
     assert_close(got, want, grad=True, reduction=math.prod(c["rhs"][1:]))
+
+
+@pytest.mark.parametrize(
+  "x_shape, w_shape, strides, padding",
+  [
+    ((3, 13, 11, 5), (3, 3, 5, 4), (1, 1), "SAME"),
+    ((2, 17, 9, 3), (5, 3, 3, 6), (2, 1), ((2, 1), (1, 1))),
+    ((2, 29, 4), (7, 4, 3), (1,), "VALID"),
+  ],
+  ids=["13-rows", "strided", "1d-29"],
+)
+def test_kernel_gradient_row_tiles_count_shared_outputs_once(x_shape, w_shape, strides, padding):
+  # A budget that tiles the kernel gradient over output rows with a tile size that
+  # does not divide them: the last tile is moved back to end at the edge, and the
+  # rows it shares with its neighbour must be summed once.
+  nsp = len(x_shape) - 2
+  dn = (("NWC", "WIO", "NWC"), ("NHWC", "HWIO", "NHWC"))[nsp - 1]
+  rng = np.random.default_rng(29)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+  w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+  kw = dict(window_strides=strides, padding=padding, dimension_numbers=dn)
+  spec = conv_spec("conv_general_dilated", x_shape, w_shape, strides, padding, None, None, dn, 1, 1)
+  out_rows = spec.geometry.out_spatial[0]
+  plans = {b: tile_plan(spec, 4, b, patch_copies=2) for b in range(200, 40_000, 200)}
+  budget = next(
+    b for b, p in plans.items() if p.counts[0] > 1 and out_rows % p.tile_out[0] and p.batch > 1
+  )
+
+  def grads(impl, **extra):
+    loss = lambda x, w: jnp.sum(jnp.sin(impl(x, w, **kw, **extra)))
+    return jax.jit(jax.grad(loss, (0, 1)))(x, w)
+
+  for got, want in zip(grads(ours, memory_budget=budget), grads(ref)):
+    assert_close(got, want, grad=True, reduction=math.prod(w_shape[:-1]))
 
 
 def test_kernel_gradient_gemm_takes_the_cotangent_first():

@@ -64,12 +64,6 @@ def test_auto_spatial_tiles_are_gathered(results):
   assert gaps and all(row["convmm"] == row["lax"] for row in gaps), gaps
 
 
-@pytest.mark.xfail(
-  strict=True,
-  reason="the im2col primitive's backward (convmm._autodiff._over_batch_chunks) maps over "
-  "batch chunks with the chunk index major, so a batch-sharded input is gathered (2 "
-  "all-gathers); the forward tiler keeps the chunk index minor (not fixed yet)",
-)
 def test_data_parallel_tiled_grad_has_no_all_gather(results):
   rows = {row["impl"]: row for row in results["data_parallel_grad"]}
   assert rows["lax"]["all_gathers"] == 0
