@@ -11,6 +11,8 @@ import jax
 
 from convmm._adjoint import conv_adjoint as conv_adjoint
 from convmm._adjoint import conv_transpose as conv_transpose
+from convmm._budget import memory_budget as memory_budget
+from convmm._budget import set_memory_budget as set_memory_budget
 from convmm._conv import conv_general_dilated as conv_general_dilated
 from convmm._im2col import col2im as col2im
 from convmm._im2col import im2col as im2col
@@ -20,8 +22,6 @@ from convmm._signal import convolve as convolve
 from convmm._signal import correlate as correlate
 from convmm._spectral import circular_singular_values as circular_singular_values
 from convmm._spectral import operator_norm as operator_norm
-from convmm._tiling import memory_budget as memory_budget
-from convmm._tiling import set_memory_budget as set_memory_budget
 
 conv_general_dilated_patches = im2col
 

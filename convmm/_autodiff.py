@@ -35,25 +35,23 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
-from jax._src.core import ShardingTypeError  # lax's exception for sharding conflicts
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from convmm._budget import current_memory_budget
 from convmm._canonical import ConvDimensionNumbers
-from convmm._im2col import pad_input, unfold_padded
-from convmm._shapes import ConvSpec, conv_spec
-from convmm._tiling import (
-  batch_chunk,
-  current_memory_budget,
-  map_batch_chunks,
-  sharding_of,
-  tile_plan,
-  tiled,
+from convmm._gradients import (
+  grad_batch_chunk,
+  input_grad_col2im,
+  kernel_grad,
+  split_axis,
 )
+from convmm._shapes import ConvSpec, accumulator_dtype, conv_spec
+from convmm._sharding import conv_out_sharding, sharding_of
+from convmm._tiling import map_batch_chunks, tile_plan, tiled
 
 
-def canonical_dimension_numbers(num_spatial: int) -> ConvDimensionNumbers:
+def channels_last_dimension_numbers(num_spatial: int) -> ConvDimensionNumbers:
   """``(N, *spatial, C)``, ``(*window, I, O)``, ``(N, *spatial, C)`` as lax specs."""
   spatial = tuple(range(1, num_spatial + 1))
   channels_last = (0, num_spatial + 1, *spatial)
@@ -62,9 +60,9 @@ def canonical_dimension_numbers(num_spatial: int) -> ConvDimensionNumbers:
   )
 
 
-def canonical_spec(spec: ConvSpec) -> ConvSpec:
+def channels_last_spec(spec: ConvSpec) -> ConvSpec:
   """``spec`` with canonical (channels-last) dimension numbers."""
-  dnums = canonical_dimension_numbers(spec.geometry.num_spatial)
+  dnums = channels_last_dimension_numbers(spec.geometry.num_spatial)
   return dataclasses.replace(
     spec, geometry=dataclasses.replace(spec.geometry, dimension_numbers=dnums)
   )
@@ -92,28 +90,7 @@ mlir.register_lowering(conv_p, mlir.lower_fun(_forward, multiple_results=False))
 def _abstract_eval(x, w, *, spec, preferred_element_type, **_):
   shape = (spec.out_batch, *spec.geometry.out_spatial, spec.out_features)
   dtype = x.dtype if preferred_element_type is None else preferred_element_type
-  sharding = x.sharding
-  if not sharding.mesh.empty:
-    # lax's rule: batch and spatial dimensions keep the input's sharding where
-    # it still divides them; sharded features or kernels need an out_sharding.
-    if sharding.spec[-1:] not in ((), (None,)) or not (
-      w.sharding.mesh.empty or w.sharding.is_fully_replicated
-    ):
-      raise ShardingTypeError(
-        "conv_general_dilated: the input's feature dimension and the kernel must not be "
-        f"sharded; got input {x.str_short(True)} and kernel {w.str_short(True)}; pass "
-        "`out_sharding`"
-      )
-    sizes = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_sizes))
-    parts = [*sharding.spec, *[None] * (x.ndim - len(sharding.spec))]
-    parts[-1] = None
-    parts = [
-      p
-      if p is None or size % math.prod(sizes[a] for a in (p if isinstance(p, tuple) else (p,))) == 0
-      else None
-      for p, size in zip(parts, shape)
-    ]
-    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*parts))
+  sharding = conv_out_sharding(x, w, shape)
   return x.update(shape=shape, dtype=dtype, weak_type=False, sharding=sharding)
 
 
@@ -149,7 +126,7 @@ def conv(
   return conv_p.bind(
     x,
     w,
-    spec=canonical_spec(spec),
+    spec=channels_last_spec(spec),
     precision=precision,
     preferred_element_type=preferred_element_type,
     method=method,
@@ -185,10 +162,6 @@ def _lhs_transpose_padding(spec: ConvSpec) -> tuple[tuple[int, int], ...]:
   return tuple(pads)
 
 
-def _split_axis(a, axis, parts):
-  return a.reshape(*a.shape[:axis], parts, a.shape[axis] // parts, *a.shape[axis + 1 :])
-
-
 def _input_grad_conv(ct, w, spec, params):
   """Input gradient as lax computes it: conv(ct, flip(w)^T, lhs_dilation=strides)."""
   g = spec.geometry
@@ -196,7 +169,7 @@ def _input_grad_conv(ct, w, spec, params):
   groups = spec.feature_group_count * spec.batch_group_count
   # (*k, cg, O) with O group-major -> (*k, og, groups * cg): the groups move from
   # the kernel's output features into its (new) output features.
-  w = _split_axis(w, nsp + 1, groups)  # (*k, cg, G, og)
+  w = split_axis(w, nsp + 1, groups)  # (*k, cg, G, og)
   w = jnp.moveaxis(w, nsp + 1, nsp)  # (*k, G, cg, og)
   w = w.reshape(*w.shape[:nsp], -1, w.shape[-1])
   w = jnp.swapaxes(jnp.flip(w, tuple(range(nsp))), nsp, nsp + 1)  # (*k, og, G*cg)
@@ -208,90 +181,16 @@ def _input_grad_conv(ct, w, spec, params):
     _lhs_transpose_padding(spec),
     g.window_strides,
     g.rhs_dilation,
-    canonical_dimension_numbers(nsp),
+    channels_last_dimension_numbers(nsp),
     groups,
     1,
   )
   dx = _rebind(ct, w, t_spec, params)  # (N', *in, G*cg)
   if spec.batch_group_count > 1:  # the groups go back into the batch, group-major
-    dx = _split_axis(dx, nsp + 1, spec.batch_group_count)
+    dx = split_axis(dx, nsp + 1, spec.batch_group_count)
     dx = jnp.moveaxis(dx, nsp + 1, 0)
     dx = dx.reshape(-1, *dx.shape[2:])
   return dx
-
-
-def _patches(x, spec):
-  """im2col ``(N, *out, T, C)``; 16-bit floats are moved as 16-bit integers."""
-  return from_bits(unfold_padded(pad_input(to_bits(x), spec.geometry), spec.geometry), x.dtype)
-
-
-def to_bits(x: jax.Array) -> jax.Array:
-  # XLA's CPU backend computes pads and concatenations of 16-bit floats in
-  # float32 (twice the bytes moved, plus conversions); the same bits as uint16
-  # are moved as they are. im2col is pure data movement, so this is exact.
-  if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
-    return lax.bitcast_convert_type(x, jnp.uint16)
-  return x
-
-
-def from_bits(x: jax.Array, dtype: Any) -> jax.Array:
-  return lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
-
-
-def _patch_cotangent(ct, w, spec, precision, acc_dtype):
-  """``ct @ w^T`` per group: the cotangent of the patch matrix, ``(N, *out, T, C)``."""
-  g = spec.geometry
-  nsp, t = g.num_spatial, g.num_taps
-  groups, bg = spec.feature_group_count * spec.batch_group_count, spec.batch_group_count
-  if groups == 1:
-    return lax.dot_general(
-      ct,
-      w.reshape(t, *w.shape[-2:]),
-      (((nsp + 1,), (2,)), ((), ())),
-      precision=precision,
-      preferred_element_type=acc_dtype,
-    )
-  w = w.reshape(t, w.shape[-2], groups, w.shape[-1] // groups)  # (T, cg, G, og)
-  ct = _split_axis(ct, nsp + 1, groups)  # (N', *out, G, og)
-  dp = lax.dot_general(
-    ct,
-    w,
-    (((nsp + 2,), (3,)), ((nsp + 1,), (2,))),
-    precision=precision,
-    preferred_element_type=acc_dtype,
-  )  # (G, N', *out, T, cg)
-  if bg > 1:  # batch groups: the group axis is the batch's major part
-    return dp.reshape(-1, *dp.shape[2:])
-  dp = jnp.moveaxis(dp, 0, -2)
-  return dp.reshape(*dp.shape[:-2], -1)
-
-
-def _input_grad_col2im(ct, w, spec, precision, acc_dtype):
-  """Input gradient as the GEMM ``ct @ w^T`` summed back into place (col2im)."""
-  # 16-bit cotangents: the overlapping windows are summed in the float32 accumulator.
-  dp = _patch_cotangent(ct, w, spec, precision, acc_dtype)
-  g = spec.geometry
-  primal = jax.ShapeDtypeStruct((g.batch, *g.in_spatial, g.in_features), dp.dtype)
-  (dx,) = jax.linear_transpose(lambda x: _patches(x, spec), primal)(dp)
-  return dx
-
-
-def _batch_chunk(spec: ConvSpec, x: jax.Array, itemsize: int, budget: int | None) -> int:
-  """Samples per chunk so that a chunk's patch matrix (and a copy) fits the budget."""
-  budget = current_memory_budget() if budget is None else budget
-  g = spec.geometry
-  sample = 2 * math.prod(g.out_spatial) * g.num_taps * g.in_features * itemsize
-  return batch_chunk(g.batch, budget // max(sample, 1), sharding_of(x)[0])
-
-
-def _acc_dtype(dtype, preferred):
-  """The GEMM's accumulation type: 16-bit floats accumulate in float32."""
-  if preferred is not None:
-    return preferred
-  dtype = np.dtype(dtype)
-  if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
-    return np.dtype(np.float32)
-  return None
 
 
 def _lhs_rule(ct, x, w, **params):
@@ -301,77 +200,24 @@ def _lhs_rule(ct, x, w, **params):
     w = w.astype(ct.dtype)
   if ct.size == 0 or math.prod(x_aval.shape) == 0:
     return jnp.zeros(x_aval.shape, x_aval.dtype)
-  acc_dtype = _acc_dtype(ct.dtype, None)
+  acc_dtype = accumulator_dtype(ct.dtype)
   if all(s == 1 for s in spec.geometry.window_strides):
     dx = _input_grad_conv(ct, w, spec, {**params, "preferred_element_type": None})
   elif (
     spec.batch_group_count > 1
-    or (chunk := _batch_chunk(spec, ct, ct.dtype.itemsize, params["memory_budget"]))
+    or (chunk := grad_batch_chunk(spec, ct, ct.dtype.itemsize, params["memory_budget"]))
     >= spec.geometry.batch
   ):
-    dx = _input_grad_col2im(ct, w, spec, precision, acc_dtype)
+    dx = input_grad_col2im(ct, w, spec, precision, acc_dtype)
   else:
     dx = map_batch_chunks(
-      lambda c, s: _input_grad_col2im(c, w, s, precision, acc_dtype),
+      lambda c, s: input_grad_col2im(c, w, s, precision, acc_dtype),
       [ct],
       chunk,
       reduce=False,
       spec=spec,
     )
   return dx.astype(x_aval.dtype)
-
-
-def _kernel_grad(x, ct, spec, precision, acc_dtype):
-  """``ct^T @ patches`` per group, as ``(*window, cg, O)``."""
-  g = spec.geometry
-  nsp, t = g.num_spatial, g.num_taps
-  fg, bg = spec.feature_group_count, spec.batch_group_count
-  groups = fg * bg
-  if fg > 1:  # (N, *sp, G, cg) -> (G * N, *sp, cg): one patch matrix per group
-    x = jnp.moveaxis(_split_axis(x, nsp + 1, fg), nsp + 1, 0)
-    x = x.reshape(-1, *x.shape[2:])
-  patches = _patches(
-    x,
-    dataclasses.replace(
-      spec, geometry=dataclasses.replace(g, batch=x.shape[0], in_features=x.shape[-1])
-    ),
-  )  # (G*N or N, *out, T, cg)
-  m = math.prod(ct.shape[:-1])
-  # The cotangent is the GEMM's left operand: XLA's fast CPU GEMM wants the
-  # contraction on the left operand's minor axis, and transposing the cotangent
-  # for that is cheaper than transposing the patches.
-  # The kernel is replicated even where the batch is sharded (lax's rule).
-  mesh = jax.typeof(ct).sharding.mesh
-  out_sharding = (
-    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    if jax.sharding.AxisType.Explicit in mesh.axis_types
-    else None
-  )
-  if groups == 1:  # contract (N, *out): multi-axis, so XLA canonicalises it for YNNPACK
-    patches = patches.reshape(*patches.shape[:-2], -1)
-    dims = tuple(range(nsp + 1))
-    dw = lax.dot_general(
-      ct,
-      patches,
-      ((dims, dims), ((), ())),
-      precision=precision,
-      preferred_element_type=acc_dtype,
-      out_sharding=out_sharding,
-    )[None]
-  else:
-    patches = patches.reshape(groups, m, t * patches.shape[-1])  # group-major rows
-    ct = _split_axis(ct, nsp + 1, groups).reshape(m, groups, -1)
-    dw = lax.dot_general(
-      ct,
-      patches,
-      (((0,), (1,)), ((1,), (0,))),
-      precision=precision,
-      preferred_element_type=acc_dtype,
-      out_sharding=out_sharding,
-    )  # (G, og, T * cg)
-  dw = dw.reshape(groups, dw.shape[1], t, -1)
-  dw = jnp.transpose(dw, (2, 3, 0, 1))  # (T, cg, G, og)
-  return dw.reshape(*g.filter_shape, dw.shape[1], -1)
 
 
 def _rhs_rule(ct, x, w, **params):
@@ -381,10 +227,10 @@ def _rhs_rule(ct, x, w, **params):
     x = x.astype(ct.dtype)
   if ct.size == 0 or x.size == 0:
     return jnp.zeros(w_aval.shape, w_aval.dtype)
-  acc_dtype = _acc_dtype(ct.dtype, None)
-  kernel_grad = lambda xc, cc, s: _kernel_grad(xc, cc, s, precision, acc_dtype)
+  acc_dtype = accumulator_dtype(ct.dtype)
+  grad_w = lambda xc, cc, s: kernel_grad(xc, cc, s, precision, acc_dtype)
   if spec.batch_group_count > 1:
-    dw = kernel_grad(x, ct, spec)
+    dw = grad_w(x, ct, spec)
   elif all(d == 1 for d in spec.geometry.lhs_dilation):
     # The forward's tiles (output rows, then batch chunks), summed: the patches
     # and their GEMM operand copy are two of the forward's three patch copies.
@@ -399,11 +245,11 @@ def _rhs_rule(ct, x, w, **params):
       batch_shards=batch_shards,
       sharded_spatial=sharded_spatial,
     )
-    dw = tiled(kernel_grad, x, spec, plan, cotangent=ct)
-  elif (chunk := _batch_chunk(spec, x, ct.dtype.itemsize, params["memory_budget"])) < len(x):
-    dw = map_batch_chunks(kernel_grad, [x, ct], chunk, reduce=True, spec=spec)
+    dw = tiled(grad_w, x, spec, plan, cotangent=ct)
+  elif (chunk := grad_batch_chunk(spec, x, ct.dtype.itemsize, params["memory_budget"])) < len(x):
+    dw = map_batch_chunks(grad_w, [x, ct], chunk, reduce=True, spec=spec)
   else:
-    dw = kernel_grad(x, ct, spec)
+    dw = grad_w(x, ct, spec)
   return dw.astype(w_aval.dtype)
 
 
@@ -424,14 +270,14 @@ def _batch_rule(args, dims, **params):
     x = jnp.moveaxis(x, xd, 0)  # (B, N, *sp, C)
     b = x.shape[0]
     if bg > 1:  # keep the batch groups major: (B, G, n) -> (G, B, n)
-      x = jnp.swapaxes(_split_axis(x, 1, bg), 0, 1)
+      x = jnp.swapaxes(split_axis(x, 1, bg), 0, 1)
     x = x.reshape(-1, *x.shape[2 if bg == 1 else 3 :])
     y = _rebind(x, w, _respec(spec, x.shape, w.shape, fg, bg), params)
     return y.reshape(b, -1, *y.shape[1:]), 0
   if xd is None:
     w = jnp.moveaxis(w, wd, nsp + 1)  # (*k, I, B, O)
     b = w.shape[nsp + 1]
-    w = _split_axis(w, nsp + 2, fg * bg)  # (*k, I, B, G, og)
+    w = split_axis(w, nsp + 2, fg * bg)  # (*k, I, B, G, og)
     w = jnp.swapaxes(w, nsp + 1, nsp + 2)  # (*k, I, G, B, og)
     w = w.reshape(*w.shape[: nsp + 1], -1)
     y = _rebind(x, w, _respec(spec, x.shape, w.shape, fg, bg), params)

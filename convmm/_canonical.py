@@ -137,23 +137,28 @@ def as_int(value: Any, *, integral_float: bool = False) -> int | None:
   return None
 
 
-def positive_count(fn: str, name: str, value: Any, *, bool_ok: bool = False) -> int:
-  """The one positive-count check (group counts, iteration counts, sizes).
+def positive_count(
+  fn: str, name: str, value: Any, *, bool_ok: bool = False, unit: str | None = None
+) -> int:
+  """The one positive-count check (group counts, iteration counts, sizes, bytes).
 
   A count is an int, a NumPy integer or an integral float (more than lax, which
   takes ``feature_group_count=1.0`` only when its compile cache already holds
   the same call with ``1``); a bool only with ``bool_ok`` (lax reads
   ``feature_group_count=True`` as 1). Not a number: ``TypeError``; a number that
   is not a positive integer (``0``, ``-1``, ``1.5``, a bool): ``ValueError``,
-  the class lax raises for a non-integral or non-positive group count.
+  the class lax raises for a non-integral or non-positive group count. A
+  ``unit`` (``"bytes"``) is named in the messages.
   """
+  kind = "a positive int" if unit is None else f"a positive int number of {unit}"
   count = as_int(value, integral_float=True)
   if count is None and not isinstance(value, numbers.Real | np.number):
-    raise TypeError(f"{fn}: `{name}` must be a positive int, got {value!r}")
+    raise TypeError(f"{fn}: `{name}` must be {kind}, got {value!r}")
   if count is None or isinstance(value, bool | np.bool_) and not bool_ok:
-    raise ValueError(f"{fn}: `{name}` must be a positive int, got {name}={value!r}")
+    raise ValueError(f"{fn}: `{name}` must be {kind}, got {name}={value!r}")
   if count < 1:
-    raise ValueError(f"{fn}: `{name}` must be >= 1, got {name}={value!r}")
+    rule = ">= 1" if unit is None else kind
+    raise ValueError(f"{fn}: `{name}` must be {rule}, got {name}={value!r}")
   return count
 
 

@@ -11,24 +11,22 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from convmm import _autodiff
+from convmm import _autodiff, _sharding
+from convmm._budget import current_memory_budget
+from convmm._canonical import positive_count
 from convmm._im2col import (
+  from_bits,
   from_channels_last,
   pad_input,
   tap_offsets,
   tap_slice,
+  to_bits,
   to_channels_last,
   unfold_padded,
 )
 from convmm._phases import phase_conv
-from convmm._shapes import ConvSpec, check_dtypes, conv_spec, shape_of
-from convmm._tiling import (
-  check_budget,
-  current_memory_budget,
-  sharding_of,
-  tile_plan,
-  tiled,
-)
+from convmm._shapes import ConvSpec, accumulator_dtype, check_dtypes, conv_spec, shape_of
+from convmm._tiling import tile_plan, tiled
 
 
 def kernel_taps_last(rhs: jax.Array, spec: ConvSpec) -> jax.Array:
@@ -46,7 +44,7 @@ def _check_method(fn: str, method: Any, memory_budget: Any) -> tuple[str, int]:
     raise ValueError(f"{fn}: `method` must be one of {METHODS}, got {method!r}")
   if memory_budget is None:
     return method, current_memory_budget()
-  return method, check_budget(fn, "memory_budget", memory_budget)
+  return method, positive_count(fn, "memory_budget", memory_budget, unit="bytes")
 
 
 def choose_method(spec: ConvSpec, method: str, fn: str = "conv_general_dilated") -> str:
@@ -88,11 +86,7 @@ def _group_gemm(
   o = spec.out_features
   g, gb = spec.feature_group_count, spec.batch_group_count
   out_dtype = None
-  if (
-    preferred_element_type is None
-    and jnp.issubdtype(lhs.dtype, jnp.floating)
-    and (jnp.dtype(lhs.dtype).itemsize < 4)
-  ):
+  if preferred_element_type is None and accumulator_dtype(lhs.dtype) is not None:
     # 16-bit floats accumulate in float32 and round once: more accurate, and on
     # CPU bfloat16 x bfloat16 -> float32 is XLA's fast GEMM (2-3x float32's).
     preferred_element_type, out_dtype = jnp.float32, lhs.dtype
@@ -124,18 +118,14 @@ def _group_gemm(
 
 def _im2col_gemm(x_padded, w_tio, spec, precision, preferred_element_type):
   """Patches of a padded input, then one (batched) GEMM."""
-  patches = _autodiff.from_bits(
-    unfold_padded(_autodiff.to_bits(x_padded), spec.geometry), x_padded.dtype
-  )
+  patches = from_bits(unfold_padded(to_bits(x_padded), spec.geometry), x_padded.dtype)
   return _group_gemm(patches, w_tio, spec, precision, preferred_element_type)
 
 
 def _accumulator_dtype(out_dtype: Any) -> Any:
   """float32 for 16-bit floats (as a GEMM accumulates), else the output dtype."""
-  out_dtype = jnp.dtype(out_dtype)
-  if jnp.issubdtype(out_dtype, jnp.floating) and out_dtype.itemsize < 4:
-    return jnp.dtype(jnp.float32)
-  return out_dtype
+  acc_dtype = accumulator_dtype(out_dtype)
+  return jnp.dtype(out_dtype) if acc_dtype is None else acc_dtype
 
 
 def _shift_gemm(x_padded, w_tio, spec, precision, preferred_element_type):
@@ -223,7 +213,7 @@ def conv_channels_last(
   )
   if method == "shift":  # builds no patches: nothing to tile
     return compute(pad_input(x_cl, spec.geometry), spec=spec)
-  batch_shards, sharded_spatial = sharding_of(x_cl)
+  batch_shards, sharded_spatial = _sharding.sharding_of(x_cl)
   plan = tile_plan(
     spec,
     jnp.dtype(x_cl.dtype).itemsize,
@@ -330,7 +320,7 @@ def conv_general_dilated(
   lax_sharding = (
     None
     if out_sharding is not None
-    else _lax_out_sharding(
+    else _sharding.lax_out_sharding(
       lhs,
       rhs,
       window_strides,
@@ -345,45 +335,10 @@ def conv_general_dilated(
   )
   out = conv_with_spec(lhs, rhs, spec, precision, preferred_element_type, method, memory_budget)
   if out_sharding is not None:
-    out = _constrain(out, out_sharding)
+    out = _sharding.constrain(out, out_sharding)
   elif lax_sharding is not None and jax.typeof(out).sharding.spec != lax_sharding.spec:
     out = jax.sharding.reshard(out, lax_sharding.spec)
   return out
-
-
-def _lax_out_sharding(lhs: jax.Array, rhs: jax.Array, *args: Any) -> Any:
-  """lax's output sharding when an operand is sharded over explicit mesh axes, else None."""
-
-  def sharded(a):
-    spec = getattr(getattr(jax.typeof(a), "sharding", None), "spec", None)
-    return bool(spec) and any(entry is not None for entry in spec)
-
-  if not (sharded(lhs) or sharded(rhs)):
-    return None
-  *conv_args, preferred = args
-  return jax.eval_shape(
-    lambda a, b: lax.conv_general_dilated(a, b, *conv_args, preferred_element_type=preferred),
-    lhs,
-    rhs,
-  ).sharding
-
-
-def _constrain(y: jax.Array, sharding: Any) -> jax.Array:
-  """``out_sharding`` as lax applies it: a reshard on explicit axes, a constraint on auto ones."""
-  mesh = getattr(sharding, "mesh", None) or jax.sharding.get_abstract_mesh()
-  if any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
-    return jax.sharding.reshard(y, sharding)
-  # On auto axes an unnamed dimension is left to the partitioner, as lax leaves it.
-  P = jax.sharding.PartitionSpec
-  spec = tuple(getattr(sharding, "spec", sharding))
-  if all(entry is None for entry in spec):
-    return y
-  spec = P(
-    *(P.UNCONSTRAINED if e is None else e for e in spec), *(P.UNCONSTRAINED,) * (y.ndim - len(spec))
-  )
-  if isinstance(sharding, jax.sharding.NamedSharding):
-    return lax.with_sharding_constraint(y, jax.sharding.NamedSharding(sharding.mesh, spec))
-  return lax.with_sharding_constraint(y, spec)
 
 
 def conv_with_spec(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -97,9 +98,24 @@ def unfold_padded(x_padded: jax.Array, geometry: ConvGeometry) -> jax.Array:
   return y.reshape(*y.shape[: 1 + nsp], geometry.num_taps, y.shape[-1])
 
 
+def to_bits(x: jax.Array) -> jax.Array:
+  """16-bit floats as ``uint16`` (the same bits); other dtypes unchanged."""
+  # XLA's CPU backend computes pads and concatenations of 16-bit floats in
+  # float32 (twice the bytes moved, plus conversions); the same bits as uint16
+  # are moved as they are. im2col is pure data movement, so this is exact.
+  if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
+    return lax.bitcast_convert_type(x, jnp.uint16)
+  return x
+
+
+def from_bits(x: jax.Array, dtype: Any) -> jax.Array:
+  """The inverse of :func:`to_bits`."""
+  return lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
+
+
 def patches_channels_last(x_cl: jax.Array, geometry: ConvGeometry) -> jax.Array:
   """im2col in channels-last canonical form: ``(N, *out, T, C)``."""
-  return unfold_padded(pad_input(x_cl, geometry), geometry)
+  return from_bits(unfold_padded(pad_input(to_bits(x_cl), geometry), geometry), x_cl.dtype)
 
 
 def _patches_geometry(

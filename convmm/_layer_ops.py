@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from convmm import _adjoint, _conv, _im2col
+from convmm._budget import current_memory_budget
 from convmm._layer_geometry import LayerGeometry, adjoint_input_spatial, in_features_of
-from convmm._tiling import current_memory_budget
 
 
 def _flatten_batch(

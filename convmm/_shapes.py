@@ -178,3 +178,11 @@ def preferred_dtype(fn: str, input_dtype: Any, preferred_element_type: Any) -> n
       f"never narrower)"
     )
   return preferred
+
+
+def accumulator_dtype(dtype: Any) -> np.dtype | None:
+  """float32 for 16-bit floats (a GEMM accumulates them in float32), else ``None``."""
+  dtype = np.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+    return np.dtype(np.float32)
+  return None

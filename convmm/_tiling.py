@@ -1,8 +1,8 @@
-"""The memory budget and the tiling of a convolution that exceeds it.
+"""The tiling of a convolution that exceeds the memory budget (see :mod:`convmm._budget`).
 
 A convolution whose working set (patch matrices and their companions, see
 :func:`tile_cost`) exceeds the budget is computed tile by tile: one
-``lax.map`` body, shared by all tiles, cuts its input window out of the padded
+``lax.scan`` body, shared by all tiles, cuts its input window out of the padded
 input with ``lax.dynamic_slice`` and convolves it. Only one tile's window and
 patches exist at a time, tracing and compiling do not grow with the number of
 tiles, and output sizes need not divide evenly (the padded input is extended
@@ -17,97 +17,17 @@ sharded over devices stays sharded inside every tile.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import math
-import operator
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from convmm._shapes import ConvSpec
-
-# A tile's working set larger than this is never materialised whole. On CPU the
-# budget is also a speed setting: XLA temporaries above glibc's 32 MiB mmap
-# threshold are mapped afresh and page-faulted on every call, which can cost
-# more than the GEMM; 32 MiB measured best across the benchmark suite.
-_DEFAULT_MEMORY_BUDGET = 32 * 2**20
-_budget_override: contextvars.ContextVar[int | None] = contextvars.ContextVar(
-  "convmm_memory_budget", default=None
-)
-
-
-def check_budget(fn: str, name: str, nbytes: Any) -> int:
-  """``nbytes`` as a positive Python int (NumPy integers accepted), else an error."""
-  if isinstance(nbytes, bool):
-    raise TypeError(f"{fn}: `{name}` must be a positive int number of bytes, got {nbytes!r}")
-  try:
-    value = operator.index(nbytes)
-  except TypeError:
-    raise TypeError(
-      f"{fn}: `{name}` must be a positive int number of bytes, got {nbytes!r}"
-    ) from None
-  if value < 1:
-    raise ValueError(f"{fn}: `{name}` must be a positive number of bytes, got {nbytes!r}")
-  return value
-
-
-def current_memory_budget() -> int:
-  """The budget in force: the innermost :func:`memory_budget`, else the default."""
-  override = _budget_override.get()
-  return _DEFAULT_MEMORY_BUDGET if override is None else override
-
-
-def set_memory_budget(nbytes: int) -> int:
-  """Sets the default tile working-set budget in bytes; returns the previous value.
-
-  The budget bounds the temporaries of one tile of a convolution (see
-  :func:`memory_budget`). It is read when a convolution is traced: functions
-  already compiled keep the tiling they were traced with.
-
-  Example:
-    >>> import convmm
-    >>> old = convmm.set_memory_budget(64 * 2**20)
-    >>> _ = convmm.set_memory_budget(old)
-  """
-  global _DEFAULT_MEMORY_BUDGET
-  nbytes = check_budget("set_memory_budget", "nbytes", nbytes)
-  old, _DEFAULT_MEMORY_BUDGET = _DEFAULT_MEMORY_BUDGET, nbytes
-  return old
-
-
-@contextlib.contextmanager
-def memory_budget(nbytes: int) -> Iterator[None]:
-  """Context manager: convolutions traced inside use a tile budget of ``nbytes``.
-
-  The budget bounds a tile's whole working set: its input window, the patch
-  matrix counted three times (the rematerialised patches, their cotangent and
-  a GEMM operand copy in the backward pass; once for the depthwise method),
-  the first unfolding stage and the tile's output. Work beyond it is computed
-  tile by tile (output rows, then columns, then batch chunks). The whole
-  padded input and the output are held besides. Like
-  ``jax.default_matmul_precision``, it applies to what is traced inside the
-  block; an explicit ``memory_budget=`` argument takes precedence.
-
-  Example:
-    >>> import jax.numpy as jnp, convmm
-    >>> x, w = jnp.ones((1, 64, 64, 8)), jnp.ones((3, 3, 8, 8))
-    >>> with convmm.memory_budget(2**20):
-    ...   y = convmm.conv_general_dilated(x, w, (1, 1), 'SAME',
-    ...       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    >>> y.shape
-    (1, 64, 64, 8)
-  """
-  token = _budget_override.set(check_budget("memory_budget", "nbytes", nbytes))
-  try:
-    yield
-  finally:
-    _budget_override.reset(token)
+from convmm._sharding import explicit_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,30 +140,6 @@ def tile_plan(
       if cost(plan.batch, plan.tile_out) <= budget:
         return plan
   return plan  # nothing fits: the finest tiling
-
-
-def sharding_of(x: jax.Array) -> tuple[int, frozenset[int]]:
-  """Devices the batch axis is split over, and the split spatial axes (explicit meshes)."""
-  sharding = getattr(jax.typeof(x), "sharding", None)
-  spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
-  if not spec or mesh is None or not getattr(mesh, "shape", None):
-    return 1, frozenset()
-
-  def shards(entry: Any) -> int:
-    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    return math.prod(mesh.shape[name] for name in names)
-
-  sizes = [shards(entry) for entry in spec] + [1] * (x.ndim - len(spec))
-  return sizes[0], frozenset(d for d in range(x.ndim - 2) if sizes[1 + d] > 1)
-
-
-def _explicit_spec(x: jax.Array) -> tuple | None:
-  """``x``'s partition spec, one entry per axis, when it is sharded over explicit axes."""
-  batch_shards, sharded_spatial = sharding_of(x)
-  if batch_shards == 1 and not sharded_spatial:
-    return None
-  spec = tuple(jax.typeof(x).sharding.spec)
-  return (*spec, *(None,) * (x.ndim - len(spec)))
 
 
 def _zero_extended_window(x: jax.Array, axis: int, start: jax.Array, size: int) -> jax.Array:
@@ -361,7 +257,7 @@ def tiled(
 
   y_tile = jax.eval_shape(tile, zero, [zero] * nsp)
   bo, o = y_tile.shape[0], y_tile.shape[-1]
-  x_spec = _explicit_spec(x_cl)
+  x_spec = explicit_spec(x_cl)
   shape = (bo, nb, *out, o)
   init = jnp.zeros(
     shape,
@@ -431,7 +327,7 @@ def map_batch_chunks(
     step = lambda acc, k: (acc + fn(*take(k)), None)
   else:
     shape = (first.shape[0], num, *first.shape[1:])
-    x_spec = _explicit_spec(arrays[0])
+    x_spec = explicit_spec(arrays[0])
     init = jnp.zeros(
       shape,
       first.dtype,

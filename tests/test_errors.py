@@ -935,7 +935,7 @@ def _count_calls(value):
   import convmm.nnx
 
   x1, w1 = jnp.ones((1, 2, 6)), jnp.ones((2, 2, 3))
-  return {
+  calls = {
     "conv_general_dilated.feature_group_count": lambda: conv(
       x1, w1, (1,), "VALID", feature_group_count=value
     ),
@@ -966,7 +966,20 @@ def _count_calls(value):
     "nnx.ConvLocal.feature_group_count": lambda: convmm.nnx.ConvLocal(
       2, 2, (3,), input_spatial_shape=(6,), feature_group_count=value, rngs=nnx.Rngs(0)
     ),
+    "set_memory_budget.nbytes": lambda: convmm.set_memory_budget(value),
+    "memory_budget.nbytes": lambda: convmm.memory_budget(value).__enter__(),
   }
+  if value is not None:  # None is the default budget where the budget is optional
+    calls |= {
+      "conv_general_dilated.memory_budget": lambda: conv(
+        x1, w1, (1,), "VALID", memory_budget=value
+      ),
+      "conv_transpose.memory_budget": lambda: convmm.conv_transpose(
+        jnp.ones((1, 6, 2)), jnp.ones((3, 2, 2)), (1,), "VALID", memory_budget=value
+      ),
+      "replace_convs.memory_budget": lambda: convmm.replace_convs(jnp.sin, memory_budget=value),
+    }
+  return calls
 
 
 def _int_sequence_calls(name, value):

@@ -9,8 +9,9 @@ from jax import lax
 from tolerances import assert_close
 
 import convmm
+from convmm._budget import current_memory_budget
 from convmm._shapes import conv_spec
-from convmm._tiling import current_memory_budget, tile_cost, tile_plan
+from convmm._tiling import tile_cost, tile_plan
 
 HIGHEST = lax.Precision.HIGHEST
 DN = ("NHWC", "HWIO", "NHWC")
@@ -139,7 +140,8 @@ def test_memory_budget_context_manager():
 
 @pytest.mark.parametrize(
   "bad, error",
-  [(0, ValueError), (-5, ValueError), (1.5, TypeError), ("1", TypeError), (True, TypeError)],
+  # A wrong value (fractional, a bool) is a ValueError, as for every count (test_errors).
+  [(0, ValueError), (-5, ValueError), (1.5, ValueError), ("1", TypeError), (True, ValueError)],
   ids=["zero", "negative", "float", "str", "bool"],
 )
 def test_memory_budget_errors(bad, error):

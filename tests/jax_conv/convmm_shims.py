@@ -25,7 +25,7 @@ from jax._src import test_util as jtu
 from jax._src.lax import convolution as lax_convolution
 
 import convmm
-from convmm import _conv as convmm_conv
+from convmm import _sharding as convmm_sharding
 
 XLA_CONV = lax_convolution.conv_general_dilated_p
 
@@ -128,13 +128,13 @@ def xla_conv_forbidden():
   # The one permitted binding: on explicit meshes convmm asks lax's shape rule for lax's
   # output sharding (jax.eval_shape, nothing is computed or lowered; the lowering checks in
   # test_convmm_called.py show no stablehlo.convolution).
-  sharding_rule = convmm_conv._lax_out_sharding
-  convmm_conv._lax_out_sharding = allow_xla_conv(sharding_rule)
+  sharding_rule = convmm_sharding.lax_out_sharding
+  convmm_sharding.lax_out_sharding = allow_xla_conv(sharding_rule)
   try:
     yield
   finally:
     del XLA_CONV.bind
-    convmm_conv._lax_out_sharding = sharding_rule
+    convmm_sharding.lax_out_sharding = sharding_rule
 
 
 @contextlib.contextmanager

@@ -1,0 +1,130 @@
+"""The GEMMs of the convolution's backward pass on canonical operands.
+
+The input gradient of a strided convolution as ``cotangent @ kernel^T``
+summed back into place (col2im, the transpose of im2col), and the kernel
+gradient as one GEMM ``cotangent^T @ patches`` per group, with the patches
+rebuilt from the input. :mod:`convmm._autodiff` decides when each is used and
+how the work is tiled. Operands are canonical: input ``(N, *spatial, C)``,
+kernel ``(*window, C // groups, O)``, cotangent ``(N // batch_groups, *out, O)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from convmm._budget import current_memory_budget
+from convmm._im2col import patches_channels_last
+from convmm._shapes import ConvSpec
+from convmm._sharding import sharding_of
+from convmm._tiling import batch_chunk
+
+
+def split_axis(a: jax.Array, axis: int, parts: int) -> jax.Array:
+  """``a`` with ``axis`` split into ``(parts, size // parts)``."""
+  return a.reshape(*a.shape[:axis], parts, a.shape[axis] // parts, *a.shape[axis + 1 :])
+
+
+def _patch_cotangent(ct, w, spec, precision, acc_dtype):
+  """``ct @ w^T`` per group: the cotangent of the patch matrix, ``(N, *out, T, C)``."""
+  g = spec.geometry
+  nsp, t = g.num_spatial, g.num_taps
+  groups, bg = spec.feature_group_count * spec.batch_group_count, spec.batch_group_count
+  if groups == 1:
+    return lax.dot_general(
+      ct,
+      w.reshape(t, *w.shape[-2:]),
+      (((nsp + 1,), (2,)), ((), ())),
+      precision=precision,
+      preferred_element_type=acc_dtype,
+    )
+  w = w.reshape(t, w.shape[-2], groups, w.shape[-1] // groups)  # (T, cg, G, og)
+  ct = split_axis(ct, nsp + 1, groups)  # (N', *out, G, og)
+  dp = lax.dot_general(
+    ct,
+    w,
+    (((nsp + 2,), (3,)), ((nsp + 1,), (2,))),
+    precision=precision,
+    preferred_element_type=acc_dtype,
+  )  # (G, N', *out, T, cg)
+  if bg > 1:  # batch groups: the group axis is the batch's major part
+    return dp.reshape(-1, *dp.shape[2:])
+  dp = jnp.moveaxis(dp, 0, -2)
+  return dp.reshape(*dp.shape[:-2], -1)
+
+
+def input_grad_col2im(
+  ct: jax.Array, w: jax.Array, spec: ConvSpec, precision: Any, acc_dtype: Any
+) -> jax.Array:
+  """Input gradient as the GEMM ``ct @ w^T`` summed back into place (col2im)."""
+  # 16-bit cotangents: the overlapping windows are summed in the float32 accumulator.
+  dp = _patch_cotangent(ct, w, spec, precision, acc_dtype)
+  g = spec.geometry
+  primal = jax.ShapeDtypeStruct((g.batch, *g.in_spatial, g.in_features), dp.dtype)
+  (dx,) = jax.linear_transpose(lambda x: patches_channels_last(x, g), primal)(dp)
+  return dx
+
+
+def grad_batch_chunk(spec: ConvSpec, x: jax.Array, itemsize: int, budget: int | None) -> int:
+  """Samples per chunk so that a chunk's patch matrix (and a copy) fits the budget."""
+  budget = current_memory_budget() if budget is None else budget
+  g = spec.geometry
+  sample = 2 * math.prod(g.out_spatial) * g.num_taps * g.in_features * itemsize
+  return batch_chunk(g.batch, budget // max(sample, 1), sharding_of(x)[0])
+
+
+def kernel_grad(
+  x: jax.Array, ct: jax.Array, spec: ConvSpec, precision: Any, acc_dtype: Any
+) -> jax.Array:
+  """``ct^T @ patches`` per group, as ``(*window, cg, O)``."""
+  g = spec.geometry
+  nsp, t = g.num_spatial, g.num_taps
+  fg, bg = spec.feature_group_count, spec.batch_group_count
+  groups = fg * bg
+  if fg > 1:  # (N, *sp, G, cg) -> (G * N, *sp, cg): one patch matrix per group
+    x = jnp.moveaxis(split_axis(x, nsp + 1, fg), nsp + 1, 0)
+    x = x.reshape(-1, *x.shape[2:])
+  patches = patches_channels_last(
+    x, dataclasses.replace(g, batch=x.shape[0], in_features=x.shape[-1])
+  )  # (G*N or N, *out, T, cg)
+  m = math.prod(ct.shape[:-1])
+  # The cotangent is the GEMM's left operand: XLA's fast CPU GEMM wants the
+  # contraction on the left operand's minor axis, and transposing the cotangent
+  # for that is cheaper than transposing the patches.
+  # The kernel is replicated even where the batch is sharded (lax's rule).
+  mesh = jax.typeof(ct).sharding.mesh
+  out_sharding = (
+    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    if jax.sharding.AxisType.Explicit in mesh.axis_types
+    else None
+  )
+  if groups == 1:  # contract (N, *out): multi-axis, so XLA canonicalises it for YNNPACK
+    patches = patches.reshape(*patches.shape[:-2], -1)
+    dims = tuple(range(nsp + 1))
+    dw = lax.dot_general(
+      ct,
+      patches,
+      ((dims, dims), ((), ())),
+      precision=precision,
+      preferred_element_type=acc_dtype,
+      out_sharding=out_sharding,
+    )[None]
+  else:
+    patches = patches.reshape(groups, m, t * patches.shape[-1])  # group-major rows
+    ct = split_axis(ct, nsp + 1, groups).reshape(m, groups, -1)
+    dw = lax.dot_general(
+      ct,
+      patches,
+      (((0,), (1,)), ((1,), (0,))),
+      precision=precision,
+      preferred_element_type=acc_dtype,
+      out_sharding=out_sharding,
+    )  # (G, og, T * cg)
+  dw = dw.reshape(groups, dw.shape[1], t, -1)
+  dw = jnp.transpose(dw, (2, 3, 0, 1))  # (T, cg, G, og)
+  return dw.reshape(*g.filter_shape, dw.shape[1], -1)
