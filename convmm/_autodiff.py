@@ -232,8 +232,8 @@ def _rhs_rule(ct, x, w, **params):
   if spec.batch_group_count > 1:
     dw = grad_w(x, ct, spec)
   elif all(d == 1 for d in spec.geometry.lhs_dilation):
-    # The forward's tiles (output rows, then batch chunks), summed: the patches
-    # and their GEMM operand copy are two of the forward's three patch copies.
+    # Tiles like the forward's (output rows, then batch chunks), summed; a tile
+    # holds its patches and their GEMM operand copy.
     batch_shards, sharded_spatial = sharding_of(x)
     budget = params["memory_budget"]
     plan = tile_plan(

@@ -46,10 +46,9 @@ def set_memory_budget(nbytes: int) -> int:
 def memory_budget(nbytes: int) -> Iterator[None]:
   """Context manager: convolutions traced inside use a tile budget of ``nbytes``.
 
-  The budget bounds a tile's whole working set: its input window, the patch
-  matrix counted three times (the rematerialised patches, their cotangent and
-  a GEMM operand copy in the backward pass; once for the depthwise method),
-  the first unfolding stage and the tile's output. Work beyond it is computed
+  The budget bounds a tile's whole working set: its input window, its patch
+  matrix (twice in a kernel gradient: the patches and their GEMM operand
+  copy), the first unfolding stage and the tile's output. Work beyond it is computed
   tile by tile (output rows, then columns, then batch chunks). The whole
   padded input and the output are held besides. Like
   ``jax.default_matmul_precision``, it applies to what is traced inside the
