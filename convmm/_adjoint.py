@@ -22,20 +22,19 @@ import numpy as np
 from jax import lax
 
 from convmm._canonical import (
-  ConvDimensionNumbers,
-  canonical_dimension_numbers,
   canonical_ints,
   canonical_padding,
-  canonical_shape,
   conv_transpose_padding,
   dilate_dim,
 )
 from convmm._conv import _check_method, choose_method, conv_with_spec
+from convmm._dimension_numbers import ConvDimensionNumbers, canonical_dimension_numbers
 from convmm._shapes import (
   ConvSpec,
   check_dtypes,
   conv_spec,
   layout_shape,
+  operator_spec,
   preferred_dtype,
   shape_of,
 )
@@ -92,63 +91,17 @@ def conv_adjoint(
     >>> convmm.conv_adjoint(y, W, (1, 2, 10, 10), (2, 2), ((1, 1), (1, 1))).shape
     (1, 2, 10, 10)
   """
-  return _conv_adjoint(
-    "conv_adjoint",
-    cotangent,
-    rhs,
-    lhs_shape,
-    window_strides,
-    padding,
-    lhs_dilation,
-    rhs_dilation,
-    dimension_numbers,
-    feature_group_count,
-    batch_group_count,
-    precision,
-    preferred_element_type,
-    method,
-    memory_budget,
-  )
-
-
-def _conv_adjoint(
-  fn,
-  cotangent,
-  rhs,
-  lhs_shape,
-  window_strides,
-  padding,
-  lhs_dilation,
-  rhs_dilation,
-  dimension_numbers,
-  feature_group_count,
-  batch_group_count,
-  precision,
-  preferred_element_type,
-  method,
-  memory_budget,
-) -> jax.Array:
-  """:func:`conv_adjoint`, with errors naming the public function ``fn``."""
+  fn = "conv_adjoint"
   ct_shape, ct_dtype = shape_of(fn, "cotangent", cotangent)
-  rhs_shape, rhs_dtype = shape_of(fn, "rhs", rhs)
-  lhs_shape = canonical_shape(fn, "lhs_shape", lhs_shape)
+  conv_args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
+  spec, lhs_shape, rhs_shape, rhs_dtype = operator_spec(
+    fn, rhs, lhs_shape, *conv_args, feature_group_count, batch_group_count
+  )
   if not jnp.issubdtype(rhs_dtype, jnp.inexact):
     raise TypeError(
       f"{fn}: the adjoint is computed by autodiff and needs a floating or complex "
       f"dtype, got rhs.dtype={np.dtype(rhs_dtype)}; cast the operands first"
     )
-  spec = conv_spec(
-    fn,
-    lhs_shape,
-    rhs_shape,
-    window_strides,
-    padding,
-    lhs_dilation,
-    rhs_dilation,
-    dimension_numbers,
-    feature_group_count,
-    batch_group_count,
-  )
   if ct_shape != spec.out_shape:
     raise ValueError(
       f"{fn}: `cotangent` must have the forward output shape {spec.out_shape} for "
@@ -157,12 +110,6 @@ def _conv_adjoint(
   preferred = preferred_dtype(fn, rhs_dtype, preferred_element_type)
   method, memory_budget = _check_method(fn, method, memory_budget)
   choose_method(spec, method, fn)
-  rhs = jnp.asarray(rhs)
-  primal = jax.ShapeDtypeStruct(lhs_shape, rhs_dtype)
-
-  def forward(x):
-    return conv_with_spec(x, rhs, spec, precision, preferred, method, memory_budget)
-
   # lax's rule: the output has the operands' dtype unless one is preferred.
   out_dtype = rhs_dtype if preferred is None else preferred
   if np.dtype(ct_dtype) != np.dtype(out_dtype):
@@ -170,7 +117,27 @@ def _conv_adjoint(
       f"{fn}: `cotangent` must have the forward output dtype {np.dtype(out_dtype)}, "
       f"got cotangent.dtype={np.dtype(ct_dtype)} (rhs.dtype={np.dtype(rhs_dtype)})"
     )
-  (x_bar,) = jax.linear_transpose(forward, primal)(jnp.asarray(cotangent))
+  options = (precision, preferred, method, memory_budget)
+  return _adjoint_with_spec(jnp.asarray(cotangent), jnp.asarray(rhs), spec, lhs_shape, *options)
+
+
+def _adjoint_with_spec(
+  cotangent: jax.Array,
+  rhs: jax.Array,
+  spec: ConvSpec,
+  lhs_shape: tuple[int, ...],
+  precision: Any,
+  preferred: Any,
+  method: str,
+  memory_budget: int,
+) -> jax.Array:
+  """The adjoint of the convolution by ``rhs`` for an already validated spec."""
+
+  def forward(x):
+    return conv_with_spec(x, rhs, spec, precision, preferred, method, memory_budget)
+
+  primal = jax.ShapeDtypeStruct(lhs_shape, rhs.dtype)
+  (x_bar,) = jax.linear_transpose(forward, primal)(cotangent)
   return x_bar
 
 
@@ -285,23 +252,11 @@ def _transpose_by_adjoint(
     # The adjoint returns the primal dtype; compute in the requested type instead
     # (products of the narrower inputs are exact in it, as in a widening GEMM).
     lhs, rhs = lhs.astype(preferred), rhs.astype(preferred)
-  return _conv_adjoint(
-    fn,
-    lhs,
-    rhs,
-    forward_in_shape,
-    g.lhs_dilation,
-    forward_pads,
-    None,
-    g.rhs_dilation,
-    forward_dnums,
-    1,
-    1,
-    precision,
-    None,
-    method,
-    memory_budget,
-  )
+  forward_args = (g.lhs_dilation, forward_pads, None, g.rhs_dilation, forward_dnums, 1, 1)
+  forward_spec = conv_spec(fn, forward_in_shape, rhs.shape, *forward_args)
+  choose_method(forward_spec, method, fn)
+  options = (precision, None, method, memory_budget)
+  return _adjoint_with_spec(lhs, rhs, forward_spec, forward_in_shape, *options)
 
 
 def conv_transpose(
@@ -354,16 +309,9 @@ def conv_transpose(
   fn = "conv_transpose"
   lhs_shape, lhs_dtype = shape_of(fn, "lhs", lhs)
   rhs_shape, rhs_dtype = shape_of(fn, "rhs", rhs)
+  conv_args = (strides, padding, rhs_dilation, dimension_numbers)
   spec = transpose_spec(
-    fn,
-    lhs_shape,
-    rhs_shape,
-    strides,
-    padding,
-    rhs_dilation,
-    dimension_numbers,
-    transpose_kernel,
-    use_consistent_padding,
+    fn, lhs_shape, rhs_shape, *conv_args, transpose_kernel, use_consistent_padding
   )
   preferred = check_dtypes(fn, lhs_dtype, rhs_dtype, preferred_element_type)
   method, memory_budget = _check_method(fn, method, memory_budget)

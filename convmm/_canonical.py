@@ -1,5 +1,7 @@
 """The one place that turns user arguments into canonical tuples.
 
+(``dimension_numbers`` are read by :mod:`convmm._dimension_numbers`.)
+
 Every public function of convmm calls :func:`conv_geometry` first. It validates
 the arguments (raising ``ValueError``/``TypeError`` that name the function, the
 argument and the values, at trace time) and returns a :class:`ConvGeometry`
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 from jax import lax
 
-ConvDimensionNumbers = lax.ConvDimensionNumbers
+from convmm._dimension_numbers import ConvDimensionNumbers, canonical_dimension_numbers
 
 PADDING_STRINGS = ("SAME", "SAME_LOWER", "VALID")
 
@@ -137,6 +139,14 @@ def as_int(value: Any, *, integral_float: bool = False) -> int | None:
   return None
 
 
+def int_pair(value: Any) -> tuple[int, int] | None:
+  """``value`` as a ``(low, high)`` pair of ints (read by :func:`as_int`), else ``None``."""
+  if isinstance(value, str) or not isinstance(value, Sequence | np.ndarray) or len(value) != 2:
+    return None
+  low, high = as_int(value[0]), as_int(value[1])
+  return None if low is None or high is None else (low, high)
+
+
 def positive_count(
   fn: str, name: str, value: Any, *, bool_ok: bool = False, unit: str | None = None
 ) -> int:
@@ -210,73 +220,17 @@ def canonical_shape(fn: str, name: str, value: Any) -> tuple[int, ...]:
   return shape
 
 
-def canonical_dimension_numbers(
-  fn: str, lhs_ndim: int, rhs_ndim: int, dimension_numbers: Any
-) -> ConvDimensionNumbers:
-  """Validates ``dimension_numbers`` and returns ``lax.ConvDimensionNumbers``.
+def padding_mode(fn: str, padding: str, modes: Sequence[str], otherwise: str) -> str:
+  """``padding`` in upper case if it is one of ``modes``, else a ``ValueError``.
 
-  Accepts ``None`` (``NC...``, ``OI...``, ``NC...``), a ``ConvDimensionNumbers``
-  or a 3-tuple of spec strings such as ``('NHWC', 'HWIO', 'NHWC')``.
+  ``otherwise`` names the non-string forms the caller also accepts.
   """
-  if lhs_ndim != rhs_ndim:
-    # lax's classes: ValueError from its shape rule when given ConvDimensionNumbers,
-    # TypeError from conv_dimension_numbers otherwise.
-    exc = ValueError if isinstance(dimension_numbers, ConvDimensionNumbers) else TypeError
-    raise exc(
-      f"{fn}: `lhs` and `rhs` must have the same rank, got lhs.ndim={lhs_ndim} "
-      f"and rhs.ndim={rhs_ndim}"
-    )
-  if lhs_ndim < 2:
+  mode = padding.upper()
+  if mode not in modes:
     raise ValueError(
-      f"{fn}: `lhs` must have rank >= 2 (batch, feature, *spatial), got ndim={lhs_ndim}"
+      f"{fn}: `padding` must be one of {tuple(modes)} {otherwise}, got padding={padding!r}"
     )
-  ndim = lhs_ndim
-  if dimension_numbers is None:
-    spec = tuple(range(ndim))
-    return ConvDimensionNumbers(spec, spec, spec)
-  if isinstance(dimension_numbers, ConvDimensionNumbers):
-    for name, spec in zip(("lhs_spec", "rhs_spec", "out_spec"), dimension_numbers):
-      if sorted(int(s) for s in spec) != list(range(ndim)):
-        raise ValueError(
-          f"{fn}: `dimension_numbers.{name}` must be a permutation of "
-          f"range({ndim}), got {tuple(spec)!r}"
-        )
-    return ConvDimensionNumbers(*(tuple(int(s) for s in spec) for spec in dimension_numbers))
-  if (
-    not isinstance(dimension_numbers, Sequence)
-    or isinstance(dimension_numbers, str)
-    or len(dimension_numbers) != 3
-    or not all(isinstance(s, str) for s in dimension_numbers)
-  ):
-    raise TypeError(
-      f"{fn}: `dimension_numbers` must be None, a lax.ConvDimensionNumbers or a "
-      f"tuple of three spec strings like ('NHWC', 'HWIO', 'NHWC'), got "
-      f"{dimension_numbers!r}"
-    )
-  lhs_spec, rhs_spec, out_spec = dimension_numbers
-  for name, spec, (a, b) in (
-    ("lhs_spec", lhs_spec, "NC"),
-    ("rhs_spec", rhs_spec, "OI"),
-    ("out_spec", out_spec, "NC"),
-  ):
-    # Malformed spec strings are TypeErrors, as in lax's conv_dimension_numbers.
-    if len(spec) != ndim:
-      raise TypeError(
-        f"{fn}: `dimension_numbers` {name} {spec!r} must have one letter per "
-        f"array dimension ({ndim})"
-      )
-    if len(set(spec)) != ndim or spec.count(a) != 1 or spec.count(b) != 1:
-      raise TypeError(
-        f"{fn}: `dimension_numbers` {name} {spec!r} must contain '{a}' and '{b}' "
-        f"once each and distinct spatial letters"
-      )
-  spatial = [set(s) - set(ab) for s, ab in ((lhs_spec, "NC"), (rhs_spec, "OI"), (out_spec, "NC"))]
-  if not spatial[0] == spatial[1] == spatial[2]:
-    raise TypeError(
-      f"{fn}: `dimension_numbers` must use the same spatial letters in all three "
-      f"specs, got {tuple(dimension_numbers)!r}"
-    )
-  return lax.conv_dimension_numbers((0,) * ndim, (0,) * ndim, tuple(dimension_numbers))
+  return mode
 
 
 def canonical_padding(
@@ -295,12 +249,7 @@ def canonical_padding(
   """
   nsp = len(in_spatial)
   if isinstance(padding, str):
-    mode = padding.upper()
-    if mode not in PADDING_STRINGS:
-      raise ValueError(
-        f"{fn}: `padding` must be one of {PADDING_STRINGS} or a sequence of "
-        f"(low, high) pairs, got {padding!r}"
-      )
+    mode = padding_mode(fn, padding, PADDING_STRINGS, "or a sequence of (low, high) pairs")
     if any(d != 1 for d in lhs_dilation):
       raise ValueError(
         f"{fn}: string `padding` ({padding!r}) cannot be combined with "
@@ -318,24 +267,17 @@ def canonical_padding(
       f"{fn}: `padding` must be a string or a sequence of (low, high) pairs, got {padding!r}"
     )
   pairs = tuple(padding)
-  out = []
-  for pair in pairs:
-    if (
-      isinstance(pair, str)
-      or not isinstance(pair, Sequence | np.ndarray)
-      or len(pair) != 2
-      or any(as_int(p) is None for p in pair)
-    ):
-      raise ValueError(
-        f"{fn}: `padding` entries must be (low, high) pairs of ints, got padding={padding!r}"
-      )
-    out.append((as_int(pair[0]), as_int(pair[1])))
+  out = [int_pair(pair) for pair in pairs]
+  if any(pair is None for pair in out):
+    raise ValueError(
+      f"{fn}: `padding` entries must be (low, high) pairs of ints, got padding={padding!r}"
+    )
   if len(pairs) != nsp:
     raise TypeError(
       f"{fn}: `padding` must have one (low, high) pair per spatial dimension "
       f"({nsp}), got {len(pairs)}: padding={padding!r}"
     )
-  return tuple(out)
+  return tuple(pair for pair in out if pair is not None)
 
 
 def output_spatial(

@@ -26,17 +26,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from convmm._canonical import (
-  as_int,
-  canonical_ints,
-  conv_geometry,
-  conv_transpose_padding,
-  dilate_dim,
-  positive_count,
+from convmm._canonical import conv_geometry, conv_transpose_padding, dilate_dim, positive_count
+from convmm._layer_fields import (
+  CONV_PADDINGS,
+  TRANSPOSE_PADDINGS,
+  Padding,
+  broadcast_ints,
+  kernel_size_of,
+  layer_padding,
 )
 
-CONV_PADDINGS = ("SAME", "SAME_LOWER", "VALID", "CIRCULAR", "REFLECT", "REPLICATE", "CAUSAL")
-TRANSPOSE_PADDINGS = ("SAME", "SAME_LOWER", "VALID", "CIRCULAR")
 # Modes lax has no name for: applied with jnp.pad, then the convolution is 'VALID'.
 _JNP_PAD_MODES = {
   "CIRCULAR": "wrap",
@@ -44,92 +43,6 @@ _JNP_PAD_MODES = {
   "REPLICATE": "edge",
   "CAUSAL": "constant",
 }
-
-Padding = str | tuple[tuple[int, int], ...]
-
-
-def _kernel_size(layer: str, kernel_size: Any) -> tuple[int, ...]:
-  if as_int(kernel_size) is not None:
-    kernel_size = (kernel_size,)
-  if isinstance(kernel_size, str) or not isinstance(kernel_size, Sequence | np.ndarray):
-    raise TypeError(
-      f"{layer}: `kernel_size` must be an int or a sequence of ints, got {kernel_size!r}"
-    )
-  if len(kernel_size) == 0:
-    raise ValueError(
-      f"{layer}: `kernel_size` must have at least one entry, got kernel_size={kernel_size!r}"
-    )
-  return canonical_ints(layer, "kernel_size", kernel_size, len(kernel_size))
-
-
-def _broadcast_ints(
-  layer: str,
-  name: str,
-  value: Any,
-  rank: int,
-  default: int = 1,
-  minimum: int = 1,
-  dilation: bool = False,
-) -> tuple[int, ...]:
-  """Flax's ``maybe_broadcast``: ``None`` -> ``default``, an int -> ``rank`` copies.
-
-  Flax hands a ``dilation`` to lax, which raises TypeError for a non-positive one.
-  """
-  if value is None:
-    value = default
-  if as_int(value) is not None:
-    value = (value,) * rank
-  return canonical_ints(
-    layer, name, value, rank, minimum=minimum, too_small=TypeError if dilation else ValueError
-  )
-
-
-def layer_padding(layer: str, padding: Any, rank: int, modes: Sequence[str]) -> Padding:
-  """Flax's ``canonicalize_padding`` with errors naming the layer: an upper-case mode or pairs.
-
-  ``padding`` is a string in ``modes`` (any case), an int (both sides of every
-  dim), or ``rank`` entries, each an int or a ``(low, high)`` pair. An unknown
-  string or the wrong number of entries is a ``ValueError``, anything else a
-  ``TypeError``.
-  """
-  if isinstance(padding, str):
-    mode = padding.upper()
-    if mode not in modes:
-      raise ValueError(
-        f"{layer}: `padding` must be one of {tuple(modes)}, an int, or {rank} ints or "
-        f"(low, high) pairs, got padding={padding!r}"
-      )
-    return mode
-  if (width := as_int(padding)) is not None:
-    return ((width, width),) * rank
-  if not isinstance(padding, Sequence | np.ndarray):
-    raise TypeError(
-      f"{layer}: `padding` must be a string, an int, or {rank} ints or (low, high) pairs, "
-      f"got {padding!r}"
-    )
-  entries = tuple(padding)
-  if len(entries) != rank:
-    raise ValueError(
-      f"{layer}: `padding` must have one entry per spatial dimension ({rank}, the length "
-      f"of `kernel_size`), got {len(entries)}: padding={padding!r}"
-    )
-  pairs = []
-  for entry in entries:
-    if as_int(entry) is not None:
-      pairs.append((as_int(entry),) * 2)
-    elif (
-      isinstance(entry, Sequence | np.ndarray)
-      and not isinstance(entry, str)
-      and len(entry) == 2
-      and all(as_int(p) is not None for p in entry)
-    ):
-      pairs.append((as_int(entry[0]), as_int(entry[1])))
-    else:
-      raise TypeError(
-        f"{layer}: `padding` entries must be ints or (low, high) pairs of ints, got "
-        f"padding={padding!r}"
-      )
-  return tuple(pairs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +80,16 @@ class LayerGeometry:
     lhs_spec = (0, ndim - 1, *range(1, ndim - 1))
     rhs_spec = (ndim - 1, ndim - 2, *range(ndim - 2))
     return lax.ConvDimensionNumbers(lhs_spec, rhs_spec, lhs_spec)
+
+  @property
+  def lax_kwargs(self) -> dict[str, Any]:
+    """Dilations, dimension numbers and groups as lax's keyword arguments."""
+    return {
+      "lhs_dilation": self.input_dilation,
+      "rhs_dilation": self.kernel_dilation,
+      "dimension_numbers": self.dimension_numbers,
+      "feature_group_count": self.feature_group_count,
+    }
 
   @property
   def effective_kernel_size(self) -> tuple[int, ...]:
@@ -265,15 +188,15 @@ def conv_layer_geometry(
   dilate the input (ConvTranspose). Errors (``ValueError``, ``TypeError``) name
   the offending field and its value.
   """
-  kernel_size = _kernel_size(layer, kernel_size)
+  kernel_size = kernel_size_of(layer, kernel_size)
   rank = len(kernel_size)
   geometry = LayerGeometry(
     layer=layer,
     kernel_size=kernel_size,
-    strides=_broadcast_ints(layer, "strides", strides, rank, dilation=transposed),
+    strides=broadcast_ints(layer, "strides", strides, rank, dilation=transposed),
     padding=layer_padding(layer, padding, rank, modes),
-    input_dilation=_broadcast_ints(layer, "input_dilation", input_dilation, rank, dilation=True),
-    kernel_dilation=_broadcast_ints(layer, "kernel_dilation", kernel_dilation, rank, dilation=True),
+    input_dilation=broadcast_ints(layer, "input_dilation", input_dilation, rank, dilation=True),
+    kernel_dilation=broadcast_ints(layer, "kernel_dilation", kernel_dilation, rank, dilation=True),
     feature_group_count=positive_count(layer, "feature_group_count", feature_group_count),
   )
   if geometry.padding == "CAUSAL" and rank != 1:
@@ -343,7 +266,7 @@ def adjoint_layer_geometry(
   geometry = conv_layer_geometry(
     layer, kernel_size, strides, padding, 1, kernel_dilation, feature_group_count
   )
-  output_padding = _broadcast_ints(
+  output_padding = broadcast_ints(
     layer, "output_padding", output_padding, geometry.rank, default=0, minimum=0
   )
   if any(p >= s for p, s in zip(output_padding, geometry.strides)):

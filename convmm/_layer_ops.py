@@ -1,13 +1,16 @@
 """Layer ops: the computation of the Flax conv layers on a validated geometry.
 
-Each op takes the :class:`~convmm._layer_geometry.LayerGeometry` a layer built
-once, its promoted operands, and calls the convmm core: flatten the leading
-batch dimensions, ``jnp.pad`` the modes lax has no name for, convolve, add the
-bias. One compiled computation per layer call (see :func:`_compiled`).
+:func:`apply` takes the :class:`~convmm._layer_geometry.LayerGeometry` a layer
+built once and its promoted operands, flattens the leading batch dimensions,
+runs one op (:func:`conv_layer`, :func:`conv_local_layer`,
+:func:`conv_transpose_layer` or :func:`conv_adjoint_layer`: ``jnp.pad`` the
+modes lax has no name for, call the convmm core) and adds the bias, as one
+compiled computation per layer call.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -17,109 +20,35 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from convmm import _adjoint, _conv, _im2col
+from convmm import _adjoint, _conv, _local
 from convmm._budget import current_memory_budget
 from convmm._layer_geometry import LayerGeometry, adjoint_input_spatial, in_features_of
 
-
-def _flatten_batch(
-  geometry: LayerGeometry,
-  inputs: jax.Array,
-  in_features: int | None,
-) -> tuple[jax.Array, tuple]:
-  in_features_of(geometry, inputs, in_features)
-  batch_shape = inputs.shape[: inputs.ndim - geometry.rank - 1]
-  flat = inputs.reshape(math.prod(batch_shape), *inputs.shape[len(batch_shape) :])
-  return flat, batch_shape
+Array = jax.Array
 
 
-def _finish(y: jax.Array, bias: jax.Array | None, batch_shape: tuple) -> jax.Array:
-  if bias is not None:
-    y = y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
-  return y.reshape(*batch_shape, *y.shape[1:])
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """A layer's computation options (static: part of the compiled call's key).
 
-
-def _compiled(*static_argnames: str) -> Callable:
-  # One compiled computation per layer call. The im2col core is dozens of
-  # small ops (a slice per kernel tap, their transposes in the adjoint), which
-  # eager use would compile and dispatch one by one; under an outer jit this
-  # inner jit is simply inlined. The geometry and options are static. The memory
-  # budget in force is part of the cache key (it is read while tracing).
-  def decorate(fn: Callable) -> Callable:
-    def with_budget(*args, memory_budget_key: int, **kwargs):
-      del memory_budget_key
-      return fn(*args, **kwargs)
-
-    jitted = jax.jit(
-      with_budget, static_argnums=0, static_argnames=(*static_argnames, "memory_budget_key")
-    )
-
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-      return jitted(*args, memory_budget_key=current_memory_budget(), **kwargs)
-
-    return call
-
-  return decorate
-
-
-@_compiled(
-  "in_features", "precision", "preferred_element_type", "conv_general_dilated", "out_sharding"
-)
-def conv_layer(
-  geometry: LayerGeometry,
-  inputs: jax.Array,
-  kernel: jax.Array,
-  bias: jax.Array | None,
-  *,
-  in_features: int | None = None,
-  precision: Any = None,
-  preferred_element_type: Any = None,
-  conv_general_dilated: Callable[..., jax.Array] | None = None,
-  out_sharding: Any = None,
-) -> jax.Array:
-  """The Conv layer's computation: pad, convolve, add the bias.
-
-  Args:
-    geometry: from :func:`~convmm._layer_geometry.conv_layer_geometry`.
-    inputs: ``(*batch, *spatial, C)``, already promoted.
-    kernel: ``(*kernel_size, C // groups, O)``, masked and promoted.
-    bias: ``(O,)`` or ``None``.
-    in_features: if given, the inputs' last dimension must equal it.
-    precision: passed to the convolution.
-    preferred_element_type: passed to the convolution when not ``None``.
-    conv_general_dilated: the convolution (default ``convmm.conv_general_dilated``).
-    out_sharding: passed to the convolution when not ``None``.
-
-  Returns:
-    ``(*batch, *out_spatial, O)``.
+  Attributes:
+    precision: passed to the core.
+    preferred_element_type: passed to the core (ConvAdjoint: the dtype in
+      which the adjoint is computed and returned).
+    conv_general_dilated: Conv's convolution (default ``convmm.conv_general_dilated``).
+    out_sharding: Conv's output sharding, passed to the convolution when set.
+    transpose_kernel: ConvTranspose's kernel flip and feature swap.
   """
-  x, batch_shape = _flatten_batch(geometry, inputs, in_features)
-  conv_fn = conv_general_dilated or _conv.conv_general_dilated
-  # Like flax.nnx, pass preferred_element_type only when set, so that
-  # user-supplied convolution functions without that argument keep working.
-  extra = (
-    {} if preferred_element_type is None else {"preferred_element_type": preferred_element_type}
-  )
-  if out_sharding is not None:
-    extra["out_sharding"] = out_sharding
-  y = conv_fn(
-    geometry.pad(x),
-    kernel,
-    geometry.strides,
-    geometry.lax_padding,
-    lhs_dilation=geometry.input_dilation,
-    rhs_dilation=geometry.kernel_dilation,
-    dimension_numbers=geometry.dimension_numbers,
-    feature_group_count=geometry.feature_group_count,
-    precision=precision,
-    **extra,
-  )
-  return _finish(y, bias, batch_shape)
+
+  precision: Any = None
+  preferred_element_type: Any = None
+  conv_general_dilated: Callable[..., jax.Array] | None = None
+  out_sharding: Any = None
+  transpose_kernel: bool = False
 
 
-@_compiled("in_features", "input_spatial_shape", "precision", "preferred_element_type")
-def conv_local_layer(
+def apply(
+  op: Callable[[LayerGeometry, jax.Array, jax.Array, Options], jax.Array],
   geometry: LayerGeometry,
   inputs: jax.Array,
   kernel: jax.Array,
@@ -127,54 +56,97 @@ def conv_local_layer(
   *,
   in_features: int | None = None,
   input_spatial_shape: Sequence[int] | None = None,
-  precision: Any = None,
-  preferred_element_type: Any = None,
+  **options: Any,
 ) -> jax.Array:
-  """The locally connected layer: im2col, then one GEMM per output position.
+  """A layer's computation: flatten the batch, ``op``, add the bias.
 
-  Computes what ``lax.conv_general_dilated_local`` computes: the patch of each
-  output position (channel-major features, as ``convmm.im2col`` orders them)
-  times that position's own ``(K, O)`` kernel matrix, i.e. a dot_general
-  batched over the output positions.
+  One compiled computation per layer call. The im2col core is dozens of small
+  ops (a slice per kernel tap, their transposes in the adjoint), which eager
+  use would compile and dispatch one by one; under an outer jit this inner jit
+  is simply inlined.
 
   Args:
-    geometry: from :func:`~convmm._layer_geometry.conv_layer_geometry`.
+    op: one of this module's ops, ``op(geometry, x, kernel, options)`` on
+      flat inputs ``x`` of shape ``(N, *spatial, C)``.
+    geometry: the layer's validated geometry.
     inputs: ``(*batch, *spatial, C)``, already promoted.
-    kernel: ``(*out_spatial, prod(kernel_size) * C, O)``.
-    bias: ``(*out_spatial, O)`` or ``None``.
+    kernel: the layer's kernel, masked and promoted.
+    bias: broadcast against the output's trailing dimensions, or ``None``.
     in_features: if given, the inputs' last dimension must equal it.
     input_spatial_shape: if given, the inputs' spatial shape must equal it.
-    precision, preferred_element_type: passed to the GEMM.
+    **options: the fields of :class:`Options`.
 
   Returns:
     ``(*batch, *out_spatial, O)``.
   """
-  x, batch_shape = _flatten_batch(geometry, inputs, in_features)
-  if input_spatial_shape is not None and x.shape[1:-1] != tuple(input_spatial_shape):
+  shape = tuple(inputs.shape)
+  in_features_of(geometry, inputs, in_features)
+  if input_spatial_shape is not None and shape[-geometry.rank - 1 : -1] != tuple(
+    input_spatial_shape
+  ):
     raise ValueError(
       f"{geometry.layer}: the inputs' spatial shape must be `input_spatial_shape` "
       f"(={tuple(input_spatial_shape)}), the one the kernel was built for, got "
-      f"inputs.shape={inputs.shape}"
+      f"inputs.shape={shape}"
     )
-  patches = _im2col.im2col(
+  # The budget in force is part of the cache key (it is read while tracing).
+  budget = current_memory_budget()
+  return _compiled(op, geometry, Options(**options), budget, inputs, kernel, bias)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _compiled(op, geometry, options, memory_budget_key, inputs, kernel, bias) -> jax.Array:
+  del memory_budget_key
+  batch_shape = inputs.shape[: inputs.ndim - geometry.rank - 1]
+  x = inputs.reshape(math.prod(batch_shape), *inputs.shape[len(batch_shape) :])
+  y = op(geometry, x, kernel, options)
+  if bias is not None:
+    y = y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
+  return y.reshape(*batch_shape, *y.shape[1:])
+
+
+def conv_layer(geometry: LayerGeometry, x: Array, kernel: Array, o: Options) -> Array:
+  """The Conv layer: pad, then ``o.conv_general_dilated`` (default convmm's).
+
+  ``kernel`` is ``(*kernel_size, C // groups, O)``.
+  """
+  conv_fn = o.conv_general_dilated or _conv.conv_general_dilated
+  # Like flax.nnx, pass preferred_element_type only when set, so that
+  # user-supplied convolution functions without that argument keep working.
+  extra = (
+    {} if o.preferred_element_type is None else {"preferred_element_type": o.preferred_element_type}
+  )
+  if o.out_sharding is not None:
+    extra["out_sharding"] = o.out_sharding
+  return conv_fn(
     geometry.pad(x),
-    geometry.kernel_size,
+    kernel,
     geometry.strides,
     geometry.lax_padding,
-    geometry.input_dilation,
-    geometry.kernel_dilation,
-    geometry.dimension_numbers,
+    **geometry.lax_kwargs,
+    precision=o.precision,
+    **extra,
   )
-  rank = geometry.rank
-  positions = tuple(range(1, rank + 1))
-  y = lax.dot_general(
-    patches,
+
+
+def conv_local_layer(geometry: LayerGeometry, x: Array, kernel: Array, o: Options) -> Array:
+  """The locally connected layer: ``convmm.conv_general_dilated_local`` of the padded input.
+
+  ``kernel`` is ``(*out_spatial, prod(kernel_size) * C, O)``: the patch of each
+  output position times that position's own ``(K, O)`` matrix, as
+  ``lax.conv_general_dilated_local`` computes it.
+  """
+  window = (geometry.kernel_size, geometry.input_dilation, geometry.kernel_dilation)
+  return _local.conv_general_dilated_local(
+    geometry.pad(x),
     kernel,
-    (((rank + 1,), (rank,)), (positions, tuple(range(rank)))),
-    precision=precision,
-    preferred_element_type=preferred_element_type,
-  )  # (*out, N, O)
-  return _finish(jnp.moveaxis(y, rank, 0), bias, batch_shape)
+    geometry.strides,
+    geometry.lax_padding,
+    *window,
+    geometry.dimension_numbers,
+    o.precision,
+    preferred_element_type=o.preferred_element_type,
+  )
 
 
 def _periodic_fold(y: jax.Array, period: Sequence[int], transpose_kernel: bool) -> jax.Array:
@@ -192,33 +164,12 @@ def _periodic_fold(y: jax.Array, period: Sequence[int], transpose_kernel: bool) 
   return y
 
 
-@_compiled("in_features", "transpose_kernel", "precision", "preferred_element_type")
-def conv_transpose_layer(
-  geometry: LayerGeometry,
-  inputs: jax.Array,
-  kernel: jax.Array,
-  bias: jax.Array | None,
-  *,
-  in_features: int | None = None,
-  transpose_kernel: bool = False,
-  precision: Any = None,
-  preferred_element_type: Any = None,
-) -> jax.Array:
+def conv_transpose_layer(geometry: LayerGeometry, x: Array, kernel: Array, o: Options) -> Array:
   """Flax's ConvTranspose computation, through ``convmm.conv_transpose``.
 
-  Args:
-    geometry: from :func:`~convmm._layer_geometry.transpose_layer_geometry`.
-    inputs: ``(*batch, *spatial, C)``, already promoted.
-    kernel: ``(*kernel_size, C, O)`` (``(*kernel_size, O, C)`` if ``transpose_kernel``).
-    bias: ``(O,)`` or ``None``.
-    in_features: if given, the inputs' last dimension must equal it.
-    transpose_kernel: flip the kernel spatially and swap its feature axes.
-    precision, preferred_element_type: passed to ``convmm.conv_transpose``.
-
-  Returns:
-    ``(*batch, *out_spatial, O)``.
+  ``kernel`` is ``(*kernel_size, C, O)`` (``(*kernel_size, O, C)`` if
+  ``o.transpose_kernel``: flipped spatially, feature axes swapped).
   """
-  x, batch_shape = _flatten_batch(geometry, inputs, in_features)
   in_spatial = x.shape[1:-1]
   padding = geometry.padding
   if padding == "CIRCULAR":
@@ -235,51 +186,30 @@ def conv_transpose_layer(
     padding,
     rhs_dilation=geometry.kernel_dilation,
     dimension_numbers=geometry.dimension_numbers,
-    transpose_kernel=transpose_kernel,
-    precision=precision,
-    preferred_element_type=preferred_element_type,
+    transpose_kernel=o.transpose_kernel,
+    precision=o.precision,
+    preferred_element_type=o.preferred_element_type,
   )
   if geometry.padding == "CIRCULAR":
     period = [n * s for n, s in zip(in_spatial, geometry.strides)]
-    y = _periodic_fold(y, period, transpose_kernel)
-  return _finish(y, bias, batch_shape)
+    y = _periodic_fold(y, period, o.transpose_kernel)
+  return y
 
 
-@_compiled("in_features", "precision", "preferred_element_type")
-def conv_adjoint_layer(
-  geometry: LayerGeometry,
-  inputs: jax.Array,
-  kernel: jax.Array,
-  bias: jax.Array | None,
-  *,
-  in_features: int | None = None,
-  precision: Any = None,
-  preferred_element_type: Any = None,
-) -> jax.Array:
-  """ConvAdjoint's computation: the transpose of the forward Conv, then the bias.
+def conv_adjoint_layer(geometry: LayerGeometry, y: Array, kernel: Array, o: Options) -> Array:
+  """ConvAdjoint's computation: the transpose of the forward Conv.
 
   The forward Conv maps ``x`` to ``conv(pad(x))`` (``pad`` is the identity
   unless the mode is CIRCULAR, REFLECT, REPLICATE or CAUSAL). Its transpose is
   ``pad^T(conv_adjoint(y))``: ``convmm.conv_adjoint`` for the convolution, and
   ``jax.linear_transpose`` of the same ``jnp.pad`` for the padding (for wrap
-  padding this folds the halo back onto the opposite edge).
-
-  Args:
-    geometry: from :func:`~convmm._layer_geometry.adjoint_layer_geometry`.
-    inputs: ``(*batch, *spatial, C)``, already promoted: the forward's output.
-    kernel: ``(*kernel_size, O // groups, C)``, the forward's kernel.
-    bias: ``(O,)`` or ``None``.
-    in_features: if given, the inputs' last dimension must equal it.
-    precision: passed to the core.
-    preferred_element_type: dtype of the result; the operands are cast to it
-      and the adjoint is computed in it (exact when widening, e.g. bf16 -> f32).
-
-  Returns:
-    ``(*batch, *adjoint_input_spatial(...), O)``.
+  padding this folds the halo back onto the opposite edge). ``kernel`` is the
+  forward's, ``(*kernel_size, O // groups, C)``; with
+  ``o.preferred_element_type`` the operands are cast to it and the adjoint is
+  computed in it (exact when widening, e.g. bf16 -> f32).
   """
-  y, batch_shape = _flatten_batch(geometry, inputs, in_features)
-  if preferred_element_type is not None:
-    y, kernel = y.astype(preferred_element_type), kernel.astype(preferred_element_type)
+  if o.preferred_element_type is not None:
+    y, kernel = y.astype(o.preferred_element_type), kernel.astype(o.preferred_element_type)
   out_features = kernel.shape[-2] * geometry.feature_group_count
   x_shape = (y.shape[0], *adjoint_input_spatial(geometry, y.shape[1:-1]), out_features)
   x_bar = _adjoint.conv_adjoint(
@@ -288,11 +218,9 @@ def conv_adjoint_layer(
     geometry.padded_shape(x_shape),
     geometry.strides,
     geometry.lax_padding,
-    rhs_dilation=geometry.kernel_dilation,
-    dimension_numbers=geometry.dimension_numbers,
-    feature_group_count=geometry.feature_group_count,
-    precision=precision,
+    **geometry.lax_kwargs,
+    precision=o.precision,
   )
   if geometry.pad_width is not None:
     (x_bar,) = jax.linear_transpose(geometry.pad, jax.ShapeDtypeStruct(x_shape, x_bar.dtype))(x_bar)
-  return _finish(x_bar, bias, batch_shape)
+  return x_bar

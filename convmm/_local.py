@@ -39,6 +39,8 @@ def conv_general_dilated_local(
   rhs_dilation: Sequence[int] | None = None,
   dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers | None = None,
   precision: lax.PrecisionLike = None,
+  *,
+  preferred_element_type: jax.typing.DTypeLike | None = None,
 ) -> jax.Array:
   """Unshared N-D convolution, exactly like ``lax.conv_general_dilated_local``.
 
@@ -63,6 +65,8 @@ def conv_general_dilated_local(
       spec strings such as ``('NHWC', 'HWIO', 'NHWC')``.
     precision: ``None``, a ``lax.Precision`` (or its name) or a pair of them,
       for the GEMM.
+    preferred_element_type: keyword-only (beyond lax), the GEMM's accumulation
+      and output dtype.
 
   Returns:
     The output in the layout of ``dimension_numbers[2]``: ``(N, O, *out_spatial)``
@@ -86,16 +90,8 @@ def conv_general_dilated_local(
   lhs_shape, _ = shape_of(fn, "lhs", lhs)
   rhs_shape, _ = shape_of(fn, "rhs", rhs)
   _check_precision(fn, precision)
-  geometry = _patches_geometry(
-    fn,
-    lhs_shape,
-    filter_shape,
-    window_strides,
-    padding,
-    lhs_dilation,
-    rhs_dilation,
-    dimension_numbers,
-  )
+  window = (filter_shape, window_strides, padding, lhs_dilation, rhs_dilation)
+  geometry = _patches_geometry(fn, lhs_shape, *window, dimension_numbers)
   _, rhs_spec, out_spec = geometry.dimension_numbers
   num_spatial = geometry.num_spatial
   if len(rhs_shape) != len(lhs_shape):
@@ -120,5 +116,6 @@ def conv_general_dilated_local(
     kernels,
     (((num_spatial + 1,), (num_spatial,)), (tuple(p + 1 for p in positions), positions)),
     precision=precision,
+    preferred_element_type=preferred_element_type,
   )
   return from_channels_last(jnp.moveaxis(out, num_spatial, 0), out_spec)

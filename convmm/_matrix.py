@@ -25,10 +25,10 @@ import numpy as np
 from jax import lax
 from jax.experimental import sparse as jsparse
 
-from convmm._canonical import canonical_shape, positive_count
+from convmm._canonical import positive_count
 from convmm._conv import kernel_taps_last
 from convmm._im2col import patches_channels_last, to_channels_last
-from convmm._shapes import ConvSpec, conv_spec, shape_of
+from convmm._shapes import ConvSpec, operator_spec
 
 DEFAULT_MAX_ELEMENTS = 2**26
 _INDEX_LIMIT = np.iinfo(np.int32).max - 1
@@ -158,19 +158,9 @@ def conv_matrix(
     (16384, 6144)
   """
   fn = "conv_matrix"
-  rhs_shape, _ = shape_of(fn, "rhs", rhs)
-  lhs_shape = canonical_shape(fn, "lhs_shape", lhs_shape)
-  spec = conv_spec(
-    fn,
-    lhs_shape,
-    rhs_shape,
-    window_strides,
-    padding,
-    lhs_dilation,
-    rhs_dilation,
-    dimension_numbers,
-    feature_group_count,
-    1,
+  conv_args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
+  spec, lhs_shape, rhs_shape, _ = operator_spec(
+    fn, rhs, lhs_shape, *conv_args, feature_group_count, 1
   )
   max_elements = positive_count(fn, "max_elements", max_elements)
   shape = (math.prod(spec.out_shape), math.prod(lhs_shape))

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convmm._canonical import ConvGeometry, conv_geometry, positive_count
+from convmm._canonical import ConvGeometry, canonical_shape, conv_geometry, positive_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +128,20 @@ def conv_spec(
       f"output-feature size {out_features}; rhs.shape={rhs_shape}"
     )
   return ConvSpec(geometry, out_features, groups, batch_groups)
+
+
+def operator_spec(
+  fn: str, rhs: Any, lhs_shape: Any, *conv_args: Any
+) -> tuple[ConvSpec, tuple[int, ...], tuple[int, ...], Any]:
+  """The convolution by ``rhs`` as a linear map on inputs of ``lhs_shape``.
+
+  ``conv_args`` are lax's arguments after the operands, from ``window_strides``
+  to ``batch_group_count``. Returns the spec, the checked ``lhs_shape``, and
+  the shape and dtype of ``rhs``.
+  """
+  rhs_shape, rhs_dtype = shape_of(fn, "rhs", rhs)
+  lhs_shape = canonical_shape(fn, "lhs_shape", lhs_shape)
+  return conv_spec(fn, lhs_shape, rhs_shape, *conv_args), lhs_shape, rhs_shape, rhs_dtype
 
 
 def check_dtypes(

@@ -139,9 +139,7 @@ def correlate(
     The cross-correlation, with dtype ``jnp.result_type(in1, in2)``.
 
   Raises:
-    ValueError: on an unknown ``mode``, inputs of different rank, empty inputs,
-      or 'valid' inputs where neither is at least as large as the other.
-    TypeError: if an input is not an array.
+    ValueError, TypeError: as :func:`convolve` does.
 
   Example:
     >>> import jax.numpy as jnp, convmm

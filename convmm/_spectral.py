@@ -22,9 +22,9 @@ import numpy as np
 from jax import lax
 
 from convmm._adjoint import conv_adjoint
-from convmm._canonical import canonical_ints, canonical_shape, positive_count
+from convmm._canonical import canonical_ints, positive_count
 from convmm._conv import conv_general_dilated
-from convmm._shapes import conv_spec, shape_of
+from convmm._shapes import operator_spec, shape_of
 
 DEFAULT_NUM_ITERS = 64
 _HIGHEST = lax.Precision.HIGHEST
@@ -143,19 +143,9 @@ def operator_norm(
     ()
   """
   fn = "operator_norm"
-  rhs_shape, rhs_dtype = shape_of(fn, "rhs", rhs)
-  lhs_shape = canonical_shape(fn, "lhs_shape", lhs_shape)
-  spec = conv_spec(
-    fn,
-    lhs_shape,
-    rhs_shape,
-    window_strides,
-    padding,
-    lhs_dilation,
-    rhs_dilation,
-    dimension_numbers,
-    feature_group_count,
-    1,
+  conv_args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
+  spec, lhs_shape, _, rhs_dtype = operator_spec(
+    fn, rhs, lhs_shape, *conv_args, feature_group_count, 1
   )
   num_iters = positive_count(fn, "num_iters", num_iters)
   dtype = _compute_dtype(rhs_dtype)

@@ -24,7 +24,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -40,10 +40,16 @@ default_kernel_init = nn.initializers.lecun_normal()
 default_bias_init = nn.initializers.zeros_init()
 
 
-def _parameters(
-  module: Any, kernel_shape: Sequence[int], bias_shape: Sequence[int], inputs: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-  """Creates 'kernel' and 'bias' as Flax does, masks the kernel, promotes dtypes."""
+def _apply(
+  module: Any,
+  op: Callable[..., jax.Array],
+  geometry: geometry_rules.LayerGeometry,
+  kernel_shape: Sequence[int],
+  bias_shape: Sequence[int],
+  inputs: jax.Array,
+  **options: Any,
+) -> jax.Array:
+  """Creates 'kernel' and 'bias' as Flax does, masks the kernel, promotes dtypes, runs ``op``."""
   geometry_rules.check_mask(type(module).__name__, module.mask, kernel_shape)
   kernel = module.param("kernel", module.kernel_init, kernel_shape, module.param_dtype)
   if module.mask is not None:
@@ -54,7 +60,16 @@ def _parameters(
     else None
   )
   inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
-  return inputs, kernel, bias
+  return _layer_ops.apply(
+    op,
+    geometry,
+    inputs,
+    kernel,
+    bias,
+    precision=module.precision,
+    preferred_element_type=module.preferred_element_type,
+    **options,
+  )
 
 
 class _ParamFields(nn.Module):
@@ -73,11 +88,16 @@ class _ParamFields(nn.Module):
   bias_init: Initializer = default_bias_init
 
 
-class _ConvHead(nn.Module):
+class _Head(nn.Module):
+  """The leading fields of every Flax conv layer."""
+
   features: int
   kernel_size: int | Sequence[int]
   strides: None | int | Sequence[int] = 1
   padding: PaddingLike = "SAME"
+
+
+class _ConvHead(_Head):
   input_dilation: None | int | Sequence[int] = 1
   kernel_dilation: None | int | Sequence[int] = 1
   feature_group_count: int = 1
@@ -154,17 +174,16 @@ class Conv(_ConvFields):
     kernel_shape = geometry.kernel_shape(
       geometry_rules.in_features_of(geometry, inputs), self.features
     )
-    inputs, kernel, bias = _parameters(self, kernel_shape, (self.features,), inputs)
     conv_fn = self.conv_general_dilated
     if self.conv_general_dilated_cls is not None:
       conv_fn = self.conv_general_dilated_cls()
-    return _layer_ops.conv_layer(
+    return _apply(
+      self,
+      _layer_ops.conv_layer,
       geometry,
+      kernel_shape,
+      (self.features,),
       inputs,
-      kernel,
-      bias,
-      precision=self.precision,
-      preferred_element_type=self.preferred_element_type,
       conv_general_dilated=conv_fn,
     )
 
@@ -187,14 +206,15 @@ class ConvLocal(_ConvFields):
       conv_general_dilated_cls, preferred_element_type: as for :class:`Conv`.
 
   Example:
+    One ``(3 * 3 * 3, 2)`` matrix per output position of a 5x5 RGB image:
+
     >>> import jax, jax.numpy as jnp
     >>> from convmm import linen as cnn
-    >>> layer = cnn.ConvLocal(features=4, kernel_size=(3,), padding='VALID')
-    >>> y, variables = layer.init_with_output(jax.random.key(0), jnp.ones((1, 8, 3)))
-    >>> jax.tree_util.tree_map(jnp.shape, variables)
-    {'params': {'bias': (6, 4), 'kernel': (6, 9, 4)}}
-    >>> y.shape
-    (1, 6, 4)
+    >>> layer = cnn.ConvLocal(features=2, kernel_size=(3, 3), padding='VALID')
+    >>> x = jnp.ones((1, 5, 5, 3))
+    >>> params = layer.init(jax.random.key(0), x)['params']
+    >>> params['kernel'].shape, params['bias'].shape, layer.apply({'params': params}, x).shape
+    ((3, 3, 27, 2), (3, 3, 2), (1, 3, 3, 2))
   """
 
   @nn.compact
@@ -205,24 +225,12 @@ class ConvLocal(_ConvFields):
     kernel_shape, bias_shape = geometry_rules.local_shapes(
       geometry, jnp.shape(inputs)[-geometry.rank - 1 : -1], in_features, self.features
     )
-    inputs, kernel, bias = _parameters(self, kernel_shape, bias_shape, inputs)
-    return _layer_ops.conv_local_layer(
-      geometry,
-      inputs,
-      kernel,
-      bias,
-      precision=self.precision,
-      preferred_element_type=self.preferred_element_type,
-    )
+    return _apply(self, _layer_ops.conv_local_layer, geometry, kernel_shape, bias_shape, inputs)
 
 
-class _TransposeHead(nn.Module):
+class _TransposeHead(_Head):
   """The leading fields of ``flax.linen.ConvTranspose`` and :class:`ConvAdjoint`."""
 
-  features: int
-  kernel_size: int | Sequence[int]
-  strides: None | int | Sequence[int] = 1
-  padding: PaddingLike = "SAME"
   kernel_dilation: None | int | Sequence[int] = 1
 
 
@@ -282,15 +290,14 @@ class ConvTranspose(_ParamFields, _TransposeHead):
       (self.features, in_features) if self.transpose_kernel else (in_features, self.features)
     )
     kernel_shape = geometry.kernel_shape(*features)
-    inputs, kernel, bias = _parameters(self, kernel_shape, (self.features,), inputs)
-    return _layer_ops.conv_transpose_layer(
+    return _apply(
+      self,
+      _layer_ops.conv_transpose_layer,
       geometry,
+      kernel_shape,
+      (self.features,),
       inputs,
-      kernel,
-      bias,
       transpose_kernel=self.transpose_kernel,
-      precision=self.precision,
-      preferred_element_type=self.preferred_element_type,
     )
 
 
@@ -369,12 +376,6 @@ class ConvAdjoint(_ParamFields, _AdjointHead):
     kernel_shape = geometry.adjoint_kernel_shape(
       geometry_rules.in_features_of(geometry, inputs), self.features
     )
-    inputs, kernel, bias = _parameters(self, kernel_shape, (self.features,), inputs)
-    return _layer_ops.conv_adjoint_layer(
-      geometry,
-      inputs,
-      kernel,
-      bias,
-      precision=self.precision,
-      preferred_element_type=self.preferred_element_type,
+    return _apply(
+      self, _layer_ops.conv_adjoint_layer, geometry, kernel_shape, (self.features,), inputs
     )

@@ -34,76 +34,11 @@ from flax.typing import Dtype, Initializer, PaddingLike, PrecisionLike
 from convmm import _layer_geometry as geometry_rules
 from convmm import _layer_ops
 from convmm import conv_general_dilated as default_conv_general_dilated
+from convmm._nnx_layer import Layer as _Layer
 
 Array = jax.Array
 default_kernel_init = nnx.initializers.lecun_normal()
 default_bias_init = nnx.initializers.zeros_init()
-
-
-class _Layer(nnx.Module):
-  """Its constructor arguments (as flax.nnx keeps them), geometry and parameters."""
-
-  in_features: int
-  out_features: int
-  kernel_size: tuple[int, ...]
-  strides: Any
-  padding: Any
-  input_dilation: Any
-  kernel_dilation: Any
-  feature_group_count: int
-  use_bias: bool
-  mask: Array | None
-  dtype: Dtype | None
-  param_dtype: Dtype
-  precision: PrecisionLike
-  promote_dtype: Callable[..., Any]
-  preferred_element_type: Dtype | None
-  conv_general_dilated: Callable[..., Array]
-  input_spatial_shape: tuple[int, ...]
-  output_padding: Any
-  transpose_kernel: bool
-  geometry: geometry_rules.LayerGeometry
-  kernel_shape: tuple[int, ...]
-  kernel: nnx.Param
-  bias: nnx.Param | None
-
-
-def _build(
-  module: _Layer,
-  geometry: geometry_rules.LayerGeometry,
-  kernel_shape: Sequence[int],
-  bias_shape: Sequence[int],
-  arguments: Mapping[str, Any],
-) -> None:
-  """Keeps the geometry and arguments; draws ``kernel`` then ``bias`` as flax.nnx does."""
-  geometry_rules.check_mask(geometry.layer, arguments["mask"], kernel_shape)
-  module.geometry = geometry
-  for name in _Layer.__annotations__:
-    if name in arguments:
-      setattr(module, name, arguments[name])
-  module.kernel_size = geometry.kernel_size
-  module.kernel_shape = tuple(kernel_shape)
-  rngs, param_dtype = arguments["rngs"], arguments["param_dtype"]
-  module.kernel = nnx.Param(
-    arguments["kernel_init"](rngs.params(), tuple(kernel_shape), param_dtype),
-    **arguments["kernel_metadata"],
-  )
-  bias_init, bias_metadata = arguments["bias_init"], arguments["bias_metadata"]
-  module.bias = (
-    nnx.Param(bias_init(rngs.params(), tuple(bias_shape), param_dtype), **bias_metadata)
-    if arguments["use_bias"]
-    else nnx.data(None)
-  )
-
-
-def _operands(module: _Layer, inputs: Array) -> tuple[Array, Array, Array | None]:
-  """Masks the kernel and promotes ``(inputs, kernel, bias)``, as flax.nnx does."""
-  geometry_rules.check_mask(type(module).__name__, module.mask, module.kernel_shape)
-  kernel = module.kernel[...]
-  if module.mask is not None:
-    kernel *= module.mask
-  bias = module.bias[...] if module.bias is not None else None
-  return module.promote_dtype((inputs, kernel, bias), dtype=module.dtype)
 
 
 class Conv(_Layer):
@@ -170,22 +105,16 @@ class Conv(_Layer):
       "Conv", kernel_size, strides, padding, input_dilation, kernel_dilation, feature_group_count
     )
     kernel_shape = geometry.kernel_shape(in_features, out_features)
-    _build(self, geometry, kernel_shape, (out_features,), locals())
+    self._build(geometry, kernel_shape, (out_features,), locals())
 
   def __call__(self, inputs: Array, out_sharding: Any = None) -> Array:
     """``(*batch, *spatial, in_features)`` -> ``(*batch, *out_spatial, out_features)``.
 
     ``out_sharding``, if given, is passed to ``conv_general_dilated``.
     """
-    inputs, kernel, bias = _operands(self, inputs)
-    return _layer_ops.conv_layer(
-      self.geometry,
+    return self._apply(
+      _layer_ops.conv_layer,
       inputs,
-      kernel,
-      bias,
-      in_features=self.in_features,
-      precision=self.precision,
-      preferred_element_type=self.preferred_element_type,
       conv_general_dilated=self.conv_general_dilated,
       out_sharding=out_sharding,
     )
@@ -260,20 +189,12 @@ class ConvLocal(_Layer):
       geometry, input_spatial_shape, in_features, out_features
     )
     input_spatial_shape = tuple(input_spatial_shape)
-    _build(self, geometry, kernel_shape, bias_shape, locals())
+    self._build(geometry, kernel_shape, bias_shape, locals())
 
   def __call__(self, inputs: Array) -> Array:
     """``(*batch, *input_spatial_shape, in_features)`` -> ``(*batch, *out, out_features)``."""
-    inputs, kernel, bias = _operands(self, inputs)
-    return _layer_ops.conv_local_layer(
-      self.geometry,
-      inputs,
-      kernel,
-      bias,
-      in_features=self.in_features,
-      input_spatial_shape=self.input_spatial_shape,
-      precision=self.precision,
-      preferred_element_type=self.preferred_element_type,
+    return self._apply(
+      _layer_ops.conv_local_layer, inputs, input_spatial_shape=self.input_spatial_shape
     )
 
 
@@ -337,20 +258,12 @@ class ConvTranspose(_Layer):
     )
     features = (out_features, in_features) if transpose_kernel else (in_features, out_features)
     kernel_shape = geometry.kernel_shape(*features)
-    _build(self, geometry, kernel_shape, (out_features,), locals())
+    self._build(geometry, kernel_shape, (out_features,), locals())
 
   def __call__(self, inputs: Array) -> Array:
     """``(*batch, *spatial, in_features)`` -> ``(*batch, *out_spatial, out_features)``."""
-    inputs, kernel, bias = _operands(self, inputs)
-    return _layer_ops.conv_transpose_layer(
-      self.geometry,
-      inputs,
-      kernel,
-      bias,
-      in_features=self.in_features,
-      transpose_kernel=self.transpose_kernel,
-      precision=self.precision,
-      preferred_element_type=self.preferred_element_type,
+    return self._apply(
+      _layer_ops.conv_transpose_layer, inputs, transpose_kernel=self.transpose_kernel
     )
 
 
@@ -425,17 +338,8 @@ class ConvAdjoint(_Layer):
       output_padding,
     )
     kernel_shape = geometry.adjoint_kernel_shape(in_features, out_features)
-    _build(self, geometry, kernel_shape, (out_features,), locals())
+    self._build(geometry, kernel_shape, (out_features,), locals())
 
   def __call__(self, inputs: Array) -> Array:
     """The forward's output ``(*batch, *spatial, in_features)`` -> its input's shape."""
-    inputs, kernel, bias = _operands(self, inputs)
-    return _layer_ops.conv_adjoint_layer(
-      self.geometry,
-      inputs,
-      kernel,
-      bias,
-      in_features=self.in_features,
-      precision=self.precision,
-      preferred_element_type=self.preferred_element_type,
-    )
+    return self._apply(_layer_ops.conv_adjoint_layer, inputs)
