@@ -176,15 +176,8 @@ class ConvLocal(_Layer):
     kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
     bias_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
-    geometry = geometry_rules.conv_layer_geometry(
-      "ConvLocal",
-      kernel_size,
-      strides,
-      padding,
-      input_dilation,
-      kernel_dilation,
-      feature_group_count,
-    )
+    fields = (kernel_size, strides, padding, input_dilation, kernel_dilation, feature_group_count)
+    geometry = geometry_rules.conv_layer_geometry("ConvLocal", *fields)
     kernel_shape, bias_shape = geometry_rules.local_shapes(
       geometry, input_spatial_shape, in_features, out_features
     )
@@ -328,15 +321,8 @@ class ConvAdjoint(_Layer):
     kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
     bias_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
-    geometry = geometry_rules.adjoint_layer_geometry(
-      "ConvAdjoint",
-      kernel_size,
-      strides,
-      padding,
-      kernel_dilation,
-      feature_group_count,
-      output_padding,
-    )
+    fields = (kernel_size, strides, padding, kernel_dilation, feature_group_count, output_padding)
+    geometry = geometry_rules.adjoint_layer_geometry("ConvAdjoint", *fields)
     kernel_shape = geometry.adjoint_kernel_shape(in_features, out_features)
     self._build(geometry, kernel_shape, (out_features,), locals())
 

@@ -238,3 +238,18 @@ def test_bad_arguments_name_the_function():
     convmm.conv_general_dilated_local(lhs, rhs, (1, 1), "VALID", (3, 3, 3))
   with pytest.raises(TypeError, match="conv_general_dilated_local: `lhs` must be an array"):
     convmm.conv_general_dilated_local("x", rhs, (1, 1), "VALID", (3, 3))
+
+
+def test_preferred_element_type_accumulates_bf16_in_f32():
+  # Beyond lax: bf16 products are exact in float32, so the float32 result of bf16
+  # operands is lax's float32 local conv of the same (widened) values.
+  lhs, rhs = _lhs_rhs()
+  lhs, rhs = lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16)
+  actual = convmm.conv_general_dilated_local(
+    lhs, rhs, (1, 1), "VALID", (3, 3), preferred_element_type=jnp.float32
+  )
+  expected = lax.conv_general_dilated_local(
+    lhs.astype(jnp.float32), rhs.astype(jnp.float32), (1, 1), "VALID", (3, 3), precision=HIGHEST
+  )
+  assert actual.dtype == jnp.float32
+  assert_close(actual, expected, reduction=27)
