@@ -15,14 +15,12 @@ from convmm import _autodiff, _sharding
 from convmm._budget import current_memory_budget
 from convmm._canonical import positive_count
 from convmm._im2col import (
-  from_bits,
   from_channels_last,
   pad_input,
+  patches_channels_last,
   tap_offsets,
   tap_slice,
-  to_bits,
   to_channels_last,
-  unfold_padded,
 )
 from convmm._phases import phase_conv
 from convmm._shapes import ConvSpec, accumulator_dtype, check_dtypes, conv_spec, shape_of
@@ -116,9 +114,9 @@ def _group_gemm(
   return y if out_dtype is None else y.astype(out_dtype)
 
 
-def _im2col_gemm(x_padded, w_tio, spec, precision, preferred_element_type):
-  """Patches of a padded input, then one (batched) GEMM."""
-  patches = from_bits(unfold_padded(to_bits(x_padded), spec.geometry), x_padded.dtype)
+def _im2col_gemm(x, w_tio, spec, precision, preferred_element_type):
+  """Patches (padding included), then one (batched) GEMM."""
+  patches = patches_channels_last(x, spec.geometry)
   return _group_gemm(patches, w_tio, spec, precision, preferred_element_type)
 
 
@@ -128,15 +126,16 @@ def _accumulator_dtype(out_dtype: Any) -> Any:
   return jnp.dtype(out_dtype) if acc_dtype is None else acc_dtype
 
 
-def _shift_gemm(x_padded, w_tio, spec, precision, preferred_element_type):
+def _shift_gemm(x, w_tio, spec, precision, preferred_element_type):
   """Shift-and-accumulate: a sum over taps of slice @ kernel tap; no patch matrix.
 
   Each tap's GEMM and the running sum are in float32 for 16-bit floats (one
   rounding at the end, like one GEMM over all taps), so float16 does not
   overflow in partial sums where a single accumulation would not.
   """
-  out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(x_padded.dtype, w_tio.dtype))
+  out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(x.dtype, w_tio.dtype))
   acc_dtype = _accumulator_dtype(out_dtype)
+  x_padded = pad_input(x, spec.geometry)
   y = None
   for t, offset in enumerate(tap_offsets(spec.geometry)):
     tap = tap_slice(x_padded, spec.geometry, offset)[..., None, :]  # (N, *out, 1, C)
@@ -146,15 +145,15 @@ def _shift_gemm(x_padded, w_tio, spec, precision, preferred_element_type):
   return y.astype(out_dtype)
 
 
-def _depthwise(x_padded, w_tio, spec, precision, preferred_element_type):
+def _depthwise(x, w_tio, spec, precision, preferred_element_type):
   """One input feature per group: multiply-accumulate over taps (no GEMM needed)."""
   del precision  # elementwise products are exact; the sum is in the accumulator
   geometry = spec.geometry
   c = geometry.in_features
   mult = spec.out_features // c
-  out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(x_padded.dtype, w_tio.dtype))
+  out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(x.dtype, w_tio.dtype))
   acc_dtype = _accumulator_dtype(out_dtype)  # as the GEMM would
-  x_padded = x_padded.astype(acc_dtype)
+  x_padded = pad_input(x.astype(acc_dtype), geometry)
   # o = c * mult + j; leading unit axes broadcast each tap's (C, mult) weights over
   # (N, *out) without relying on implicit rank promotion.
   w = w_tio.reshape(geometry.num_taps, *(1,) * (1 + geometry.num_spatial), c, mult)
@@ -212,7 +211,7 @@ def conv_channels_last(
     preferred_element_type=preferred_element_type,
   )
   if method == "shift":  # builds no patches: nothing to tile
-    return compute(pad_input(x_cl, spec.geometry), spec=spec)
+    return compute(x_cl, spec=spec)
   batch_shards, sharded_spatial = _sharding.sharding_of(x_cl)
   plan = tile_plan(
     spec,

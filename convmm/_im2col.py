@@ -22,6 +22,7 @@ from jax import lax
 
 from convmm._canonical import ConvGeometry, canonical_shape, conv_geometry
 from convmm._shapes import layout_shape, preferred_dtype, shape_of
+from convmm._sharding import sharding_of
 
 
 def to_channels_last(x: jax.Array, spec: Sequence[int]) -> jax.Array:
@@ -72,6 +73,18 @@ def tap_slice(x_padded: jax.Array, geometry: ConvGeometry, offset: tuple[int, ..
   return lax.slice(x_padded, start, limit, strides)
 
 
+def _unfold_dim(y: jax.Array, geometry: ConvGeometry, d: int) -> jax.Array:
+  """``k`` strided slices along spatial dimension ``d`` of a padded input, stacked."""
+  nsp = geometry.num_spatial
+  out, stride, dil = geometry.out_spatial[d], geometry.window_strides[d], geometry.rhs_dilation[d]
+  taps = []
+  for t in range(geometry.filter_shape[d]):
+    start = t * dil if out else 0
+    limit = start + (out - 1) * stride + 1 if out else 0
+    taps.append(lax.slice_in_dim(y, start, limit, stride, axis=1 + d))
+  return jnp.stack(taps, axis=1 + nsp)
+
+
 def unfold_padded(x_padded: jax.Array, geometry: ConvGeometry) -> jax.Array:
   """im2col of an already padded channels-last input: ``(N, *out, T, C)``.
 
@@ -81,20 +94,50 @@ def unfold_padded(x_padded: jax.Array, geometry: ConvGeometry) -> jax.Array:
   faster and moves small-channel inputs in longer contiguous runs, and gives
   the same row-major tap order as slicing every tap directly.
   """
-  nsp = geometry.num_spatial
   y = x_padded
-  for d in reversed(range(nsp)):
-    out, stride, dil = (
-      geometry.out_spatial[d],
-      geometry.window_strides[d],
-      geometry.rhs_dilation[d],
-    )
-    taps = []
-    for t in range(geometry.filter_shape[d]):
-      start = t * dil if out else 0
-      limit = start + (out - 1) * stride + 1 if out else 0
-      taps.append(lax.slice_in_dim(y, start, limit, stride, axis=1 + d))
-    y = jnp.stack(taps, axis=1 + nsp)
+  for d in reversed(range(geometry.num_spatial)):
+    y = _unfold_dim(y, geometry, d)
+  return y.reshape(*y.shape[: 1 + geometry.num_spatial], geometry.num_taps, y.shape[-1])
+
+
+def unfold(x_cl: jax.Array, geometry: ConvGeometry) -> jax.Array:
+  """im2col of an unpadded channels-last input, padding included: ``(N, *out, T, C)``.
+
+  As :func:`unfold_padded` of :func:`pad_input`, but the padding is applied in
+  the first stage: each tap of the last spatial dimension is the slice of the
+  input it reads, padded with the zeros it reads outside it (and the other
+  dimensions' padding). XLA fuses those pads into the stacking, so the padded
+  input is never built and a convolution compiles one loop fewer.
+  """
+  nsp = geometry.num_spatial
+  if (
+    nsp == 0
+    or any(d != 1 for d in geometry.lhs_dilation)
+    # explicit sharding cannot slice a sharded axis to a size its shards do not divide
+    or nsp - 1 in sharding_of(x_cl)[1]
+  ):
+    return unfold_padded(pad_input(x_cl, geometry), geometry)
+  d = nsp - 1
+  length, out = x_cl.shape[1 + d], geometry.out_spatial[d]
+  stride, dil, (lo, _) = geometry.window_strides[d], geometry.rhs_dilation[d], geometry.padding[d]
+  config = [(0, 0, 0), *((a, b, 0) for a, b in geometry.padding), (0, 0, 0)]
+  zero = jnp.zeros((), x_cl.dtype)
+  taps = []
+  for t in range(geometry.filter_shape[d]):
+    first = t * dil - lo  # the input element output 0 reads (outside it: a zero)
+    r0 = min(out, max(0, -(first // stride)))  # outputs [r0, r1) read inside the input
+    r1 = max(r0, min(out, (length - 1 - first) // stride + 1))
+    if r1 > r0:
+      tap = lax.slice_in_dim(
+        x_cl, r0 * stride + first, (r1 - 1) * stride + first + 1, stride, 1 + d
+      )
+    else:
+      tap = lax.slice_in_dim(x_cl, 0, 0, 1, 1 + d)
+    config[1 + d] = (r0, out - r1, 0)
+    taps.append(lax.pad(tap, zero, config))
+  y = jnp.stack(taps, axis=1 + nsp)
+  for d in reversed(range(nsp - 1)):
+    y = _unfold_dim(y, geometry, d)
   return y.reshape(*y.shape[: 1 + nsp], geometry.num_taps, y.shape[-1])
 
 
@@ -115,7 +158,7 @@ def from_bits(x: jax.Array, dtype: Any) -> jax.Array:
 
 def patches_channels_last(x_cl: jax.Array, geometry: ConvGeometry) -> jax.Array:
   """im2col in channels-last canonical form: ``(N, *out, T, C)``."""
-  return from_bits(unfold_padded(pad_input(to_bits(x_cl), geometry), geometry), x_cl.dtype)
+  return from_bits(unfold(to_bits(x_cl), geometry), x_cl.dtype)
 
 
 def _patches_geometry(

@@ -173,6 +173,8 @@ def tiled(
 ) -> jax.Array:
   """``compute(window, window_spec)`` over the tiles of ``plan``, through one ``lax.scan``.
 
+  ``compute`` takes an unpadded input and a spec whose padding it applies.
+
   Each step cuts its padded window out of the unpadded input (the overlapping
   windows are never stacked, the padded input never built) and writes its output
   into the result in place; the last tile along a dimension is moved back to end
@@ -191,23 +193,18 @@ def tiled(
   b, tile_out, counts = plan.batch, plan.tile_out, plan.counts
   nb = n // b if b else 1
   tiles = [d for d in range(nsp) if counts[d] > 1]
-  window = tuple(
-    _window(spec, tile_out)[d] if d in tiles else g.padded_spatial[d] for d in range(nsp)
-  )
+  # Tiled dimensions: a tile's window, cut out of the input with its padding.
+  # The others: the whole input, padded by compute (fused into the unfolding).
+  window = tuple(_window(spec, tile_out)[d] if d in tiles else g.in_spatial[d] for d in range(nsp))
+  padding = tuple((0, 0) if d in tiles else g.padding[d] for d in range(nsp))
   tile_spec = dataclasses.replace(
     spec,
     geometry=dataclasses.replace(
-      g, batch=b, padding=((0, 0),) * nsp, in_spatial=window, out_spatial=tile_out
+      g, batch=b, padding=padding, in_spatial=window, out_spatial=tile_out
     ),
   )
-  static_pads = (
-    [(0, 0, 0)]
-    + [(0, 0, 0) if d in tiles else (*g.padding[d], 0) for d in range(nsp)]
-    + [(0, 0, 0)]
-  )
   if nb == 1 and not tiles:
-    x = lax.pad(x_cl, jnp.zeros((), x_cl.dtype), static_pads)
-    return compute(x, tile_spec) if cotangent is None else compute(x, cotangent, tile_spec)
+    return compute(x_cl, spec) if cotangent is None else compute(x_cl, cotangent, spec)
   # Chunk k holds samples k, k + nb, ...: the major (possibly sharded) batch axis
   # stays whole and the chunk index is a minor axis.
   x_chunks = x_cl.reshape(b, nb, *x_cl.shape[1:])
@@ -225,7 +222,7 @@ def tiled(
     for d in tiles:
       start = starts[d] * g.window_strides[d] - g.padding[d][0]
       x = _zero_extended_window(x, 1 + d, start, window[d])
-    return lax.pad(x, jnp.zeros((), x.dtype), static_pads)
+    return x
 
   zero = jnp.zeros((), jnp.int32)
   steps = jnp.arange(nb * plan.num_tiles, dtype=jnp.int32)
