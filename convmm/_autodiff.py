@@ -15,9 +15,9 @@ and its two transposes are
   itself an im2col + GEMM through ``conv_p``); for strided convolutions, where
   that would multiply the zeros inserted between cotangent entries,
   ``cotangent @ kernel^T`` summed back into place (col2im);
-* the kernel gradient: one GEMM ``cotangent^T @ patches`` (cotangent first, so
-  only the small cotangent is transposed for the GEMM), with the patches
-  rebuilt from the input rather than kept from the forward pass.
+* the kernel gradient: one GEMM ``patches^T @ cotangent`` (whichever operand
+  is cheaper to transpose goes first), with the patches rebuilt from the input
+  rather than kept from the forward pass.
 
 Both are linear in the cotangent and differentiable in the other operand, so
 derivatives of any order compose. Operands are canonical: input

@@ -2,7 +2,7 @@
 
 The input gradient of a strided convolution as ``cotangent @ kernel^T``
 summed back into place (col2im, the transpose of im2col), and the kernel
-gradient as one GEMM ``cotangent^T @ patches`` per group, with the patches
+gradient as one GEMM ``patches^T @ cotangent`` per group, with the patches
 rebuilt from the input. :mod:`convmm._autodiff` decides when each is used and
 how the work is tiled. Operands are canonical: input ``(N, *spatial, C)``,
 kernel ``(*window, C // groups, O)``, cotangent ``(N // batch_groups, *out, O)``.
@@ -11,6 +11,7 @@ kernel ``(*window, C // groups, O)``, cotangent ``(N // batch_groups, *out, O)``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -81,7 +82,7 @@ def grad_batch_chunk(spec: ConvSpec, x: jax.Array, itemsize: int, budget: int | 
 def kernel_grad(
   x: jax.Array, ct: jax.Array, spec: ConvSpec, precision: Any, acc_dtype: Any
 ) -> jax.Array:
-  """``ct^T @ patches`` per group, as ``(*window, cg, O)``."""
+  """``patches^T @ ct`` per group (one GEMM), as ``(*window, cg, O)``."""
   g = spec.geometry
   nsp, t = g.num_spatial, g.num_taps
   fg, bg = spec.feature_group_count, spec.batch_group_count
@@ -93,9 +94,15 @@ def kernel_grad(
     x, dataclasses.replace(g, batch=x.shape[0], in_features=x.shape[-1])
   )  # (G*N or N, *out, T, cg)
   m = math.prod(ct.shape[:-1])
-  # The cotangent is the GEMM's left operand: XLA's fast CPU GEMM wants the
-  # contraction on the left operand's minor axis, and transposing the cotangent
-  # for that is cheaper than transposing the patches.
+  k, o = t * patches.shape[-1], ct.shape[-1]
+  # XLA's CPU GEMM wants the contraction on its left operand's minor axis and
+  # transposes the left operand to get it. Patches first, the gradient comes out
+  # in the kernel's (T * cg, O) layout, at the price of transposing the patches;
+  # cotangent first, only the cotangent is transposed, but the gradient comes out
+  # as (O, T * cg) and every consumer (an optimizer's update) reads it
+  # transposed. Whichever moves fewer elements goes first (groups: the cotangent;
+  # XLA's fallback for a batched GEMM's transposed output lacks bf16 x bf16 -> f32).
+  patches_first = m * k <= k * o + m * o
   # The kernel is replicated even where the batch is sharded (lax's rule).
   mesh = jax.typeof(ct).sharding.mesh
   out_sharding = (
@@ -103,28 +110,24 @@ def kernel_grad(
     if jax.sharding.AxisType.Explicit in mesh.axis_types
     else None
   )
+  gemm = functools.partial(
+    lax.dot_general,
+    precision=precision,
+    preferred_element_type=acc_dtype,
+    out_sharding=out_sharding,
+  )
   if groups == 1:  # contract (N, *out): multi-axis, so XLA canonicalises it for YNNPACK
     patches = patches.reshape(*patches.shape[:-2], -1)
-    dims = tuple(range(nsp + 1))
-    dw = lax.dot_general(
-      ct,
-      patches,
-      ((dims, dims), ((), ())),
-      precision=precision,
-      preferred_element_type=acc_dtype,
-      out_sharding=out_sharding,
-    )[None]
-  else:
-    patches = patches.reshape(groups, m, t * patches.shape[-1])  # group-major rows
-    ct = split_axis(ct, nsp + 1, groups).reshape(m, groups, -1)
-    dw = lax.dot_general(
-      ct,
-      patches,
-      (((0,), (1,)), ((1,), (0,))),
-      precision=precision,
-      preferred_element_type=acc_dtype,
-      out_sharding=out_sharding,
-    )  # (G, og, T * cg)
-  dw = dw.reshape(groups, dw.shape[1], t, -1)
-  dw = jnp.transpose(dw, (2, 3, 0, 1))  # (T, cg, G, og)
+    axes = tuple(range(nsp + 1))
+    dims = (axes, axes), ((), ())
+    if patches_first:
+      return gemm(patches, ct, dims).reshape(*g.filter_shape, -1, o)
+    # (O, K) -> (T, cg, O) through a reshape: XLA then keeps the GEMM's own output
+    # layout (a transposed output layout falls back to a GEMM without bf16 x bf16 -> f32).
+    dw = gemm(ct, patches, dims).reshape(o, t, -1)
+    return jnp.transpose(dw, (1, 2, 0)).reshape(*g.filter_shape, -1, o)
+  patches = patches.reshape(groups, m, k)  # group-major rows
+  ct = split_axis(ct, nsp + 1, groups).reshape(m, groups, -1)
+  dw = gemm(ct, patches, (((0,), (1,)), ((1,), (0,))))  # (G, og, K)
+  dw = jnp.transpose(dw.reshape(groups, dw.shape[1], t, -1), (2, 3, 0, 1))  # (T, cg, G, og)
   return dw.reshape(*g.filter_shape, dw.shape[1], -1)

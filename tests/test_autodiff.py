@@ -208,6 +208,33 @@ def test_kernel_gradient_row_tiles_count_shared_outputs_once(x_shape, w_shape, s
     assert_close(got, want, grad=True, reduction=math.prod(w_shape[:-1]))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_gradient_comes_out_in_kernel_layout_when_patches_are_small(dtype):
+  # Few output positions, many output features (a late ResNet stage): transposing
+  # the patches is cheaper than having every consumer read a transposed (O, K)
+  # gradient, so the patches go first and the GEMM yields (K, O) directly.
+  rng = np.random.default_rng(31)
+  x, w, ct = (
+    jnp.asarray(rng.standard_normal(s), dtype) for s in [(1, 2, 2, 4), (3, 3, 4, 64), (1, 2, 2, 64)]
+  )
+  f = lambda x, w: convmm.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
+  jaxpr = jax.make_jaxpr(lambda x, w, ct: jax.vjp(f, x, w)[1](ct))(x, w, ct)
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+  kernel_dots = [e for e in dots if e.outvars[0].aval.shape == (36, 64)]
+  assert len(kernel_dots) == 1
+  assert kernel_dots[0].invars[0].aval.shape == (1, 2, 2, 36)  # the patches
+  dw = jax.jit(lambda x, w, ct: jax.vjp(f, x, w)[1](ct)[1])(x, w, ct)  # compiled and run
+  f32 = [a.astype(jnp.float32) for a in (x, w, ct)]
+  _, vjp_ref = jax.vjp(
+    lambda x, w: lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=NHWC, precision=lax.Precision.HIGHEST
+    ),
+    *f32[:2],
+  )
+  assert dw.dtype == dtype
+  assert_close(dw, vjp_ref(f32[2])[1], dtype=dtype, grad=True, reduction=4)
+
+
 def test_kernel_gradient_gemm_takes_the_cotangent_first():
   # The kernel gradient contracts over batch and positions. With the cotangent
   # as the GEMM's left operand XLA transposes the cotangent (O columns), not the
