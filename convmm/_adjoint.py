@@ -27,7 +27,7 @@ from convmm._canonical import (
   conv_transpose_padding,
   dilate_dim,
 )
-from convmm._conv import _check_method, choose_method, conv_with_spec
+from convmm._conv import check_method, choose_method, conv_with_spec
 from convmm._dimension_numbers import ConvDimensionNumbers, canonical_dimension_numbers
 from convmm._shapes import (
   ConvSpec,
@@ -108,7 +108,7 @@ def conv_adjoint(
       f"lhs_shape={lhs_shape} and rhs.shape={rhs_shape}, got cotangent.shape={ct_shape}"
     )
   preferred = preferred_dtype(fn, rhs_dtype, preferred_element_type)
-  method, memory_budget = _check_method(fn, method, memory_budget)
+  method, memory_budget = check_method(fn, method, memory_budget)
   choose_method(spec, method, fn)
   # lax's rule: the output has the operands' dtype unless one is preferred.
   out_dtype = rhs_dtype if preferred is None else preferred
@@ -314,7 +314,7 @@ def conv_transpose(
     fn, lhs_shape, rhs_shape, *conv_args, transpose_kernel, use_consistent_padding
   )
   preferred = check_dtypes(fn, lhs_dtype, rhs_dtype, preferred_element_type)
-  method, memory_budget = _check_method(fn, method, memory_budget)
+  method, memory_budget = check_method(fn, method, memory_budget)
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
   if math.prod(spec.out_shape) == 0:  # as lax: an empty result, nothing to transpose
     return jnp.zeros(spec.out_shape, lhs.dtype if preferred is None else preferred)

@@ -39,7 +39,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from convmm._budget import current_memory_budget
-from convmm._canonical import ConvDimensionNumbers
+from convmm._canonical import ConvDimensionNumbers, dilate_dim
 from convmm._gradients import (
   grad_batch_chunk,
   input_grad_col2im,
@@ -97,28 +97,21 @@ def _abstract_eval(x, w, *, spec, preferred_element_type, **_):
 conv_p.def_abstract_eval(_abstract_eval)
 
 
-def conv(
-  x: jax.Array,
-  w: jax.Array,
-  spec: ConvSpec,
-  precision: Any = None,
-  preferred_element_type: Any = None,
-  method: str = "im2col",
-  memory_budget: int | None = None,
-) -> jax.Array:
+def conv(x: jax.Array, w: jax.Array, spec: ConvSpec, **params: Any) -> jax.Array:
   """The convolution of canonical operands as one ``conv_p`` call.
 
   Args:
     x: input ``(N, *spatial, C)``.
     w: kernel ``(*window, C // feature_group_count, O)``.
     spec: the validated convolution (any dimension numbers; made canonical).
-    precision, preferred_element_type: passed to the GEMM.
-    method: the forward method (see :func:`convmm.conv_general_dilated`).
-    memory_budget: the tile budget in bytes (None: the default at trace time).
+    **params: ``precision`` and ``preferred_element_type`` (passed to the GEMM),
+      ``method`` (the forward method, see :func:`convmm.conv_general_dilated`) and
+      ``memory_budget`` (the tile budget in bytes; None: the default at trace time).
 
   Returns:
     ``(N // batch_group_count, *out_spatial, O)``.
   """
+  precision, preferred_element_type = params["precision"], params["preferred_element_type"]
   if preferred_element_type is not None:
     preferred_element_type = np.dtype(preferred_element_type)
   if isinstance(precision, list):
@@ -129,8 +122,8 @@ def conv(
     spec=channels_last_spec(spec),
     precision=precision,
     preferred_element_type=preferred_element_type,
-    method=method,
-    memory_budget=memory_budget,
+    method=params["method"],
+    memory_budget=params["memory_budget"],
   )
 
 
@@ -155,8 +148,7 @@ def _lhs_transpose_padding(spec: ConvSpec) -> tuple[tuple[int, int], ...]:
     g.padding,
     g.lhs_dilation,
   ):
-    in_dilated = 0 if size == 0 else (size - 1) * d + 1
-    out_dilated = 0 if out == 0 else (out - 1) * s + 1
+    in_dilated, out_dilated = dilate_dim(size, d), dilate_dim(out, s)
     before = k_eff - 1 - lo
     pads.append((before, in_dilated + k_eff - 1 - out_dilated - before))
   return tuple(pads)

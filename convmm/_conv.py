@@ -37,7 +37,7 @@ def kernel_taps_last(rhs: jax.Array, spec: ConvSpec) -> jax.Array:
 METHODS = ("auto", "im2col", "shift", "depthwise")
 
 
-def _check_method(fn: str, method: Any, memory_budget: Any) -> tuple[str, int]:
+def check_method(fn: str, method: Any, memory_budget: Any) -> tuple[str, int]:
   if method not in METHODS:
     raise ValueError(f"{fn}: `method` must be one of {METHODS}, got {method!r}")
   if memory_budget is None:
@@ -299,10 +299,7 @@ def conv_general_dilated(
   fn = "conv_general_dilated"
   lhs_shape, lhs_dtype = shape_of(fn, "lhs", lhs)
   rhs_shape, rhs_dtype = shape_of(fn, "rhs", rhs)
-  spec = conv_spec(
-    fn,
-    lhs_shape,
-    rhs_shape,
+  lax_args = (
     window_strides,
     padding,
     lhs_dilation,
@@ -311,26 +308,16 @@ def conv_general_dilated(
     feature_group_count,
     batch_group_count,
   )
+  spec = conv_spec(fn, lhs_shape, rhs_shape, *lax_args)
   preferred_element_type = check_dtypes(fn, lhs_dtype, rhs_dtype, preferred_element_type)
-  method, memory_budget = _check_method(fn, method, memory_budget)
+  method, memory_budget = check_method(fn, method, memory_budget)
   choose_method(spec, method, fn)
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
   # On explicit meshes, lax's sharding rule decides (and rejects what it rejects).
   lax_sharding = (
     None
     if out_sharding is not None
-    else _sharding.lax_out_sharding(
-      lhs,
-      rhs,
-      window_strides,
-      padding,
-      lhs_dilation,
-      rhs_dilation,
-      dimension_numbers,
-      feature_group_count,
-      batch_group_count,
-      preferred_element_type,
-    )
+    else _sharding.lax_out_sharding(lhs, rhs, *lax_args, preferred_element_type)
   )
   out = conv_with_spec(lhs, rhs, spec, precision, preferred_element_type, method, memory_budget)
   if out_sharding is not None:
@@ -355,7 +342,15 @@ def conv_with_spec(
   if choose_method(spec, method) == "im2col":
     # The primitive carries convmm's own derivatives (see _autodiff).
     w = jnp.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))  # (*window, I, O)
-    y = _autodiff.conv(x_cl, w, spec, precision, preferred_element_type, "im2col", memory_budget)
+    y = _autodiff.conv(
+      x_cl,
+      w,
+      spec,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+      method="im2col",
+      memory_budget=memory_budget,
+    )
   else:
     y = conv_channels_last(
       x_cl,

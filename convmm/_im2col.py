@@ -161,28 +161,9 @@ def patches_channels_last(x_cl: jax.Array, geometry: ConvGeometry) -> jax.Array:
   return from_bits(unfold(to_bits(x_cl), geometry), x_cl.dtype)
 
 
-def _patches_geometry(
-  fn,
-  lhs_shape,
-  filter_shape,
-  window_strides,
-  padding,
-  lhs_dilation,
-  rhs_dilation,
-  dimension_numbers,
-) -> ConvGeometry:
-  ndim = len(lhs_shape)
-  return conv_geometry(
-    fn,
-    lhs_shape,
-    ndim,
-    filter_shape,
-    window_strides,
-    padding,
-    lhs_dilation,
-    rhs_dilation,
-    dimension_numbers,
-  )
+def _patches_geometry(fn: str, lhs_shape: tuple[int, ...], *args: Any) -> ConvGeometry:
+  """The geometry of im2col's arguments ``(filter_shape, ..., dimension_numbers)``."""
+  return conv_geometry(fn, lhs_shape, len(lhs_shape), *args)
 
 
 def _patches_shape(geometry: ConvGeometry) -> tuple[int, ...]:

@@ -37,7 +37,7 @@ from jax._src.lax.control_flow import conditionals, loops, solves
 from jax._src.tree_util import FlatTree
 
 import convmm
-from convmm._conv import _check_method
+from convmm._conv import check_method
 
 _CONV = lax.conv_general_dilated_p
 # The parameters of lax's conv primitive that `where` receives (and convmm takes).
@@ -129,7 +129,7 @@ def replace_convs(
       f"{name}: `where` must be None or a callable taking a dict of conv parameters, "
       f"got {type(where).__name__} {where!r}"
     )
-  method, _ = _check_method(name, method, memory_budget)
+  method, _ = check_method(name, method, memory_budget)
   config = _Config(method, memory_budget, where)
 
   @functools.wraps(fn)
