@@ -47,7 +47,8 @@ def memory_budget(nbytes: int) -> Iterator[None]:
   """Context manager: convolutions traced inside use a tile budget of ``nbytes``.
 
   The budget bounds a tile's whole working set: its input window, its patch
-  matrix (twice in a kernel gradient: the patches and their GEMM operand
+  matrix counted three times in a forward convolution (smaller tiles ran
+  faster) and twice in a kernel gradient (the patches and their GEMM operand
   copy), the first unfolding stage and the tile's output. Work beyond it is computed
   tile by tile (output rows, then columns, then batch chunks). The whole
   padded input and the output are held besides. Like

@@ -62,11 +62,10 @@ def tile_cost(
 ) -> int:
   """Bytes a tile of ``b`` samples by ``tile_out`` outputs holds at once.
 
-  ``patch_copies`` patch matrices (one for a forward convolution, whose
-  derivatives are convolutions and GEMMs tiled on their own, see
-  :mod:`convmm._autodiff`; two for a kernel gradient, the patches and their GEMM
-  operand copy), the input window, the first stage of the unfolding and the
-  tile's output.
+  ``patch_copies`` patch matrices (three for a forward convolution, a speed
+  setting, see :func:`convmm._conv.conv_channels_last`; two for a kernel
+  gradient, the patches and their GEMM operand copy), the input window, the
+  first stage of the unfolding and the tile's output.
   """
   g = spec.geometry
   c = g.in_features * itemsize
