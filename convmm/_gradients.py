@@ -23,7 +23,7 @@ from convmm._budget import current_memory_budget
 from convmm._im2col import patches_channels_last
 from convmm._shapes import ConvSpec
 from convmm._sharding import sharding_of
-from convmm._tiling import batch_chunk
+from convmm._tiling import batch_chunk, tile_cost
 
 
 def split_axis(a: jax.Array, axis: int, parts: int) -> jax.Array:
@@ -72,10 +72,10 @@ def input_grad_col2im(
 
 
 def grad_batch_chunk(spec: ConvSpec, x: jax.Array, itemsize: int, budget: int | None) -> int:
-  """Samples per chunk so that a chunk's patch matrix (and a copy) fits the budget."""
+  """Samples per chunk so that a chunk's working set (two patch copies) fits the budget."""
   budget = current_memory_budget() if budget is None else budget
   g = spec.geometry
-  sample = 2 * math.prod(g.out_spatial) * g.num_taps * g.in_features * itemsize
+  sample = tile_cost(spec, itemsize, 1, g.out_spatial, patch_copies=2, out_itemsize=itemsize)
   return batch_chunk(g.batch, budget // max(sample, 1), sharding_of(x)[0])
 
 
@@ -102,7 +102,6 @@ def kernel_grad(
   # as (O, T * cg) and every consumer (an optimizer's update) reads it
   # transposed. Whichever moves fewer elements goes first (groups: the cotangent;
   # XLA's fallback for a batched GEMM's transposed output lacks bf16 x bf16 -> f32).
-  patches_first = m * k <= k * o + m * o
   # The kernel is replicated even where the batch is sharded (lax's rule).
   mesh = jax.typeof(ct).sharding.mesh
   out_sharding = (
@@ -120,7 +119,7 @@ def kernel_grad(
     patches = patches.reshape(*patches.shape[:-2], -1)
     axes = tuple(range(nsp + 1))
     dims = (axes, axes), ((), ())
-    if patches_first:
+    if m * k <= k * o + m * o:  # patches first
       return gemm(patches, ct, dims).reshape(*g.filter_shape, -1, o)
     # (O, K) -> (T, cg, O) through a reshape: XLA then keeps the GEMM's own output
     # layout (a transposed output layout falls back to a GEMM without bf16 x bf16 -> f32).

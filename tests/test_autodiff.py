@@ -156,7 +156,7 @@ def test_16bit_gradients_accumulate_in_float32(dtype):
 
 
 @pytest.mark.parametrize(
-  "name", ["stride1_same", "strided_negative_pads", "feature_groups_strided"]
+  "name", ["stride1_same", "strided_negative_pads", "feature_groups_strided", "both_dilations"]
 )
 def test_tiny_memory_budget_chunks_the_backward(name):
   # A one-byte budget forces one sample per chunk in the kernel gradient and the
