@@ -12,8 +12,11 @@ and its two transposes are
 
 * the input gradient: for unit strides, the convolution of the cotangent with
   the flipped, I/O-swapped kernel (lax's ``_conv_general_dilated_transpose_lhs``,
-  itself an im2col + GEMM through ``conv_p``); for strided convolutions, where
-  that would multiply the zeros inserted between cotangent entries,
+  itself an im2col + GEMM through ``conv_p``; for deep layers, whose kernel
+  outweighs the cotangent's patches, the patches take their taps reversed and
+  the GEMM reads the kernel unflipped, see :func:`input_grad_gemm`); for
+  strided convolutions, where that would multiply the zeros inserted between
+  cotangent entries,
   ``cotangent @ kernel^T`` summed back into place (col2im);
 * the kernel gradient: one GEMM ``patches^T @ cotangent`` (whichever operand
   is cheaper to transpose goes first), with the patches rebuilt from the input
@@ -43,12 +46,13 @@ from convmm._canonical import ConvDimensionNumbers, dilate_dim
 from convmm._gradients import (
   grad_batch_chunk,
   input_grad_col2im,
+  input_grad_gemm,
   kernel_grad,
   split_axis,
 )
 from convmm._shapes import ConvSpec, accumulator_dtype, conv_spec
 from convmm._sharding import conv_out_sharding, sharding_of
-from convmm._tiling import map_batch_chunks, tile_plan, tiled
+from convmm._tiling import map_batch_chunks, tile_conv, tile_plan, tiled
 
 
 def channels_last_dimension_numbers(num_spatial: int) -> ConvDimensionNumbers:
@@ -154,30 +158,51 @@ def _lhs_transpose_padding(spec: ConvSpec) -> tuple[tuple[int, int], ...]:
   return tuple(pads)
 
 
+def _input_grad_spec(spec: ConvSpec, ct_shape, w_shape, groups: int) -> ConvSpec:
+  """The input gradient's convolution of the cotangent (lax's), for a kernel of ``w_shape``."""
+  g = spec.geometry
+  return conv_spec(
+    "conv_general_dilated",
+    ct_shape,
+    w_shape,
+    g.lhs_dilation,
+    _lhs_transpose_padding(spec),
+    g.window_strides,
+    g.rhs_dilation,
+    channels_last_dimension_numbers(g.num_spatial),
+    groups,
+    1,
+  )
+
+
 def _input_grad_conv(ct, w, spec, params):
   """Input gradient as lax computes it: conv(ct, flip(w)^T, lhs_dilation=strides)."""
-  g = spec.geometry
-  nsp = g.num_spatial
+  nsp = spec.geometry.num_spatial
   groups = spec.feature_group_count * spec.batch_group_count
+  g = spec.geometry
+  if groups == 1 and 2 * g.in_features >= g.batch * math.prod(g.in_spatial):
+    # A kernel as large as the cotangent's patches (deep layers): its taps are
+    # reversed in the patches instead of flipped, and the GEMM reads it with the
+    # contraction minor, so it is never transposed element by element. Measured
+    # per layer (8x4x4x512 3x3: 0.82x the time in float32, 0.70x in bfloat16);
+    # where the patches dominate, the plain GEMM was 3-6% faster.
+    w_cto = jnp.moveaxis(w.reshape(-1, *w.shape[-2:]), 1, 0).reshape(w.shape[-2], -1)
+    t_spec = _input_grad_spec(spec, ct.shape, (*w.shape[:nsp], w.shape[-1], w.shape[-2]), 1)
+    acc_dtype = accumulator_dtype(ct.dtype)
+    return tile_conv(
+      lambda c, s: input_grad_gemm(c, w_cto, s, params["precision"], acc_dtype),
+      ct,
+      t_spec,
+      acc_dtype or ct.dtype,
+      params["memory_budget"],
+    )
   # (*k, cg, O) with O group-major -> (*k, og, groups * cg): the groups move from
   # the kernel's output features into its (new) output features.
   w = split_axis(w, nsp + 1, groups)  # (*k, cg, G, og)
   w = jnp.moveaxis(w, nsp + 1, nsp)  # (*k, G, cg, og)
   w = w.reshape(*w.shape[:nsp], -1, w.shape[-1])
   w = jnp.swapaxes(jnp.flip(w, tuple(range(nsp))), nsp, nsp + 1)  # (*k, og, G*cg)
-  t_spec = conv_spec(
-    "conv_general_dilated",
-    ct.shape,
-    w.shape,
-    g.lhs_dilation,
-    _lhs_transpose_padding(spec),
-    g.window_strides,
-    g.rhs_dilation,
-    channels_last_dimension_numbers(nsp),
-    groups,
-    1,
-  )
-  dx = _rebind(ct, w, t_spec, params)  # (N', *in, G*cg)
+  dx = _rebind(ct, w, _input_grad_spec(spec, ct.shape, w.shape, groups), params)  # (N', *in, G*cg)
   if spec.batch_group_count > 1:  # the groups go back into the batch, group-major
     dx = split_axis(dx, nsp + 1, spec.batch_group_count)
     dx = jnp.moveaxis(dx, nsp + 1, 0)

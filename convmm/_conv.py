@@ -24,7 +24,7 @@ from convmm._im2col import (
 )
 from convmm._phases import phase_conv
 from convmm._shapes import ConvSpec, accumulator_dtype, check_dtypes, conv_spec, shape_of
-from convmm._tiling import tile_plan, tiled
+from convmm._tiling import tile_conv
 
 
 def kernel_taps_last(rhs: jax.Array, spec: ConvSpec) -> jax.Array:
@@ -203,7 +203,6 @@ def conv_channels_last(
       out_dtype,
     )
   method = choose_method(spec, method)
-  budget = current_memory_budget() if memory_budget is None else memory_budget
   compute = functools.partial(
     _COMPUTE[method],
     w_tio=w_tio,
@@ -212,20 +211,7 @@ def conv_channels_last(
   )
   if method == "shift":  # builds no patches: nothing to tile
     return compute(x_cl, spec=spec)
-  batch_shards, sharded_spatial = _sharding.sharding_of(x_cl)
-  plan = tile_plan(
-    spec,
-    jnp.dtype(x_cl.dtype).itemsize,
-    budget,
-    # Three patch matrices' worth, though the forward holds one: smaller tiles stay
-    # under glibc's mmap threshold and ran faster (a 1-D k=9 layer: 1.9x lax's time
-    # with three, 3.7x with one); the backward tiles its own work (see _autodiff).
-    patch_copies=3,
-    out_itemsize=jnp.dtype(out_dtype).itemsize,
-    batch_shards=batch_shards,
-    sharded_spatial=sharded_spatial,
-  )
-  return tiled(lambda x, s: compute(x, spec=s), x_cl, spec, plan)
+  return tile_conv(lambda x, s: compute(x, spec=s), x_cl, spec, out_dtype, memory_budget)
 
 
 def conv_general_dilated(

@@ -71,6 +71,29 @@ def input_grad_col2im(
   return dx
 
 
+def input_grad_gemm(
+  ct: jax.Array, w_cto: jax.Array, spec: ConvSpec, precision: Any, acc_dtype: Any
+) -> jax.Array:
+  """A unit-stride input gradient as im2col of the cotangent + one GEMM, no kernel flip.
+
+  ``spec`` is the input gradient's own convolution of ``ct`` (lax's: padded by
+  ``k_eff - 1 - low``, strided by the forward's input dilation) and ``w_cto``
+  the forward kernel as ``(C, T * O)``. Its flipped, I/O-swapped kernel is never
+  built: the patches take their taps in reverse order instead, and the GEMM
+  contracts the kernel's minor axis (a GEMM with a transposed right operand),
+  so the only copy of the kernel moves whole output-feature rows.
+  """
+  patches = patches_channels_last(ct, spec.geometry, reverse_taps=True)  # (N, *in, T, O)
+  patches = patches.reshape(*patches.shape[:-2], -1)
+  return lax.dot_general(
+    patches,
+    w_cto,
+    (((patches.ndim - 1,), (1,)), ((), ())),
+    precision=precision,
+    preferred_element_type=acc_dtype,
+  )
+
+
 def grad_batch_chunk(spec: ConvSpec, x: jax.Array, itemsize: int, budget: int | None) -> int:
   """Samples per chunk so that a chunk's working set (two patch copies) fits the budget."""
   budget = current_memory_budget() if budget is None else budget

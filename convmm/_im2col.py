@@ -72,30 +72,35 @@ def tap_slice(x_padded: jax.Array, geometry: ConvGeometry, offset: tuple[int, ..
   return lax.slice(x_padded, start, limit, strides)
 
 
-def _unfold_dim(y: jax.Array, geometry: ConvGeometry, d: int) -> jax.Array:
+def _unfold_dim(y: jax.Array, geometry: ConvGeometry, d: int, reverse: bool) -> jax.Array:
   """``k`` strided slices along spatial dimension ``d`` of a padded input, stacked."""
   nsp = geometry.num_spatial
   out, stride, dil = geometry.out_spatial[d], geometry.window_strides[d], geometry.rhs_dilation[d]
+  k = geometry.filter_shape[d]
   taps = []
-  for t in range(geometry.filter_shape[d]):
+  for t in reversed(range(k)) if reverse else range(k):
     start = t * dil if out else 0
     limit = start + (out - 1) * stride + 1 if out else 0
     taps.append(lax.slice_in_dim(y, start, limit, stride, axis=1 + d))
   return jnp.stack(taps, axis=1 + nsp)
 
 
-def unfold_padded(x_padded: jax.Array, geometry: ConvGeometry) -> jax.Array:
+def unfold_padded(
+  x_padded: jax.Array, geometry: ConvGeometry, reverse_taps: bool = False
+) -> jax.Array:
   """im2col of an already padded channels-last input: ``(N, *out, T, C)``.
 
   Unfolds one spatial dimension at a time, last to first: ``k`` strided slices
   along that dimension, stacked on a new tap axis. That is ``sum(k)`` slices
   instead of ``prod(k)`` (a 7x7 window: 14 instead of 49), which compiles
   faster and moves small-channel inputs in longer contiguous runs, and gives
-  the same row-major tap order as slicing every tap directly.
+  the same row-major tap order as slicing every tap directly. With
+  ``reverse_taps`` the taps come in reverse order (the patches of a flipped
+  kernel), at no extra cost.
   """
   y = x_padded
   for d in reversed(range(geometry.num_spatial)):
-    y = _unfold_dim(y, geometry, d)
+    y = _unfold_dim(y, geometry, d, reverse_taps)
   return y.reshape(*y.shape[: 1 + geometry.num_spatial], geometry.num_taps, y.shape[-1])
 
 
@@ -114,9 +119,12 @@ def from_bits(x: jax.Array, dtype: Any) -> jax.Array:
   return lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
 
 
-def patches_channels_last(x_cl: jax.Array, geometry: ConvGeometry) -> jax.Array:
-  """im2col in channels-last canonical form: ``(N, *out, T, C)``."""
-  return from_bits(unfold_padded(pad_input(to_bits(x_cl), geometry), geometry), x_cl.dtype)
+def patches_channels_last(
+  x_cl: jax.Array, geometry: ConvGeometry, reverse_taps: bool = False
+) -> jax.Array:
+  """im2col in channels-last canonical form: ``(N, *out, T, C)`` (see :func:`unfold_padded`)."""
+  patches = unfold_padded(pad_input(to_bits(x_cl), geometry), geometry, reverse_taps)
+  return from_bits(patches, x_cl.dtype)
 
 
 def _patches_geometry(fn: str, lhs_shape: tuple[int, ...], *args: Any) -> ConvGeometry:
