@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from convmm._budget import current_memory_budget
+from convmm._im2col import tap_split
 from convmm._shapes import ConvSpec
 from convmm._sharding import explicit_spec, sharding_of
 
@@ -76,6 +77,8 @@ def tile_cost(
   cost = patch_copies * positions * g.num_taps * c + b * math.prod(window) * c
   if len(tile_out) > 1:  # unfold_padded's first stage: the last dim unfolded only
     cost += b * math.prod(window[:-1]) * tile_out[-1] * g.filter_shape[-1] * c
+    if split := tap_split(g.filter_shape[-1]):  # and its inner stage (see _unfold_dim)
+      cost += b * math.prod(window) * split[1] * c
   return cost + positions * spec.out_features * out_itemsize
 
 
@@ -210,6 +213,10 @@ def tiled(
   # stays whole and the chunk index is a minor axis.
   x_chunks = x_cl.reshape(b, nb, *x_cl.shape[1:])
 
+  def chunk_of(chunks, whole, chunk):
+    # One chunk: the whole batch (no reshape, which XLA would copy for its layout).
+    return whole if nb == 1 else lax.dynamic_index_in_dim(chunks, chunk, axis=1, keepdims=False)
+
   def out_starts(position):
     starts, indices = [], []
     for d in reversed(range(nsp)):
@@ -219,7 +226,7 @@ def tiled(
     return starts[::-1], indices[::-1]
 
   def window_of(chunk, starts):
-    x = lax.dynamic_index_in_dim(x_chunks, chunk, axis=1, keepdims=False)
+    x = chunk_of(x_chunks, x_cl, chunk)
     for d in tiles:
       start = starts[d] * g.window_strides[d] - g.padding[d][0]
       x = _zero_extended_window(x, 1 + d, start, window[d])
@@ -231,7 +238,7 @@ def tiled(
     ct_chunks = cotangent.reshape(b, nb, *cotangent.shape[1:])
 
     def ct_tile(chunk, starts, indices):
-      ct = lax.dynamic_index_in_dim(ct_chunks, chunk, axis=1, keepdims=False)
+      ct = chunk_of(ct_chunks, cotangent, chunk)
       ct = lax.dynamic_slice(ct, [zero, *starts, zero], (b, *tile_out, ct.shape[-1]))
       for d in tiles:  # outputs the previous tile already counted
         fresh = starts[d] + jnp.arange(tile_out[d]) >= indices[d] * tile_out[d]

@@ -298,3 +298,49 @@ def test_col2im_matches_torch_fold(name):
     rhs_dilation=(dh, dw),
   )
   assert_close(actual, expected, reduction=kh * kw)
+
+
+@pytest.mark.parametrize(
+  "filter_shape, strides, rhs_dilation",
+  [((9, 10), (1, 2), (2, 1)), ((3, 12), (2, 1), (1, 1)), ((16, 11), (1, 1), (1, 1))],
+  ids=["9x10", "3x12", "16x11-prime-last"],
+)
+def test_wide_windows_unfold_in_two_stages_exactly(filter_shape, strides, rhs_dilation):
+  # Over 8 taps, a dimension is unfolded as (a, b) sub-taps (XLA's CPU backend fuses
+  # at most 8 concatenated slices); the patches, the convolution and its gradients
+  # must be unchanged (against lax's patches bit for bit, and lax at HIGHEST).
+  from convmm._im2col import tap_split
+
+  assert [tap_split(k) for k in (8, 9, 10, 11, 12, 16, 67)] == [
+    None,
+    (3, 3),
+    (2, 5),
+    None,
+    (2, 6),
+    (2, 8),
+    None,
+  ]
+  kw = dict(
+    window_strides=strides,
+    padding=((4, 3), (-1, 5)),
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((2, 23, 25, 3)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((*filter_shape, 3, 4)), jnp.float32)
+  patches = jax.jit(lambda x: convmm.im2col(x, filter_shape, **kw))(x)
+  np.testing.assert_array_equal(
+    patches,
+    lax.conv_general_dilated_patches(x, filter_shape, **kw, precision=lax.Precision.HIGHEST),
+  )
+  ct = jnp.asarray(rng.standard_normal(patches.shape[:-1] + (4,)), jnp.float32)
+
+  def vjp(conv, **extra):
+    y, pull = jax.vjp(lambda x, w: conv(x, w, **kw, **extra), x, w)
+    return (y, *pull(ct))
+
+  got = jax.jit(lambda: vjp(convmm.conv_general_dilated))()
+  want = jax.jit(lambda: vjp(lax.conv_general_dilated, precision=lax.Precision.HIGHEST))()
+  for a, b in zip(got, want):
+    assert_close(a, b, reduction=math.prod(filter_shape) * 3, grad=True)
