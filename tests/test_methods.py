@@ -70,11 +70,14 @@ def test_every_method_matches_lax_value_and_grads(x_shape, w_shape, kw):
   ref_g = jax.grad(loss(lax.conv_general_dilated), (0, 1))(x, w)
   reduction = int(np.prod(w_shape[:-1]))
   for method in _methods_for(kw, x_shape[-1]):
-    y = convmm.conv_general_dilated(
-      x, w, dimension_numbers=DN, precision=HIGHEST, method=method, **kw
-    )
+    # Jitted: eager autodiff compiles every primitive on its own (minutes in CI).
+    y = jax.jit(
+      lambda x, w: convmm.conv_general_dilated(
+        x, w, dimension_numbers=DN, precision=HIGHEST, method=method, **kw
+      )
+    )(x, w)
     assert_close(y, ref_y, reduction=reduction)
-    g = jax.grad(loss(convmm.conv_general_dilated, method=method), (0, 1))(x, w)
+    g = jax.jit(jax.grad(loss(convmm.conv_general_dilated, method=method), (0, 1)))(x, w)
     for got, want in zip(g, ref_g):
       assert_close(got, want, reduction=reduction, grad=True)
 
