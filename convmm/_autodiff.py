@@ -41,8 +41,10 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from convmm import _blocks
 from convmm._budget import current_memory_budget
 from convmm._canonical import ConvDimensionNumbers, dilate_dim
+from convmm._chunks import map_batch_chunks
 from convmm._gradients import (
   grad_batch_chunk,
   input_grad_col2im,
@@ -51,8 +53,8 @@ from convmm._gradients import (
   split_axis,
 )
 from convmm._shapes import ConvSpec, accumulator_dtype, conv_spec
-from convmm._sharding import conv_out_sharding, sharding_of
-from convmm._tiling import map_batch_chunks, tile_conv, tile_plan, tiled
+from convmm._sharding import conv_out_sharding, sharding_of, unknown_split
+from convmm._tiling import tile_conv, tile_cost, tile_plan, tiled
 
 
 def channels_last_dimension_numbers(num_spatial: int) -> ConvDimensionNumbers:
@@ -210,6 +212,30 @@ def _input_grad_conv(ct, w, spec, params):
   return dx
 
 
+def _wider_grad_blocks(spec: ConvSpec, ct: jax.Array, w: jax.Array, params) -> tuple[int, ...]:
+  """Blocks of the forward when its input gradient would be tiled but cannot be blocked.
+
+  A unit-stride conv padded by less than ``k_eff - 1`` (e.g. ``VALID``) has an
+  input gradient with more outputs than inputs, which :mod:`convmm._blocks` does
+  not cut into blocks; with several devices (an Auto mesh) it is computed per
+  block of the forward instead (:func:`convmm._blocks.input_grad`). () otherwise.
+  """
+  devices = unknown_split(ct)
+  if devices < 2:
+    return ()
+  forward = _blocks.spatial_blocks(spec, devices)
+  groups = spec.feature_group_count * spec.batch_group_count
+  nsp = spec.geometry.num_spatial
+  w_shape = (*w.shape[:nsp], w.shape[-1] // groups, w.shape[-2] * groups)
+  t_spec = _input_grad_spec(spec, ct.shape, w_shape, groups)
+  if not any(f > 1 and t == 1 for f, t in zip(forward, _blocks.spatial_blocks(t_spec, devices))):
+    return ()
+  budget = current_memory_budget() if params["memory_budget"] is None else params["memory_budget"]
+  size = ct.dtype.itemsize
+  whole = tile_cost(t_spec, size, ct.shape[0], t_spec.geometry.out_spatial, 3, size)
+  return forward if whole > budget else ()
+
+
 def _lhs_rule(ct, x, w, **params):
   spec, precision = params["spec"], params["precision"]
   x_aval = x.aval
@@ -219,7 +245,12 @@ def _lhs_rule(ct, x, w, **params):
     return jnp.zeros(x_aval.shape, x_aval.dtype)
   acc_dtype = accumulator_dtype(ct.dtype)
   if all(s == 1 for s in spec.geometry.window_strides):
-    dx = _input_grad_conv(ct, w, spec, {**params, "preferred_element_type": None})
+    unit = {**params, "preferred_element_type": None}
+    if blocks := _wider_grad_blocks(spec, ct, w, params):
+      grad = lambda c, s: _input_grad_conv(c, w, s, unit)  # noqa: E731
+      dx = _blocks.input_grad(ct, spec, blocks, grad)
+    else:
+      dx = _input_grad_conv(ct, w, spec, unit)
   elif (
     spec.batch_group_count > 1
     or (chunk := grad_batch_chunk(spec, ct, ct.dtype.itemsize, params["memory_budget"]))
@@ -261,6 +292,7 @@ def _rhs_rule(ct, x, w, **params):
       out_itemsize=ct.dtype.itemsize,
       batch_shards=batch_shards,
       sharded_spatial=sharded_spatial,
+      devices=unknown_split(x),
     )
     dw = tiled(grad_w, x, spec, plan, cotangent=ct)
   elif (chunk := grad_batch_chunk(spec, x, ct.dtype.itemsize, params["memory_budget"])) < len(x):

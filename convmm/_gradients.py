@@ -20,10 +20,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from convmm._budget import current_memory_budget
+from convmm._chunks import batch_chunk
 from convmm._im2col import patches_channels_last
 from convmm._shapes import ConvSpec
 from convmm._sharding import sharding_of
-from convmm._tiling import batch_chunk, tile_cost
+from convmm._tiling import tile_cost
 
 
 def split_axis(a: jax.Array, axis: int, parts: int) -> jax.Array:

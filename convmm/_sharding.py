@@ -31,6 +31,20 @@ def sharding_of(x: jax.Array) -> tuple[int, frozenset[int]]:
   return sizes[0], frozenset(d for d in range(x.ndim - 2) if sizes[1 + d] > 1)
 
 
+def unknown_split(x: jax.Array) -> int:
+  """Devices ``x``'s spatial axes may be split over without its type saying so.
+
+  On explicit axes the type tells (:func:`sharding_of`): 1. Otherwise (an Auto
+  mesh, or jit with sharded arguments and no mesh set), the size of the current
+  mesh, else the number of devices.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  meshes = (getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None), mesh)
+  if any(jax.sharding.AxisType.Explicit in getattr(m, "axis_types", ()) for m in meshes):
+    return 1
+  return mesh.size if not mesh.empty else jax.device_count()
+
+
 def explicit_spec(x: jax.Array) -> tuple | None:
   """``x``'s partition spec, one entry per axis, when it is sharded over explicit axes."""
   batch_shards, sharded_spatial = sharding_of(x)

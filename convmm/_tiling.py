@@ -12,7 +12,10 @@ Tiles cover the whole batch and split the first output spatial dimension
 (then the second, for kernels so large that one output row does not fit). The
 batch is split only when one row of the whole batch does not fit; its chunks
 take every ``nb``-th sample (``x.reshape(b, nb, ...)``) so that a batch
-sharded over devices stays sharded inside every tile.
+sharded over devices stays sharded inside every tile. With several devices and
+no explicit sharding to read (Auto meshes), the split spatial dimensions are
+first cut into contiguous blocks that line up with the devices, so that a
+spatially sharded input stays sharded too (:mod:`convmm._blocks`).
 """
 
 from __future__ import annotations
@@ -27,23 +30,35 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from convmm import _blocks
 from convmm._budget import current_memory_budget
 from convmm._im2col import tap_split
 from convmm._shapes import ConvSpec
-from convmm._sharding import explicit_spec, sharding_of
+from convmm._sharding import explicit_spec, sharding_of, unknown_split
 
 
 @dataclasses.dataclass(frozen=True)
 class TilePlan:
-  """``batch`` samples (of ``n``) by ``tile_out`` output positions per tile."""
+  """``batch`` samples (of ``n``) by ``tile_out`` output positions per tile.
+
+  A dimension with ``blocks[d]`` > 1 is cut into that many contiguous blocks
+  (see :mod:`convmm._blocks`); ``tile_out[d]`` and ``counts[d]`` are then per
+  block, and a tile covers all blocks at once.
+  """
 
   batch: int
   tile_out: tuple[int, ...]
   counts: tuple[int, ...]  # tiles along each output spatial dimension
+  blocks: tuple[int, ...] = ()  # blocks along each spatial dimension (): none
 
   @property
   def num_tiles(self) -> int:
     return math.prod(self.counts)
+
+  @property
+  def samples(self) -> int:
+    """Samples a tile convolves: the batch times the blocks."""
+    return self.batch * math.prod(self.blocks)
 
 
 def _window(spec: ConvSpec, tile_out: tuple[int, ...]) -> tuple[int, ...]:
@@ -90,14 +105,18 @@ def tile_plan(
   out_itemsize: int | None = None,
   batch_shards: int = 1,
   sharded_spatial: frozenset[int] = frozenset(),
+  devices: int = 1,
 ) -> TilePlan:
   """The largest tiles whose :func:`tile_cost` fits ``budget``.
 
   Whole batch first, splitting output rows, then (row tiles of one) columns;
   the batch is split only when one row of every sample does not fit, into
-  chunks that keep ``batch_shards`` whole (a sharded batch stays sharded).
+  chunks that keep ``batch_shards`` whole (a sharded batch stays sharded), or
+  a split over a divisor of ``devices``.
   Spatial dimensions in ``sharded_spatial`` are never split. Tile sizes need not
-  divide the output: tiles are balanced, the last one padded.
+  divide the output: tiles are balanced, the last one padded. With several
+  ``devices``, split dimensions are cut into :func:`convmm._blocks.spatial_blocks`
+  first, the blocks counted as samples of the tile.
   """
   g = spec.geometry
   n, out = g.batch, g.out_spatial
@@ -111,6 +130,7 @@ def tile_plan(
   whole = TilePlan(n, out, (1,) * len(out))
   if n == 0 or 0 in out or cost(n, out) <= budget:
     return whole
+  all_blocks = (1,) * len(out) if sharded_spatial else _blocks.spatial_blocks(spec, devices)
 
   def levels(b: int) -> Iterator[TilePlan]:
     """Coarsest first: whole spatial, then tiles of dim j (dims before j of size 1)."""
@@ -119,29 +139,37 @@ def tile_plan(
       if any(d in sharded_spatial for d in range(j + 1)):
         return
       ones = (1,) * j
-      fits = lambda r: cost(b, (*ones, r, *out[j + 1 :])) <= budget  # noqa: B023
+      # The tiled dimensions are blocked; a tile loop walks the outputs of one block.
+      blocks = (*all_blocks[: j + 1], *(1,) * (len(out) - j - 1))
+      blocks = blocks if max(blocks) > 1 else ()
+      extent = _blocks.extent(spec, blocks or (1,) * len(out))
+      samples = b * math.prod(blocks)
+      fits = lambda r: cost(samples, (*ones, r, *extent[j + 1 :])) <= budget  # noqa: B023
       if not fits(1) and j + 1 < min(2, len(out)):
         continue
-      lo, hi = 1, out[j]  # largest r that fits (1 if none does)
+      lo, hi = 1, extent[j]  # largest r that fits (1 if none does)
       while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-      count = -(-out[j] // lo)
-      r = -(-out[j] // count)  # balanced tiles, the last one padded by < count outputs
-      yield TilePlan(b, (*ones, r, *out[j + 1 :]), (*out[:j], count, *(1,) * (len(out) - j - 1)))
+      count = -(-extent[j] // lo)
+      r = -(-extent[j] // count)  # balanced tiles, the last one padded by < count outputs
+      counts = (*extent[:j], count, *(1,) * (len(out) - j - 1))
+      yield TilePlan(b, (*ones, r, *extent[j + 1 :]), counts, blocks)
       return
 
   # Batch groups are kept whole; otherwise chunks are divisors of n that keep
-  # the shards whole, largest first.
+  # the shards whole, largest first (with several devices, a split over any
+  # divisor of them: an Auto mesh's batch may be sharded unseen).
+  shards = max(batch_shards, math.gcd(n, devices))
   chunks = (
     [n]
     if spec.batch_group_count > 1
-    else [d for d in range(n, 0, -1) if n % d == 0 and d % batch_shards == 0] or [n]
+    else [d for d in range(n, 0, -1) if n % d == 0 and d % shards == 0] or [n]
   )
   plan = whole
   for b in chunks:
     for plan in levels(b):
-      if cost(plan.batch, plan.tile_out) <= budget:
+      if cost(plan.samples, plan.tile_out) <= budget:
         return plan
   return plan  # nothing fits: the finest tiling
 
@@ -187,16 +215,28 @@ def tiled(
   forward nor autodiff keeps more than one tile's patches alive. Needs
   ``lhs_dilation`` of 1 (see :mod:`convmm._phases`).
 
+  With spatial blocks (``plan.blocks``, see :mod:`convmm._blocks`), the input
+  is built once as ``(N, blocks, window, ...)`` along each blocked dimension
+  (each block's padded window, halo included); a step cuts the same positions
+  out of every block (only the within-block axes are sliced) and ``compute``
+  is vmapped over the block axes, which stay whole, so sharded ones stay
+  sharded. The output comes out as ``(N, blocks, per_block, ...)`` and is cut
+  to the output size.
+
   With a ``cotangent`` (output-shaped), each step calls
   ``compute(window, cotangent_tile, window_spec)`` instead and the results are
   summed (a kernel gradient); the outputs a moved-back last tile shares with
-  its neighbour are zeroed in its cotangent tile, so each is counted once.
+  its neighbour are zeroed in its cotangent tile, so each is counted once (and
+  outputs past the end, computed by the last blocks, get zero cotangents).
   """
   g = spec.geometry
   n, out, nsp = g.batch, g.out_spatial, g.num_spatial
   b, tile_out, counts = plan.batch, plan.tile_out, plan.counts
+  blocks = plan.blocks or (1,) * nsp
   nb = n // b if b else 1
-  tiles = [d for d in range(nsp) if counts[d] > 1]
+  blocked = [d for d in range(nsp) if blocks[d] > 1]
+  extent = _blocks.extent(spec, blocks)  # outputs a tile loop walks (per block)
+  tiles = [d for d in range(nsp) if counts[d] > 1 or d in blocked]
   # Tiled dimensions: a tile's window, cut out of the input with its padding.
   # The others: the whole input, padded by compute (fused into the unfolding).
   window = tuple(_window(spec, tile_out)[d] if d in tiles else g.in_spatial[d] for d in range(nsp))
@@ -209,9 +249,17 @@ def tiled(
   )
   if nb == 1 and not tiles:
     return compute(x_cl, spec) if cotangent is None else compute(x_cl, cotangent, spec)
+  pos = _blocks.axes(blocks)  # axis of each spatial dimension in a step's operands
+  x_view = x_cl
+  if blocked:  # the block axes stay separate (and sharded): compute is vmapped over them
+    x_view = _blocks.padded_view(x_cl, spec, blocks)
+    per_tile = compute
+    compute = lambda *a: _blocks.over_blocks(lambda *ops: per_tile(*ops, tile_spec), blocks)(
+      *(_blocks.leading(op, blocks) for op in a[:-1])
+    )
   # Chunk k holds samples k, k + nb, ...: the major (possibly sharded) batch axis
   # stays whole and the chunk index is a minor axis.
-  x_chunks = x_cl.reshape(b, nb, *x_cl.shape[1:])
+  x_chunks = x_view.reshape(b, nb, *x_view.shape[1:])
 
   def chunk_of(chunks, whole, chunk):
     # One chunk: the whole batch (no reshape, which XLA would copy for its layout).
@@ -221,29 +269,42 @@ def tiled(
     starts, indices = [], []
     for d in reversed(range(nsp)):
       position, i = jnp.divmod(position, counts[d])
-      starts.append(jnp.minimum(i * tile_out[d], out[d] - tile_out[d]))
+      starts.append(jnp.minimum(i * tile_out[d], extent[d] - tile_out[d]))
       indices.append(i)
     return starts[::-1], indices[::-1]
 
   def window_of(chunk, starts):
-    x = chunk_of(x_chunks, x_cl, chunk)
+    x = chunk_of(x_chunks, x_view, chunk)
     for d in tiles:
-      start = starts[d] * g.window_strides[d] - g.padding[d][0]
-      x = _zero_extended_window(x, 1 + d, start, window[d])
+      if d in blocked:  # a block's window is padded already
+        x = lax.dynamic_slice_in_dim(x, starts[d] * g.window_strides[d], window[d], pos[d])
+      else:
+        start = starts[d] * g.window_strides[d] - g.padding[d][0]
+        x = _zero_extended_window(x, pos[d], start, window[d])
     return x
 
   zero = jnp.zeros((), jnp.int32)
+
+  def at(starts):  # a tile's offsets in the output view: every block, ``starts`` within
+    return [s for d in range(nsp) for s in ([zero, starts[d]] if d in blocked else [starts[d]])]
+
   steps = jnp.arange(nb * plan.num_tiles, dtype=jnp.int32)
   if cotangent is not None:
-    ct_chunks = cotangent.reshape(b, nb, *cotangent.shape[1:])
+    ct_view = cotangent
+    if blocked:  # outputs past the end (computed by the last blocks) count zero
+      sizes = tuple(m * e if m > 1 else o for m, e, o in zip(blocks, extent, out))
+      ct_view = _blocks.view(ct_view, blocks, sizes)
+    ct_chunks = ct_view.reshape(b, nb, *ct_view.shape[1:])
+    size = [m for d in range(nsp) for m in ([blocks[d]] if d in blocked else []) + [tile_out[d]]]
 
     def ct_tile(chunk, starts, indices):
-      ct = chunk_of(ct_chunks, cotangent, chunk)
-      ct = lax.dynamic_slice(ct, [zero, *starts, zero], (b, *tile_out, ct.shape[-1]))
+      ct = chunk_of(ct_chunks, ct_view, chunk)
+      ct = lax.dynamic_slice(ct, [zero, *at(starts), zero], (b, *size, ct.shape[-1]))
       for d in tiles:  # outputs the previous tile already counted
-        fresh = starts[d] + jnp.arange(tile_out[d]) >= indices[d] * tile_out[d]
-        fresh = lax.broadcast_in_dim(fresh, ct.shape, (1 + d,))
-        ct = jnp.where(fresh, ct, jnp.zeros((), ct.dtype))
+        if counts[d] > 1:
+          fresh = starts[d] + jnp.arange(tile_out[d]) >= indices[d] * tile_out[d]
+          fresh = lax.broadcast_in_dim(fresh, ct.shape, (pos[d],))
+          ct = jnp.where(fresh, ct, jnp.zeros((), ct.dtype))
       return ct
 
     def summand(index):
@@ -254,18 +315,19 @@ def tiled(
     total = jax.eval_shape(summand, zero)
     init = jnp.zeros(total.shape, total.dtype)
     total, _ = lax.scan(lambda acc, i: (acc + summand(i), None), init, steps)
-    return total
+    return total.sum(tuple(range(len(blocked)))) if blocked else total  # the blocks lead
 
   @functools.partial(jax.checkpoint, prevent_cse=False)
   def tile(chunk, starts):
-    return compute(window_of(chunk, starts), tile_spec)
+    y = compute(window_of(chunk, starts), tile_spec)
+    return _blocks.back(y, blocks) if blocked else y
 
   y_tile = jax.eval_shape(tile, zero, [zero] * nsp)
   bo, o = y_tile.shape[0], y_tile.shape[-1]
   x_spec = explicit_spec(x_cl)
-  shape = (bo, nb, *out, o)
+  view = [s for d in range(nsp) for s in ([blocks[d]] if d in blocked else []) + [extent[d]]]
   init = jnp.zeros(
-    shape,
+    (bo, nb, *view, o),
     y_tile.dtype,
     out_sharding=None
     if x_spec is None
@@ -276,11 +338,13 @@ def tiled(
     chunk, position = jnp.divmod(index, plan.num_tiles)
     starts, _ = out_starts(position)
     update = tile(chunk, starts)[:, None]
-    return lax.dynamic_update_slice(y, update, [zero, chunk, *starts, zero]), None
+    return lax.dynamic_update_slice(y, update, [zero, chunk, *at(starts), zero]), None
 
   y, _ = lax.scan(step, init, steps)
   if x_spec is None:
-    return y.reshape(bo * nb, *out, o)
+    sizes = tuple(m * e for m, e in zip(blocks, extent))
+    y = y.reshape(bo * nb, *sizes, o)
+    return y if sizes == out else y[(slice(None), *(slice(0, s) for s in out))]
   return lax.reshape(
     y, (bo * nb, *out, o), out_sharding=jax.sharding.PartitionSpec(*x_spec[:-1], None)
   )
@@ -296,7 +360,8 @@ def tile_conv(
   """``compute(x, spec)``, a convolution of unpadded ``x_cl``, tiled to fit the budget.
 
   Tiles keep a sharded batch whole and never split a sharded spatial
-  dimension (see :func:`tile_plan`), and are computed by :func:`tiled`.
+  dimension (see :func:`tile_plan`; on Auto meshes, spatial blocks), and are
+  computed by :func:`tiled`.
   """
   budget = current_memory_budget() if memory_budget is None else memory_budget
   batch_shards, sharded_spatial = sharding_of(x_cl)
@@ -311,65 +376,6 @@ def tile_conv(
     out_itemsize=jnp.dtype(out_dtype).itemsize,
     batch_shards=batch_shards,
     sharded_spatial=sharded_spatial,
+    devices=unknown_split(x_cl),
   )
   return tiled(compute, x_cl, spec, plan)
-
-
-def batch_chunk(n: int, limit: int, batch_shards: int = 1) -> int:
-  """Samples per chunk: at most ``limit``, keeping ``batch_shards`` whole where it can.
-
-  A divisor of ``n`` (no padded samples) unless the largest one is under half of
-  ``limit``, then ``limit`` itself (the last chunk padded).
-  """
-  limit = max(1, min(n, limit))
-  divisors = [d for d in range(limit, 0, -1) if n % d == 0]
-  shard_whole = [d for d in divisors if d % batch_shards == 0]
-  best = (shard_whole or divisors)[0]
-  return best if 2 * best > limit or shard_whole else limit
-
-
-def map_batch_chunks(
-  fn: Callable[..., jax.Array],
-  arrays: list[jax.Array],
-  chunk: int,
-  *,
-  reduce: bool,
-  spec: ConvSpec,
-) -> jax.Array:
-  """``fn(*chunks, chunk_spec)`` over batch chunks of ``arrays`` in one ``lax.scan``.
-
-  Chunk ``k`` holds samples ``k, k + num, ...`` (``x.reshape(chunk, num, ...)``),
-  so that a batch sharded over devices stays sharded inside every chunk, as in
-  :func:`tiled`. With ``reduce`` the chunk results are summed (a kernel
-  gradient); otherwise they are the per-sample results, put back in order.
-  Samples padded to fill the last chunk are zeros and are dropped.
-  """
-  n = arrays[0].shape[0]
-  num = -(-n // chunk)
-  if num * chunk != n:
-    arrays = [jnp.pad(a, ((0, num * chunk - n),) + ((0, 0),) * (a.ndim - 1)) for a in arrays]
-  chunks = [a.reshape(chunk, num, *a.shape[1:]) for a in arrays]
-  chunk_spec = dataclasses.replace(spec, geometry=dataclasses.replace(spec.geometry, batch=chunk))
-  take = lambda k: [
-    *(lax.dynamic_index_in_dim(a, k, axis=1, keepdims=False) for a in chunks),
-    chunk_spec,
-  ]
-  zero = jnp.zeros((), jnp.int32)
-  first = jax.eval_shape(lambda: fn(*take(zero)))
-  if reduce:
-    init = jnp.zeros(first.shape, first.dtype)
-    step = lambda acc, k: (acc + fn(*take(k)), None)
-  else:
-    shape = (first.shape[0], num, *first.shape[1:])
-    x_spec = explicit_spec(arrays[0])
-    init = jnp.zeros(
-      shape,
-      first.dtype,
-      out_sharding=None if x_spec is None else jax.sharding.PartitionSpec(x_spec[0]),
-    )
-    step = lambda y, k: (
-      lax.dynamic_update_index_in_dim(y, fn(*take(k))[:, None], k, axis=1),
-      None,
-    )
-  y, _ = lax.scan(step, init, jnp.arange(num, dtype=jnp.int32))
-  return y if reduce else y.reshape(-1, *y.shape[2:])[:n]

@@ -4,6 +4,7 @@
 runs as its own program and prints one JSON line per check.
 """
 
+import functools
 import json
 
 import jax
@@ -40,7 +41,7 @@ def output_shardings():
     for spec in [P("x"), P(None, "x"), P(None, None, "x")]:
       x = jax.device_put(x_np, NamedSharding(mesh, spec))
       for budget in [None, 4096]:
-        specs = {}
+        specs, gathers = {}, {}
         for name, conv, kw in [
           ("lax", lax.conv_general_dilated, {}),
           ("convmm", convmm.conv_general_dilated, {"memory_budget": budget}),
@@ -52,8 +53,9 @@ def output_shardings():
           )
           with jax.set_mesh(mesh):
             y = f(x, w)
-            tiled = "while" in f.lower(x, w).as_text()
+            hlo = f.lower(x, w).compile().as_text()
           specs[name] = str(y.sharding.spec)
+          gathers[name] = hlo.count("all-gather(")
           error = float(np.max(np.abs(np.asarray(y) - ref)))
         report(
           "output_sharding",
@@ -62,7 +64,9 @@ def output_shardings():
           budget=budget,
           lax=specs["lax"],
           convmm=specs["convmm"],
-          tiled=tiled,
+          lax_all_gathers=gathers["lax"],
+          all_gathers=gathers["convmm"],
+          tiled="while" in hlo,
           error=error,
         )
 
@@ -89,6 +93,79 @@ def data_parallel_grad():
     report(
       "data_parallel_grad", impl=name, all_gathers=hlo.count("all-gather("), tiled="while" in hlo
     )
+
+
+def blocked_tiles():
+  # Auto mesh, rows or columns sharded, tiled into spatial blocks (convmm._blocks):
+  # values and gradients equal lax's at HIGHEST for paddings, strides, dilations,
+  # groups and 1-3 spatial dims, and neither the forward nor the gradient gathers.
+  from convmm._shapes import conv_spec
+  from convmm._tiling import tile_plan
+
+  mesh = jax.make_mesh((2,), ("x",), axis_types=(AxisType.Auto,))
+  cases = [
+    # x shape, kernel shape, strides, padding, rhs dilation, groups, budget
+    ((2, 12, 10, 4), (3, 3, 4, 6), (1, 1), "SAME", (1, 1), 1, 3000),
+    ((2, 12, 12, 3), (5, 5, 3, 4), (1, 1), ((3, 1), (0, 2)), (1, 1), 1, 3000),
+    ((2, 12, 12, 3), (3, 3, 3, 4), (2, 2), "VALID", (1, 1), 1, 2000),
+    ((2, 12, 12, 3), (3, 3, 3, 4), (1, 1), "VALID", (1, 1), 1, 3000),
+    ((2, 12, 12, 3), (3, 3, 3, 4), (1, 1), "SAME", (2, 2), 1, 3000),
+    ((2, 12, 12, 3), (3, 2, 3, 4), (1, 1), ((-1, 2), (1, -1)), (1, 1), 1, 3000),
+    ((2, 12, 12, 3), (2, 2, 3, 4), (3, 2), "VALID", (1, 1), 1, 1500),
+    ((2, 12, 10, 4), (3, 3, 2, 4), (1, 1), "SAME", (1, 1), 2, 3000),
+    ((2, 64, 3), (9, 3, 4), (1,), "SAME", (1,), 1, 2000),
+    ((2, 8, 6, 6, 2), (3, 3, 3, 2, 3), (1, 1, 1), "SAME", (1, 1, 1), 1, 6000),
+  ]
+  for shape, kshape, strides, padding, dilation, groups, budget in cases:
+    nsp = len(shape) - 2
+    dn = ("N" + "DHW"[3 - nsp :] + "C", "DHW"[3 - nsp :] + "IO", "N" + "DHW"[3 - nsp :] + "C")
+    spec = conv_spec("t", shape, kshape, strides, padding, None, dilation, dn, groups, 1)
+    plan = tile_plan(spec, 4, budget, devices=2)
+    x_np = rng.standard_normal(shape).astype(np.float32)
+    w = jnp.asarray(rng.standard_normal(kshape).astype(np.float32))
+    for axis in range(1, min(nsp, 2) + 1):
+      x = jax.device_put(x_np, NamedSharding(mesh, P(*(None,) * axis, "x")))
+      values, gathers = {}, {}
+      args = dict(
+        window_strides=strides,
+        padding=padding,
+        rhs_dilation=dilation,
+        dimension_numbers=dn,
+        feature_group_count=groups,
+        precision=HIGHEST,
+      )
+      for name, conv, kw in [
+        ("lax", lax.conv_general_dilated, {}),
+        ("convmm", convmm.conv_general_dilated, {"memory_budget": budget}),
+      ]:
+        fwd = functools.partial(conv, **args, **kw)
+        grad = jax.grad(lambda x, w, fwd=fwd: jnp.sum(jnp.sin(fwd(x, w))), (0, 1))
+        with jax.set_mesh(mesh):
+          values[name] = [jax.jit(fwd)(x, w), *jax.jit(grad)(x, w)]
+          gathers[name] = [
+            jax.jit(f).lower(x, w).compile().as_text().count("all-gather(") for f in (fwd, grad)
+          ]
+      (lo, hi), k_eff = spec.geometry.padding[axis - 1], spec.geometry.effective_filter_shape
+      report(
+        "blocked_tiles",
+        # A unit-stride conv padded by less than k_eff - 1 has an input gradient (a
+        # conv) with more outputs than inputs: computed through the forward's blocks.
+        wider_input_grad=all(s == 1 for s in strides) and lo + hi < k_eff[axis - 1] - 1,
+        shape=shape,
+        kernel=kshape,
+        padding=str(padding),
+        sharded_axis=axis,
+        blocks=plan.blocks,
+        tiles=plan.num_tiles,
+        lax_all_gathers=gathers["lax"],
+        all_gathers=gathers["convmm"],
+        lax_sharding=str(values["lax"][0].sharding.spec),
+        sharding=str(values["convmm"][0].sharding.spec),
+        errors=[
+          float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / (1 + np.max(np.abs(np.asarray(b)))))
+          for a, b in zip(values["convmm"], values["lax"])
+        ],
+      )
 
 
 def out_sharding_auto_mesh():
@@ -144,5 +221,6 @@ def pjit_conv_1d_same():
 if __name__ == "__main__":
   output_shardings()
   data_parallel_grad()
+  blocked_tiles()
   out_sharding_auto_mesh()
   pjit_conv_1d_same()

@@ -9,6 +9,9 @@ from jax import lax
 from tolerances import assert_close
 
 import convmm
+import convmm._autodiff
+import convmm._tiling
+from convmm._blocks import spatial_blocks
 from convmm._budget import current_memory_budget
 from convmm._shapes import conv_spec
 from convmm._tiling import tile_cost, tile_plan
@@ -174,3 +177,57 @@ def test_layers_pick_up_a_new_budget():
   with convmm.memory_budget(4096):
     assert _is_tiled(layer.apply, params, x)
     assert_close(jax.jit(lambda p, x: layer.apply(p, x))(params, x), y, reduction=36)
+
+
+@pytest.mark.parametrize(
+  "x_shape, w_shape, strides, padding, budget",
+  [
+    ((2, 16, 12, 3), (3, 3, 3, 4), (1, 1), "SAME", 48000),  # row blocks
+    ((2, 16, 12, 3), (3, 3, 3, 4), (1, 1), "SAME", 24000),  # row and column blocks
+    ((2, 16, 12, 3), (5, 4, 3, 4), (2, 1), ((3, 1), (1, 2)), 48000),
+    ((1, 64, 3), (9, 3, 4), (1,), "SAME", 4000),
+    ((2, 16, 12, 3), (3, 3, 3, 4), (1, 1), "VALID", 24000),  # wider input gradient
+    ((2, 9, 8, 4), (3, 3, 4, 8), (1, 1), ((1, 0), (0, 0)), 8000),  # odd rows: columns only
+  ],
+  ids=["rows", "rows-columns", "strided-asymmetric", "1d", "valid", "columns"],
+)
+def test_spatial_blocks_match_lax(monkeypatch, x_shape, w_shape, strides, padding, budget):
+  # The blocked tile layout used on Auto meshes with several devices (convmm._blocks),
+  # forced here on one device with 4 blocks per tiled dimension.
+  monkeypatch.setattr(convmm._tiling, "unknown_split", lambda x: 4)
+  monkeypatch.setattr(convmm._autodiff, "unknown_split", lambda x: 4)
+  nsp = len(x_shape) - 2
+  dn = DN if nsp == 2 else ("NWC", "WIO", "NWC")
+  spec = conv_spec("t", x_shape, w_shape, strides, padding, None, None, dn, 1, 1)
+  plan = tile_plan(spec, 4, budget, devices=4)
+  assert max(plan.blocks) == 4 and plan.num_tiles > 1, plan
+  assert tile_cost(spec, 4, plan.samples, plan.tile_out, 3, 4) <= budget, plan
+  x = jax.random.normal(jax.random.key(5), x_shape)
+  w = jax.random.normal(jax.random.key(6), w_shape)
+  kw = dict(dimension_numbers=dn, precision=HIGHEST)
+  tiled = lambda x, w: convmm.conv_general_dilated(  # noqa: E731
+    x, w, strides, padding, memory_budget=budget, **kw
+  )
+  ref = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, **kw)  # noqa: E731
+  assert "stablehlo.while" in jax.jit(tiled).lower(x, w).as_text()
+  reduction = int(np.prod(w_shape[:-1]))
+  assert_close(jax.jit(tiled)(x, w), ref(x, w), reduction=reduction)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+  got, want = jax.jit(jax.grad(loss(tiled), (0, 1)))(x, w), jax.grad(loss(ref), (0, 1))(x, w)
+  for a, b in zip(got, want):
+    assert_close(a, b, reduction=reduction * int(np.prod(x_shape[1:-1])), grad=True)
+
+
+def test_spatial_blocks_fall_back_where_blocks_do_not_fit():
+  def blocks(x_shape, w_shape, strides, padding, devices=2):
+    spec = conv_spec("t", x_shape, w_shape, strides, padding, None, None, DN, 1, 1)
+    return spatial_blocks(spec, devices)
+
+  assert blocks((1, 12, 10, 3), (3, 3, 3, 4), (1, 1), "SAME", devices=1) == (1, 1)
+  assert blocks((1, 12, 10, 3), (3, 3, 3, 4), (1, 1), "SAME") == (2, 2)
+  assert blocks((1, 12, 10, 3), (3, 3, 3, 4), (1, 1), "SAME", devices=8) == (4, 2)
+  assert blocks((1, 13, 10, 3), (3, 3, 3, 4), (1, 1), "SAME") == (1, 2)  # odd rows
+  assert blocks((1, 12, 10, 3), (3, 3, 3, 4), (4, 1), "SAME") == (1, 2)  # 6 rows a block, stride 4
+  more_outputs = ((2, 2), (1, 1))  # 14 output rows from 12
+  assert blocks((1, 12, 10, 3), (3, 3, 3, 4), (1, 1), more_outputs) == (1, 2)
+  assert blocks((1, 12, 10, 3), (15, 3, 3, 4), (1, 1), "SAME") == (1, 2)  # halo over a block
