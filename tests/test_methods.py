@@ -73,11 +73,10 @@ def test_every_method_matches_lax_value_and_grads(x_shape, w_shape, kw):
   reduction = int(np.prod(w_shape[:-1]))
   for method in _methods_for(kw, x_shape[-1]):
     # Jitted: eager autodiff compiles every primitive on its own (minutes in CI).
-    y = jax.jit(
-      lambda x, w: convmm.conv_general_dilated(
-        x, w, dimension_numbers=DN, precision=HIGHEST, method=method, **kw
-      )
-    )(x, w)
+    conv = functools.partial(
+      convmm.conv_general_dilated, dimension_numbers=DN, precision=HIGHEST, method=method, **kw
+    )
+    y = jax.jit(conv)(x, w)
     assert_close(y, ref_y, reduction=reduction)
     g = jax.jit(jax.grad(loss(convmm.conv_general_dilated, method=method), (0, 1)))(x, w)
     for got, want in zip(g, ref_g):
