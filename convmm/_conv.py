@@ -259,7 +259,10 @@ def conv_general_dilated(
     out_sharding: optional sharding of the result (a ``NamedSharding`` or a
       ``PartitionSpec`` under a mesh): a ``jax.sharding.reshard`` on explicit
       mesh axes, a sharding constraint on auto ones (which lax 0.10.2
-      rejects; convmm accepts them deliberately).
+      rejects; convmm accepts them deliberately). With it, input features
+      and kernel input features sharded alike over explicit axes (lax's
+      kernel gradient of a batch-sharded input) are convolved slice by slice
+      on each device and summed (one all-reduce, as lax's partitioner does).
     method: keyword-only, how to compute it: 'im2col' (patches + one GEMM),
       'shift' (a sum of one GEMM per kernel tap, never building patches),
       'depthwise' (multiply-accumulate when each group has one input feature) or
@@ -308,7 +311,18 @@ def conv_general_dilated(
     if out_sharding is not None
     else _sharding.lax_out_sharding(lhs, rhs, *lax_args, preferred_element_type)
   )
-  out = conv_with_spec(lhs, rhs, spec, precision, preferred_element_type, method, memory_budget)
+  if out_sharding is not None and (axes := _sharding.contracted_axes(lhs, rhs, spec)):
+    # A contraction sharded over explicit axes (lax's kernel gradient of a
+    # batch-sharded input): a partial convolution per device, then a sum.
+    def local(a, b):
+      local_spec = conv_spec(fn, a.shape, b.shape, *lax_args)
+      return conv_with_spec(
+        a, b, local_spec, precision, preferred_element_type, method, memory_budget
+      )
+
+    out = _sharding.sum_over_shards(local, lhs, rhs, spec, axes)
+  else:
+    out = conv_with_spec(lhs, rhs, spec, precision, preferred_element_type, method, memory_budget)
   if out_sharding is not None:
     out = _sharding.constrain(out, out_sharding)
   elif lax_sharding is not None and jax.typeof(out).sharding.spec != lax_sharding.spec:

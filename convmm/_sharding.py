@@ -116,3 +116,50 @@ def constrain(y: jax.Array, sharding: Any) -> jax.Array:
   if isinstance(sharding, jax.sharding.NamedSharding):
     return lax.with_sharding_constraint(y, jax.sharding.NamedSharding(sharding.mesh, spec))
   return lax.with_sharding_constraint(y, spec)
+
+
+def contracted_axes(lhs: jax.Array, rhs: jax.Array, spec: Any) -> tuple[str, ...]:
+  """Explicit mesh axes that shard the contraction (lhs features, rhs input features) alike.
+
+  Only without feature groups (which split the features) and with every other
+  dimension unsharded (lax's kernel-gradient convolution of a batch-sharded input
+  has this form, with batch groups for a grouped convolution); else ().
+  """
+  if spec.feature_group_count != 1:
+    return ()
+  lhs_spec, rhs_spec, _ = spec.geometry.dimension_numbers
+  parts = []
+  for a, feature in ((lhs, lhs_spec[1]), (rhs, rhs_spec[1])):
+    sharding = getattr(jax.typeof(a), "sharding", None)
+    if sharding is None or jax.sharding.AxisType.Explicit not in sharding.mesh.axis_types:
+      return ()
+    entries = [*sharding.spec, *(None,) * (a.ndim - len(sharding.spec))]
+    if any(e is not None for i, e in enumerate(entries) if i != feature):
+      return ()
+    parts.append(entries[feature])
+  axes = parts[0] if isinstance(parts[0], tuple) else (parts[0],)
+  return axes if parts[0] is not None and parts[0] == parts[1] else ()
+
+
+def sum_over_shards(
+  compute: Any, lhs: jax.Array, rhs: jax.Array, spec: Any, axes: tuple[str, ...]
+) -> jax.Array:
+  """``compute(lhs_shard, rhs_shard)`` on every device, summed over ``axes`` (replicated).
+
+  A convolution whose contraction is sharded over explicit ``axes``
+  (:func:`contracted_axes`): each device convolves its slice of the features,
+  then one all-reduce of the output, as lax's partitioner does.
+  """
+  lhs_spec, rhs_spec, _ = spec.geometry.dimension_numbers
+  entry = axes[0] if len(axes) == 1 else axes
+  in_specs = tuple(
+    jax.sharding.PartitionSpec(*(entry if i == f else None for i in range(a.ndim)))
+    for a, f in ((lhs, lhs_spec[1]), (rhs, rhs_spec[1]))
+  )
+  mesh = jax.typeof(lhs).sharding.mesh
+  return jax.shard_map(
+    lambda a, b: lax.psum(compute(a, b), axes),
+    mesh=mesh,
+    in_specs=in_specs,
+    out_specs=jax.sharding.PartitionSpec(),
+  )(lhs, rhs)

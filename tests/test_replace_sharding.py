@@ -62,16 +62,17 @@ SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize(
   "axis_type, groups",
   [
+    ("Auto", 1),
     ("Auto", 2),
+    ("Explicit", 1),
     pytest.param(
       "Explicit",
-      1,
+      2,
       marks=pytest.mark.xfail(
         strict=True,
-        reason="convmm's conv cannot yet compute lax's kernel-gradient conv under an Explicit "
-        "batch sharding: its GEMM contracts the sharded batch and takes no out_sharding "
-        "(out_sharding is only applied after the GEMM); grouped convs also fail on the "
-        "group reshape of a sharded batch",
+        reason="grouped convs on an Explicit batch sharding: the grouped GEMMs and kernel "
+        "gradient reshape (groups, batch) pairs, which explicit sharding rejects without an "
+        "out_sharding for each reshape (not done)",
       ),
     ),
   ],
