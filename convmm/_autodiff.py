@@ -42,7 +42,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from convmm import _blocks
-from convmm._budget import current_memory_budget
+from convmm._budget import budget_or_current
 from convmm._canonical import ConvDimensionNumbers, dilate_dim
 from convmm._chunks import map_batch_chunks
 from convmm._gradients import (
@@ -53,8 +53,8 @@ from convmm._gradients import (
   split_axis,
 )
 from convmm._shapes import ConvSpec, accumulator_dtype, conv_spec
-from convmm._sharding import conv_out_sharding, sharding_of, unknown_split
-from convmm._tiling import tile_conv, tile_cost, tile_plan, tiled
+from convmm._sharding import conv_out_sharding, unknown_split
+from convmm._tiling import FORWARD_PATCH_COPIES, plan_for, tile_conv, tile_cost, tiled
 
 
 def channels_last_dimension_numbers(num_spatial: int) -> ConvDimensionNumbers:
@@ -160,13 +160,19 @@ def _lhs_transpose_padding(spec: ConvSpec) -> tuple[tuple[int, int], ...]:
   return tuple(pads)
 
 
-def _input_grad_spec(spec: ConvSpec, ct_shape, w_shape, groups: int) -> ConvSpec:
-  """The input gradient's convolution of the cotangent (lax's), for a kernel of ``w_shape``."""
+def _input_grad_spec(spec: ConvSpec, ct_shape, w_shape) -> ConvSpec:
+  """The input gradient's convolution of the cotangent (lax's), for the forward kernel's shape.
+
+  Its kernel is the forward's flipped, with the groups moved from the output
+  features into the input features: ``(*k, cg, O)`` -> ``(*k, O // G, G * cg)``.
+  """
   g = spec.geometry
+  groups = spec.feature_group_count * spec.batch_group_count
+  *window, cg, o = w_shape
   return conv_spec(
     "conv_general_dilated",
     ct_shape,
-    w_shape,
+    (*window, o // groups, groups * cg),
     g.lhs_dilation,
     _lhs_transpose_padding(spec),
     g.window_strides,
@@ -186,10 +192,10 @@ def _input_grad_conv(ct, w, spec, params):
     # A kernel as large as the cotangent's patches (deep layers): its taps are
     # reversed in the patches instead of flipped, and the GEMM reads it with the
     # contraction minor, so it is never transposed element by element. Measured
-    # per layer (8x4x4x512 3x3: 0.82x the time in float32, 0.70x in bfloat16);
+    # per layer (8x4x4x512 3x3: 0.86x the time in float32, 0.70x in bfloat16);
     # where the patches dominate, the plain GEMM was 3-6% faster.
     w_cto = jnp.moveaxis(w.reshape(-1, *w.shape[-2:]), 1, 0).reshape(w.shape[-2], -1)
-    t_spec = _input_grad_spec(spec, ct.shape, (*w.shape[:nsp], w.shape[-1], w.shape[-2]), 1)
+    t_spec = _input_grad_spec(spec, ct.shape, w.shape)
     acc_dtype = accumulator_dtype(ct.dtype)
     return tile_conv(
       lambda c, s: input_grad_gemm(c, w_cto, s, params["precision"], acc_dtype),
@@ -198,13 +204,14 @@ def _input_grad_conv(ct, w, spec, params):
       acc_dtype or ct.dtype,
       params["memory_budget"],
     )
+  t_spec = _input_grad_spec(spec, ct.shape, w.shape)
   # (*k, cg, O) with O group-major -> (*k, og, groups * cg): the groups move from
   # the kernel's output features into its (new) output features.
   w = split_axis(w, nsp + 1, groups)  # (*k, cg, G, og)
   w = jnp.moveaxis(w, nsp + 1, nsp)  # (*k, G, cg, og)
   w = w.reshape(*w.shape[:nsp], -1, w.shape[-1])
   w = jnp.swapaxes(jnp.flip(w, tuple(range(nsp))), nsp, nsp + 1)  # (*k, og, G*cg)
-  dx = _rebind(ct, w, _input_grad_spec(spec, ct.shape, w.shape, groups), params)  # (N', *in, G*cg)
+  dx = _rebind(ct, w, t_spec, params)  # (N', *in, G*cg)
   if spec.batch_group_count > 1:  # the groups go back into the batch, group-major
     dx = split_axis(dx, nsp + 1, spec.batch_group_count)
     dx = jnp.moveaxis(dx, nsp + 1, 0)
@@ -224,16 +231,14 @@ def _wider_grad_blocks(spec: ConvSpec, ct: jax.Array, w: jax.Array, params) -> t
   if devices < 2:
     return ()
   forward = _blocks.spatial_blocks(spec, devices)
-  groups = spec.feature_group_count * spec.batch_group_count
-  nsp = spec.geometry.num_spatial
-  w_shape = (*w.shape[:nsp], w.shape[-1] // groups, w.shape[-2] * groups)
-  t_spec = _input_grad_spec(spec, ct.shape, w_shape, groups)
+  t_spec = _input_grad_spec(spec, ct.shape, w.shape)
   if not any(f > 1 and t == 1 for f, t in zip(forward, _blocks.spatial_blocks(t_spec, devices))):
     return ()
-  budget = current_memory_budget() if params["memory_budget"] is None else params["memory_budget"]
   size = ct.dtype.itemsize
-  whole = tile_cost(t_spec, size, ct.shape[0], t_spec.geometry.out_spatial, 3, size)
-  return forward if whole > budget else ()
+  whole = tile_cost(
+    t_spec, size, ct.shape[0], t_spec.geometry.out_spatial, FORWARD_PATCH_COPIES, size
+  )
+  return forward if whole > budget_or_current(params["memory_budget"]) else ()
 
 
 def _lhs_rule(ct, x, w, **params):
@@ -282,18 +287,7 @@ def _rhs_rule(ct, x, w, **params):
   elif all(d == 1 for d in spec.geometry.lhs_dilation):
     # Tiles like the forward's (output rows, then batch chunks), summed; a tile
     # holds its patches and their GEMM operand copy.
-    batch_shards, sharded_spatial = sharding_of(x)
-    budget = params["memory_budget"]
-    plan = tile_plan(
-      spec,
-      ct.dtype.itemsize,
-      current_memory_budget() if budget is None else budget,
-      patch_copies=2,
-      out_itemsize=ct.dtype.itemsize,
-      batch_shards=batch_shards,
-      sharded_spatial=sharded_spatial,
-      devices=unknown_split(x),
-    )
+    plan = plan_for(spec, x, params["memory_budget"], 2, ct.dtype.itemsize)
     dw = tiled(grad_w, x, spec, plan, cotangent=ct)
   elif (chunk := grad_batch_chunk(spec, x, ct.dtype.itemsize, params["memory_budget"])) < len(x):
     dw = map_batch_chunks(grad_w, [x, ct], chunk, reduce=True, spec=spec)

@@ -24,6 +24,11 @@ def current_memory_budget() -> int:
   return _DEFAULT_MEMORY_BUDGET if override is None else override
 
 
+def budget_or_current(nbytes: int | None) -> int:
+  """An explicit (validated) budget, or the one in force at trace time for None."""
+  return current_memory_budget() if nbytes is None else nbytes
+
+
 def set_memory_budget(nbytes: int) -> int:
   """Sets the default tile working-set budget in bytes; returns the previous value.
 

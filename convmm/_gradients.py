@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from convmm._budget import current_memory_budget
+from convmm._budget import budget_or_current
 from convmm._chunks import batch_chunk
 from convmm._im2col import patches_channels_last
 from convmm._shapes import ConvSpec
@@ -97,10 +97,9 @@ def input_grad_gemm(
 
 def grad_batch_chunk(spec: ConvSpec, x: jax.Array, itemsize: int, budget: int | None) -> int:
   """Samples per chunk so that a chunk's working set (two patch copies) fits the budget."""
-  budget = current_memory_budget() if budget is None else budget
   g = spec.geometry
   sample = tile_cost(spec, itemsize, 1, g.out_spatial, patch_copies=2, out_itemsize=itemsize)
-  return batch_chunk(g.batch, budget // max(sample, 1), sharding_of(x)[0])
+  return batch_chunk(g.batch, budget_or_current(budget) // max(sample, 1), sharding_of(x)[0])
 
 
 def kernel_grad(

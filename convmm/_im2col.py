@@ -75,9 +75,9 @@ def tap_slice(x_padded: jax.Array, geometry: ConvGeometry, offset: tuple[int, ..
 # XLA's CPU backend fuses a concatenation of at most 8 operands into one loop;
 # a wider one is copied slice by slice and then concatenated. In two or more
 # spatial dims, wider windows are unfolded in two fused stages instead (measured
-# per layer against the wide concatenation: 9x9 and 3x9 kernels' forward 0.70-0.98x the
-# time, /work/perf/ab_2d.py); a 1-D signal keeps the wide one, which ran faster
-# there (the fused stages: 1.3-1.7x its time).
+# per layer against the wide concatenation: 9x9, 3x9 and 10x10 kernels' forward in
+# 0.70-0.98x the time); a 1-D signal keeps the wide one, which ran faster there
+# (the fused stages: 1.3-1.7x its time).
 MAX_FUSED_TAPS = 8
 
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from convmm import _blocks
-from convmm._budget import current_memory_budget
+from convmm._budget import budget_or_current
 from convmm._im2col import tap_split
 from convmm._shapes import ConvSpec
 from convmm._sharding import explicit_spec, sharding_of, unknown_split
@@ -259,11 +259,12 @@ def tiled(
     )
   # Chunk k holds samples k, k + nb, ...: the major (possibly sharded) batch axis
   # stays whole and the chunk index is a minor axis.
-  x_chunks = x_view.reshape(b, nb, *x_view.shape[1:])
-
-  def chunk_of(chunks, whole, chunk):
-    # One chunk: the whole batch (no reshape, which XLA would copy for its layout).
-    return whole if nb == 1 else lax.dynamic_index_in_dim(chunks, chunk, axis=1, keepdims=False)
+  # One chunk: the whole batch, not reshaped (XLA would copy it for the layout).
+  chunks_of = lambda a: a if nb == 1 else a.reshape(b, nb, *a.shape[1:])
+  chunk_of = lambda a, chunk: (
+    a if nb == 1 else lax.dynamic_index_in_dim(a, chunk, axis=1, keepdims=False)
+  )
+  x_chunks = chunks_of(x_view)
 
   def out_starts(position):
     starts, indices = [], []
@@ -274,7 +275,7 @@ def tiled(
     return starts[::-1], indices[::-1]
 
   def window_of(chunk, starts):
-    x = chunk_of(x_chunks, x_view, chunk)
+    x = chunk_of(x_chunks, chunk)
     for d in tiles:
       if d in blocked:  # a block's window is padded already
         x = lax.dynamic_slice_in_dim(x, starts[d] * g.window_strides[d], window[d], pos[d])
@@ -294,11 +295,11 @@ def tiled(
     if blocked:  # outputs past the end (computed by the last blocks) count zero
       sizes = tuple(m * e if m > 1 else o for m, e, o in zip(blocks, extent, out))
       ct_view = _blocks.view(ct_view, blocks, sizes)
-    ct_chunks = ct_view.reshape(b, nb, *ct_view.shape[1:])
+    ct_chunks = chunks_of(ct_view)
     size = [m for d in range(nsp) for m in ([blocks[d]] if d in blocked else []) + [tile_out[d]]]
 
     def ct_tile(chunk, starts, indices):
-      ct = chunk_of(ct_chunks, ct_view, chunk)
+      ct = chunk_of(ct_chunks, chunk)
       ct = lax.dynamic_slice(ct, [zero, *at(starts), zero], (b, *size, ct.shape[-1]))
       for d in tiles:  # outputs the previous tile already counted
         if counts[d] > 1:
@@ -350,6 +351,37 @@ def tiled(
   )
 
 
+# A forward tile is costed at three patch matrices' worth, though it holds one:
+# smaller tiles stay under glibc's mmap threshold and ran faster (a 1-D k=9 layer:
+# 1.9x lax's time with three, 3.7x with one). Kernel gradients count two.
+FORWARD_PATCH_COPIES = 3
+
+
+def plan_for(
+  spec: ConvSpec,
+  x_cl: jax.Array,
+  memory_budget: int | None,
+  patch_copies: int,
+  out_itemsize: int,
+) -> TilePlan:
+  """:func:`tile_plan` for input ``x_cl``: its sharding, the devices, the budget in force.
+
+  Tiles keep a sharded batch whole and never split a sharded spatial
+  dimension (on Auto meshes, spatial blocks).
+  """
+  batch_shards, sharded_spatial = sharding_of(x_cl)
+  return tile_plan(
+    spec,
+    jnp.dtype(x_cl.dtype).itemsize,
+    budget_or_current(memory_budget),
+    patch_copies=patch_copies,
+    out_itemsize=out_itemsize,
+    batch_shards=batch_shards,
+    sharded_spatial=sharded_spatial,
+    devices=unknown_split(x_cl),
+  )
+
+
 def tile_conv(
   compute: Callable[[jax.Array, ConvSpec], jax.Array],
   x_cl: jax.Array,
@@ -357,25 +389,7 @@ def tile_conv(
   out_dtype: Any,
   memory_budget: int | None,
 ) -> jax.Array:
-  """``compute(x, spec)``, a convolution of unpadded ``x_cl``, tiled to fit the budget.
-
-  Tiles keep a sharded batch whole and never split a sharded spatial
-  dimension (see :func:`tile_plan`; on Auto meshes, spatial blocks), and are
-  computed by :func:`tiled`.
-  """
-  budget = current_memory_budget() if memory_budget is None else memory_budget
-  batch_shards, sharded_spatial = sharding_of(x_cl)
-  plan = tile_plan(
-    spec,
-    jnp.dtype(x_cl.dtype).itemsize,
-    budget,
-    # Three patch matrices' worth, though a forward tile holds one: smaller tiles
-    # stay under glibc's mmap threshold and ran faster (a 1-D k=9 layer: 1.9x
-    # lax's time with three, 3.7x with one). Kernel gradients tile their own work.
-    patch_copies=3,
-    out_itemsize=jnp.dtype(out_dtype).itemsize,
-    batch_shards=batch_shards,
-    sharded_spatial=sharded_spatial,
-    devices=unknown_split(x_cl),
-  )
+  """``compute(x, spec)``, a convolution of unpadded ``x_cl``, tiled to fit the budget."""
+  itemsize = jnp.dtype(out_dtype).itemsize
+  plan = plan_for(spec, x_cl, memory_budget, FORWARD_PATCH_COPIES, itemsize)
   return tiled(compute, x_cl, spec, plan)
