@@ -21,7 +21,7 @@ from jax import lax
 
 from convmm._budget import budget_or_current
 from convmm._chunks import batch_chunk
-from convmm._im2col import patches_channels_last
+from convmm._im2col import patches_channels_last, patches_taps_first
 from convmm._shapes import ConvSpec
 from convmm._sharding import sharding_of
 from convmm._tiling import tile_cost
@@ -103,28 +103,25 @@ def grad_batch_chunk(spec: ConvSpec, x: jax.Array, itemsize: int, budget: int | 
 
 
 def kernel_grad(
-  x: jax.Array, ct: jax.Array, spec: ConvSpec, precision: Any, acc_dtype: Any
+  x: jax.Array,
+  ct: jax.Array,
+  spec: ConvSpec,
+  precision: Any,
+  acc_dtype: Any,
+  taps_first: bool = False,
 ) -> jax.Array:
-  """``patches^T @ ct`` per group (one GEMM), as ``(*window, cg, O)``."""
+  """``patches^T @ ct`` per group (one GEMM), as ``(*window, cg, O)``.
+
+  With ``taps_first`` (no feature or batch groups), the patches are built
+  transposed, ``(T, C, N, *out)`` (:func:`convmm._im2col.patches_taps_first`):
+  the GEMM then needs no operand transposed and gives the kernel's layout. The
+  plain channels-last patches are kept where they are the forward pass's own
+  (an untiled convolution, whose patches XLA computes once for both).
+  """
   g = spec.geometry
   nsp, t = g.num_spatial, g.num_taps
   fg, bg = spec.feature_group_count, spec.batch_group_count
   groups = fg * bg
-  if fg > 1:  # (N, *sp, G, cg) -> (G * N, *sp, cg): one patch matrix per group
-    x = jnp.moveaxis(split_axis(x, nsp + 1, fg), nsp + 1, 0)
-    x = x.reshape(-1, *x.shape[2:])
-  patches = patches_channels_last(
-    x, dataclasses.replace(g, batch=x.shape[0], in_features=x.shape[-1])
-  )  # (G*N or N, *out, T, cg)
-  m = math.prod(ct.shape[:-1])
-  k, o = t * patches.shape[-1], ct.shape[-1]
-  # XLA's CPU GEMM wants the contraction on its left operand's minor axis and
-  # transposes the left operand to get it. Patches first, the gradient comes out
-  # in the kernel's (T * cg, O) layout, at the price of transposing the patches;
-  # cotangent first, only the cotangent is transposed, but the gradient comes out
-  # as (O, T * cg) and every consumer (an optimizer's update) reads it
-  # transposed. Whichever moves fewer elements goes first (groups: the cotangent;
-  # XLA's fallback for a batched GEMM's transposed output lacks bf16 x bf16 -> f32).
   # The kernel is replicated even where the batch is sharded (lax's rule).
   mesh = jax.typeof(ct).sharding.mesh
   out_sharding = (
@@ -138,9 +135,29 @@ def kernel_grad(
     preferred_element_type=acc_dtype,
     out_sharding=out_sharding,
   )
-  if groups == 1:  # contract (N, *out): multi-axis, so XLA canonicalises it for YNNPACK
+  o = ct.shape[-1]
+  axes = tuple(range(nsp + 1))  # (N, *out): multi-axis, so XLA canonicalises it for YNNPACK
+  if groups == 1 and taps_first:
+    pt = patches_taps_first(x, g)  # (T, C, N, *out)
+    dw = gemm(pt, ct, ((tuple(a + 2 for a in axes), axes), ((), ())))  # (T, C, O)
+    return dw.reshape(*g.filter_shape, -1, o)
+  if fg > 1:  # (N, *sp, G, cg) -> (G * N, *sp, cg): one patch matrix per group
+    x = jnp.moveaxis(split_axis(x, nsp + 1, fg), nsp + 1, 0)
+    x = x.reshape(-1, *x.shape[2:])
+  patches = patches_channels_last(
+    x, dataclasses.replace(g, batch=x.shape[0], in_features=x.shape[-1])
+  )  # (G*N or N, *out, T, cg)
+  m = math.prod(ct.shape[:-1])
+  k = t * patches.shape[-1]
+  # XLA's CPU GEMM wants the contraction on its left operand's minor axis and
+  # transposes the left operand to get it. Patches first, the gradient comes out
+  # in the kernel's (T * cg, O) layout, at the price of transposing the patches;
+  # cotangent first, only the cotangent is transposed, but the gradient comes out
+  # as (O, T * cg) and every consumer (an optimizer's update) reads it
+  # transposed. Whichever moves fewer elements goes first (groups: the cotangent;
+  # XLA's fallback for a batched GEMM's transposed output lacks bf16 x bf16 -> f32).
+  if groups == 1:
     patches = patches.reshape(*patches.shape[:-2], -1)
-    axes = tuple(range(nsp + 1))
     dims = (axes, axes), ((), ())
     if m * k <= k * o + m * o:  # patches first
       return gemm(patches, ct, dims).reshape(*g.filter_shape, -1, o)

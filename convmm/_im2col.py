@@ -91,8 +91,10 @@ def tap_split(k: int) -> tuple[int, int] | None:
   return None  # a prime or k > 64: one wide (unfused) concatenation
 
 
-def _unfold_dim(y: jax.Array, geometry: ConvGeometry, d: int, reverse: bool) -> jax.Array:
-  """``k`` strided slices along spatial dimension ``d`` of a padded input, stacked.
+def _unfold_dim(
+  y: jax.Array, geometry: ConvGeometry, d: int, reverse: bool, axis: int, at: int
+) -> jax.Array:
+  """``k`` strided slices along ``axis`` (spatial dimension ``d``), stacked at axis ``at``.
 
   Over 8 taps in 2-D and up, ``k = a * b`` is unfolded in two fused stages (taps ``q * b + r``):
   ``b`` unit-stride slices (offsets ``r``), then ``a`` strided slices of those
@@ -102,19 +104,20 @@ def _unfold_dim(y: jax.Array, geometry: ConvGeometry, d: int, reverse: bool) -> 
   out, stride, dil = geometry.out_spatial[d], geometry.window_strides[d], geometry.rhs_dilation[d]
   k = geometry.filter_shape[d]
 
-  def stack(z, starts, step, length):
+  def stack(z, starts, step, length, axis):
     # An empty output dimension (window larger than the padded input) slices nothing.
-    slices = [lax.slice_in_dim(z, s, s + length, step, axis=1 + d) for s in starts]
-    return jnp.stack(slices[::-1] if reverse else slices, axis=1 + nsp)
+    slices = [lax.slice_in_dim(z, s, s + length, step, axis=axis) for s in starts]
+    return jnp.stack(slices[::-1] if reverse else slices, axis=at)
 
   if not out:
-    return stack(y, [0] * k, stride, 0)
+    return stack(y, [0] * k, stride, 0, axis)
   span = (out - 1) * stride + 1
   if nsp == 1 or (split := tap_split(k)) is None:
-    return stack(y, [t * dil for t in range(k)], stride, span)
+    return stack(y, [t * dil for t in range(k)], stride, span, axis)
   a, b = split
-  inner = stack(y, [r * dil for r in range(b)], 1, span + (a - 1) * b * dil)
-  return stack(inner, [q * b * dil for q in range(a)], stride, span)
+  inner = stack(y, [r * dil for r in range(b)], 1, span + (a - 1) * b * dil, axis)
+  # The inner tap axis precedes the sliced one when stacked before it.
+  return stack(inner, [q * b * dil for q in range(a)], stride, span, axis + (at <= axis))
 
 
 def unfold_padded(
@@ -130,10 +133,11 @@ def unfold_padded(
   ``reverse_taps`` the taps come in reverse order (the patches of a flipped
   kernel), at no extra cost.
   """
+  nsp = geometry.num_spatial
   y = x_padded
-  for d in reversed(range(geometry.num_spatial)):
-    y = _unfold_dim(y, geometry, d, reverse_taps)
-  return y.reshape(*y.shape[: 1 + geometry.num_spatial], geometry.num_taps, y.shape[-1])
+  for d in reversed(range(nsp)):
+    y = _unfold_dim(y, geometry, d, reverse_taps, axis=1 + d, at=1 + nsp)
+  return y.reshape(*y.shape[: 1 + nsp], geometry.num_taps, y.shape[-1])
 
 
 def to_bits(x: jax.Array) -> jax.Array:
@@ -157,6 +161,22 @@ def patches_channels_last(
   """im2col in channels-last canonical form: ``(N, *out, T, C)`` (see :func:`unfold_padded`)."""
   patches = unfold_padded(pad_input(to_bits(x_cl), geometry), geometry, reverse_taps)
   return from_bits(patches, x_cl.dtype)
+
+
+def patches_taps_first(x_cl: jax.Array, geometry: ConvGeometry) -> jax.Array:
+  """The patches transposed, ``(T, C, N, *out)``, from a channels-last input.
+
+  The kernel gradient's GEMM operand: contracting ``(N, *out)`` with the
+  cotangent's leading axes is a plain GEMM whose result is the kernel's own
+  ``(T, C, O)`` layout, so neither the patches, the cotangent nor the result is
+  transposed (only the input, once, to channels-first).
+  """
+  nsp = geometry.num_spatial
+  y = jnp.moveaxis(pad_input(to_bits(x_cl), geometry), -1, 0)  # (C, N, *padded)
+  for d in reversed(range(nsp)):  # each new tap axis goes first; spatial axes stay last
+    y = _unfold_dim(y, geometry, d, False, axis=y.ndim - nsp + d, at=0)
+  y = y.reshape(geometry.num_taps, *y.shape[-2 - nsp :])
+  return from_bits(y, x_cl.dtype)
 
 
 def _patches_geometry(fn: str, lhs_shape: tuple[int, ...], *args: Any) -> ConvGeometry:

@@ -274,3 +274,58 @@ def test_kernel_gradient_gemm_takes_the_cotangent_first():
   assert len(kernel_dots) == 1
   assert kernel_dots[0].invars[0].aval.shape == ct.shape
   assert lax.conv_general_dilated_p not in {e.primitive for e in jaxpr.jaxpr.eqns}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+  "x_shape, w_shape, strides, padding, budget",
+  [
+    ((4, 12, 10, 6), (3, 3, 6, 8), (1, 1), "SAME", 20_000),
+    ((2, 15, 9, 3), (10, 3, 3, 5), (2, 1), ((4, 3), (1, 1)), 40_000),
+    ((3, 6, 5, 4, 3), (2, 3, 2, 3, 4), (1, 2, 1), "SAME", 30_000),
+    ((2, 12, 10, 6), (3, 3, 6, 8), (1, 1), "SAME", None),
+  ],
+  ids=["rows", "two-stage-strided", "3d", "untiled"],
+)
+def test_kernel_gradient_layout_follows_the_forward(
+  x_shape, w_shape, strides, padding, budget, dtype
+):
+  # An untiled convolution's kernel gradient reuses the forward's channels-last
+  # patches (XLA computes them once); a tiled one builds its own transposed,
+  # (T, C, N, *out), and the GEMM gives (T, C, O) with no operand transposed.
+  # Both against lax at HIGHEST.
+  nsp = len(x_shape) - 2
+  sp = "DHW"[3 - nsp :]
+  dn = (f"N{sp}C", f"{sp}IO", f"N{sp}C")
+  rng = np.random.default_rng(37)
+  x = jnp.asarray(rng.standard_normal(x_shape), dtype)
+  w = jnp.asarray(rng.standard_normal(w_shape), dtype)
+  kw = dict(window_strides=strides, padding=padding, dimension_numbers=dn)
+  f = lambda x, w: convmm.conv_general_dilated(x, w, **kw, memory_budget=budget)
+  y = jax.eval_shape(f, x, w)
+  ct = jnp.asarray(rng.standard_normal(y.shape), dtype)
+  pull = lambda x, w, ct: jax.vjp(f, x, w)[1](ct)
+  t, c, o = math.prod(w_shape[:-2]), w_shape[-2], w_shape[-1]
+
+  def eqns(jaxpr):  # every equation, the tile loops' bodies included
+    for e in jaxpr.eqns:
+      yield e
+      for sub in jax.extend.core.jaxprs_in_params(e.params):
+        yield from eqns(sub)
+
+  kernel_dots = [
+    e
+    for e in eqns(jax.make_jaxpr(pull)(x, w, ct).jaxpr)
+    if e.primitive.name == "dot_general" and e.outvars[0].aval.shape == (t, c, o)
+  ]
+  assert len(kernel_dots) == (budget is not None)
+  if budget is not None:
+    assert kernel_dots[0].invars[0].aval.shape[:2] == (t, c)  # the patches, taps first
+  got = jax.jit(pull)(x, w, ct)
+  f32 = [a.astype(jnp.float32) for a in (x, w, ct)]
+  _, vjp_ref = jax.vjp(
+    lambda x, w: lax.conv_general_dilated(x, w, **kw, precision=lax.Precision.HIGHEST), *f32[:2]
+  )
+  for a, b in zip(got, vjp_ref(f32[2])):
+    assert a.dtype == dtype
+    assert_close(a, b, dtype=dtype, grad=True, reduction=t * c)

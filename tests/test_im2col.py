@@ -344,3 +344,44 @@ def test_wide_windows_unfold_in_two_stages_exactly(filter_shape, strides, rhs_di
   want = jax.jit(lambda: vjp(lax.conv_general_dilated, precision=lax.Precision.HIGHEST))()
   for a, b in zip(got, want):
     assert_close(a, b, reduction=math.prod(filter_shape) * 3, grad=True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+  "lhs, filter_shape, strides, padding, rhs_dilation",
+  [
+    ((2, 13, 3), (9,), (1,), "SAME", (1,)),
+    ((2, 11, 9, 3), (3, 3), (1, 1), "SAME", (1, 1)),
+    ((1, 23, 19, 2), (10, 3), (2, 1), ((4, 3), (-1, 2)), (1, 2)),
+    ((2, 5, 6, 7, 3), (2, 3, 2), (1, 2, 1), "VALID", (2, 1, 1)),
+  ],
+  ids=["1d-k9", "3x3", "two-stage-10x3", "3d"],
+)
+def test_taps_first_patches_are_lax_patches_transposed(
+  lhs, filter_shape, strides, padding, rhs_dilation, dtype
+):
+  # The kernel gradient's transposed patches (T, C, N, *out) hold exactly lax's
+  # patches (N, *out, C * T with the channel major), bit for bit.
+  from convmm._im2col import patches_taps_first
+  from convmm._shapes import conv_spec
+
+  nsp = len(lhs) - 2
+  sp = "DHW"[3 - nsp :]
+  dn = (f"N{sp}C", f"{sp}IO", f"N{sp}C")
+  x = jnp.asarray(np.random.default_rng(3).standard_normal(lhs), dtype)
+  w_shape = (*filter_shape, lhs[-1], 1)
+  spec = conv_spec("t", lhs, w_shape, strides, padding, None, rhs_dilation, dn, 1, 1)
+  got = jax.jit(lambda x: patches_taps_first(x, spec.geometry))(x)
+  want = lax_patches(
+    x,
+    filter_shape=filter_shape,
+    window_strides=strides,
+    padding=padding,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dn,
+  )  # (N, *out, C * T)
+  t = math.prod(filter_shape)
+  want = want.reshape(*want.shape[:-1], lhs[-1], t)
+  want = jnp.moveaxis(jnp.moveaxis(want, -1, 0), -1, 1)  # (T, C, N, *out)
+  assert got.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
