@@ -269,7 +269,7 @@ def conv_general_dilated(
       'auto' (default: depthwise where it applies, else im2col).
     memory_budget: keyword-only, bytes a tile's whole working set may hold
       (its input window, its patches counted three times, twice in a kernel
-      gradient, the unfolding's first stage and its output; default 32 MiB, see
+      gradient, the unfolding's first stage and its output; default 16 MiB, see
       :func:`convmm.memory_budget`); larger work is mapped over output rows,
       then columns, then batch chunks. The padded input and the output are
       held besides.
