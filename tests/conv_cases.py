@@ -74,6 +74,13 @@ def case(lhs, rhs, strides, padding, **kw):
 NHWC = ("NHWC", "HWIO", "NHWC")
 ODD = ("CNWH", "IHOW", "HWCN")
 
+
+def channels_last(num_spatial):
+  """Channels-last dimension numbers for 1-3 spatial dims: ``NWC``, ``NHWC``, ``NDHWC``."""
+  sp = "DHW"[3 - num_spatial :]
+  return (f"N{sp}C", f"{sp}IO", f"N{sp}C")
+
+
 # lhs (N, C, *spatial) and rhs (O, I, *k) are canonical; dimension_numbers lay them out.
 CASES = {
   "0d_no_spatial_dims": case((2, 3), (4, 3), (), "VALID"),

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conv_cases import case, conv_kwargs, make_operands, ours, ref
+from conv_cases import case, channels_last, conv_kwargs, make_operands, ours, ref
 from jax import lax
 from jax.test_util import check_grads
 from tolerances import assert_close
@@ -294,9 +294,7 @@ def test_kernel_gradient_layout_follows_the_forward(
   # patches (XLA computes them once); a tiled one builds its own transposed,
   # (T, C, N, *out), and the GEMM gives (T, C, O) with no operand transposed.
   # Both against lax at HIGHEST.
-  nsp = len(x_shape) - 2
-  sp = "DHW"[3 - nsp :]
-  dn = (f"N{sp}C", f"{sp}IO", f"N{sp}C")
+  dn = channels_last(len(x_shape) - 2)
   rng = np.random.default_rng(37)
   x = jnp.asarray(rng.standard_normal(x_shape), dtype)
   w = jnp.asarray(rng.standard_normal(w_shape), dtype)

@@ -362,12 +362,12 @@ def test_taps_first_patches_are_lax_patches_transposed(
 ):
   # The kernel gradient's transposed patches (T, C, N, *out) hold exactly lax's
   # patches (N, *out, C * T with the channel major), bit for bit.
+  from conv_cases import channels_last
+
   from convmm._im2col import patches_taps_first
   from convmm._shapes import conv_spec
 
-  nsp = len(lhs) - 2
-  sp = "DHW"[3 - nsp :]
-  dn = (f"N{sp}C", f"{sp}IO", f"N{sp}C")
+  dn = channels_last(len(lhs) - 2)
   x = jnp.asarray(np.random.default_rng(3).standard_normal(lhs), dtype)
   w_shape = (*filter_shape, lhs[-1], 1)
   spec = conv_spec("t", lhs, w_shape, strides, padding, None, rhs_dilation, dn, 1, 1)
