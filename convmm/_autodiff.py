@@ -288,8 +288,8 @@ def _rhs_rule(ct, x, w, **params):
   if spec.batch_group_count > 1:
     dw = grad_w(x, ct, spec)
   elif all(d == 1 for d in spec.geometry.lhs_dilation):
-    # Tiles like the forward's (output rows, then batch chunks), summed; a tile
-    # holds its patches and their GEMM operand copy.
+    # Tiles like the forward's (output rows, then batch chunks), summed; a tile is
+    # costed at two patch matrices (channels-last patches need a GEMM operand copy).
     plan = plan_for(spec, x, budget, 2, ct.dtype.itemsize)
     # Where neither this gradient nor the forward is tiled, both build the same
     # patches, which XLA computes once: the gradient keeps their layout. Elsewhere
