@@ -327,13 +327,21 @@ def tiled(
   bo, o = y_tile.shape[0], y_tile.shape[-1]
   x_spec = explicit_spec(x_cl)
   view = [s for d in range(nsp) for s in ([blocks[d]] if d in blocked else []) + [extent[d]]]
-  init = jnp.zeros(
-    (bo, nb, *view, o),
-    y_tile.dtype,
-    out_sharding=None
-    if x_spec is None
-    else jax.sharding.PartitionSpec(x_spec[0], None, *x_spec[1:-1], None),
-  )
+  if x_spec is None and not blocked and unknown_split(x_cl) == 1:
+    # Every output is written by a tile, so the initial values are never read. A
+    # value of the input rather than zeros: XLA gives loops of one output shape one
+    # shared zero buffer and copies it into each (ResNet-18's float32 step: seven
+    # copies, 8 MiB more temporaries, 1.6% more time).
+    seed = lax.convert_element_type(x_cl.reshape(-1)[0], y_tile.dtype)
+    init = lax.broadcast(seed, (bo, nb, *view, o))
+  else:
+    init = jnp.zeros(
+      (bo, nb, *view, o),
+      y_tile.dtype,
+      out_sharding=None
+      if x_spec is None
+      else jax.sharding.PartitionSpec(x_spec[0], None, *x_spec[1:-1], None),
+    )
 
   def step(y, index):
     chunk, position = jnp.divmod(index, plan.num_tiles)

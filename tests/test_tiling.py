@@ -231,3 +231,34 @@ def test_spatial_blocks_fall_back_where_blocks_do_not_fit():
   more_outputs = ((2, 2), (1, 1))  # 14 output rows from 12
   assert blocks((1, 12, 10, 3), (3, 3, 3, 4), (1, 1), more_outputs) == (1, 2)
   assert blocks((1, 12, 10, 3), (15, 3, 3, 4), (1, 1), "SAME") == (1, 2)  # halo over a block
+
+
+@pytest.mark.parametrize("first", [np.nan, np.inf])
+@pytest.mark.parametrize(
+  "x_shape, w_shape, strides, padding, budget",
+  [
+    ((3, 13, 11, 4), (3, 3, 4, 5), (1, 1), "SAME", 20_000),  # row tiles, last one moved back
+    ((4, 9, 7, 2), (2, 3, 2, 3), (2, 1), ((0, 1), (1, 1)), 600),  # batch chunks
+  ],
+  ids=["rows", "batch-chunks"],
+)
+def test_tile_loop_writes_every_output(x_shape, w_shape, strides, padding, budget, first):
+  # The tile loop's output buffer starts from the input's first value (not zeros,
+  # which XLA would share between loops and copy): a NaN or infinity there must
+  # reach exactly the outputs whose windows read it, as in lax.
+  spec = conv_spec("t", x_shape, w_shape, strides, padding, None, None, DN, 1, 1)
+  plan = tile_plan(spec, 4, budget)
+  assert plan.num_tiles * (x_shape[0] // plan.batch) > 1, plan
+  x = np.random.default_rng(11).standard_normal(x_shape).astype(np.float32)
+  x[0, 0, 0, 0] = first
+  w = np.random.default_rng(12).standard_normal(w_shape).astype(np.float32)
+  kw = dict(dimension_numbers=DN, precision=HIGHEST)
+  got = jax.jit(
+    lambda x, w: convmm.conv_general_dilated(x, w, strides, padding, memory_budget=budget, **kw)
+  )(x, w)
+  want = lax.conv_general_dilated(x, w, strides, padding, **kw)
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+  np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+  finite = np.isfinite(want)
+  assert finite.sum() > 0.9 * finite.size
+  assert_close(got[finite], want[finite], reduction=int(np.prod(w_shape[:-1])))
