@@ -282,24 +282,25 @@ def _rhs_rule(ct, x, w, **params):
     return jnp.zeros(w_aval.shape, w_aval.dtype)
   acc_dtype = accumulator_dtype(ct.dtype)
   budget = params["memory_budget"]
-  grad_w = lambda xc, cc, s, taps_first=True: kernel_grad(  # noqa: E731
-    xc, cc, s, precision, acc_dtype, taps_first
+  unit_dilation = all(d == 1 for d in spec.geometry.lhs_dilation)
+  # Tiles like the forward's (output rows, then batch chunks), summed; a tile is
+  # costed at two patch matrices (channels-last patches need a GEMM operand copy).
+  plan = plan_for(spec, x, budget, 2, ct.dtype.itemsize) if unit_dilation else None
+  # Where neither this gradient nor the forward is tiled, both build the same
+  # patches, which XLA computes once: the gradient keeps their layout. Elsewhere
+  # it builds its own transposed, which spares the GEMM's operand transposes
+  # (ResNet-18's tiled 7x7 stem and 3x3x64 layers: 0.8-0.9x the time of their
+  # forward and backward).
+  shared = (
+    plan is not None
+    and plan.is_whole(len(x))
+    and plan_for(spec, x, budget, FORWARD_PATCH_COPIES, ct.dtype.itemsize).is_whole(len(x))
   )
+  grad_w = lambda xc, cc, s: kernel_grad(xc, cc, s, precision, acc_dtype, not shared)  # noqa: E731
   if spec.batch_group_count > 1:
     dw = grad_w(x, ct, spec)
-  elif all(d == 1 for d in spec.geometry.lhs_dilation):
-    # Tiles like the forward's (output rows, then batch chunks), summed; a tile is
-    # costed at two patch matrices (channels-last patches need a GEMM operand copy).
-    plan = plan_for(spec, x, budget, 2, ct.dtype.itemsize)
-    # Where neither this gradient nor the forward is tiled, both build the same
-    # patches, which XLA computes once: the gradient keeps their layout. Elsewhere
-    # it builds its own transposed, which spares the GEMM's operand transposes
-    # (ResNet-18's tiled 7x7 stem and 3x3x64 layers: 0.8-0.9x the time of their
-    # forward and backward).
-    untiled = lambda p: p.num_tiles == 1 and p.batch == len(x) and not p.blocks  # noqa: E731
-    forward = plan_for(spec, x, budget, FORWARD_PATCH_COPIES, ct.dtype.itemsize)
-    shared = untiled(plan) and untiled(forward)
-    dw = tiled(functools.partial(grad_w, taps_first=not shared), x, spec, plan, cotangent=ct)
+  elif plan is not None:
+    dw = tiled(grad_w, x, spec, plan, cotangent=ct)
   elif (chunk := grad_batch_chunk(spec, x, ct.dtype.itemsize, budget)) < len(x):
     dw = map_batch_chunks(grad_w, [x, ct], chunk, reduce=True, spec=spec)
   else:

@@ -55,6 +55,10 @@ class TilePlan:
   def num_tiles(self) -> int:
     return math.prod(self.counts)
 
+  def is_whole(self, n: int) -> bool:
+    """One tile: all ``n`` samples, every output position, no blocks."""
+    return self.batch == n and self.num_tiles == 1 and not self.blocks
+
   @property
   def samples(self) -> int:
     """Samples a tile convolves: the batch times the blocks."""
@@ -247,7 +251,7 @@ def tiled(
       g, batch=b, padding=padding, in_spatial=window, out_spatial=tile_out
     ),
   )
-  if nb == 1 and not tiles:
+  if plan.is_whole(n):
     return compute(x_cl, spec) if cotangent is None else compute(x_cl, cotangent, spec)
   pos = _blocks.axes(blocks)  # axis of each spatial dimension in a step's operands
   x_view = x_cl
