@@ -46,6 +46,7 @@ from convmm._budget import budget_or_current
 from convmm._canonical import ConvDimensionNumbers, dilate_dim
 from convmm._chunks import map_batch_chunks
 from convmm._gradients import (
+  depthwise_kernel_grad,
   grad_batch_chunk,
   input_grad_col2im,
   input_grad_gemm,
@@ -244,14 +245,24 @@ def _wider_grad_blocks(spec: ConvSpec, ct: jax.Array, w: jax.Array, params) -> t
 def _lhs_rule(ct, x, w, **params):
   spec, precision = params["spec"], params["precision"]
   x_aval = x.aval
+  unit_strides = all(s == 1 for s in spec.geometry.window_strides)
+  depthwise = params["method"] == "depthwise"
+  if depthwise and not (unit_strides and spec.out_features == spec.geometry.in_features):
+    # Strides or a channel multiplier: the multiply-accumulate's own transpose,
+    # one (interior-)padded product of the cotangent per tap, summed.
+    primal = jax.ShapeDtypeStruct(x_aval.shape, x_aval.dtype)
+    (dx,) = jax.linear_transpose(lambda x: _forward(x, w, **params), primal)(ct)
+    return dx
   if ct.dtype != w.dtype:
     w = w.astype(ct.dtype)
   if ct.size == 0 or math.prod(x_aval.shape) == 0:
     return jnp.zeros(x_aval.shape, x_aval.dtype)
   acc_dtype = accumulator_dtype(ct.dtype)
-  if all(s == 1 for s in spec.geometry.window_strides):
+  if unit_strides:
+    # Depthwise with unit strides and no multiplier: the flipped kernel's
+    # convolution is depthwise too, one fused multiply-accumulate (never tiled).
     unit = {**params, "preferred_element_type": None}
-    if blocks := _wider_grad_blocks(spec, ct, w, params):
+    if not depthwise and (blocks := _wider_grad_blocks(spec, ct, w, params)):
       grad = lambda c, s: _input_grad_conv(c, w, s, unit)  # noqa: E731
       dx = _blocks.input_grad(ct, spec, blocks, grad)
     else:
@@ -281,6 +292,8 @@ def _rhs_rule(ct, x, w, **params):
   if ct.size == 0 or x.size == 0:
     return jnp.zeros(w_aval.shape, w_aval.dtype)
   acc_dtype = accumulator_dtype(ct.dtype)
+  if params["method"] == "depthwise":
+    return depthwise_kernel_grad(x, ct, spec, acc_dtype).astype(w_aval.dtype)
   budget = params["memory_budget"]
   unit_dilation = all(d == 1 for d in spec.geometry.lhs_dilation)
   # Tiles like the forward's (output rows, then batch chunks), summed; a tile is
@@ -321,6 +334,9 @@ def _batch_rule(args, dims, **params):
   g = spec.geometry
   nsp = g.num_spatial
   fg, bg = spec.feature_group_count, spec.batch_group_count
+  if (x.shape[xd] if xd is not None else w.shape[wd]) == 0:  # an empty map: no groups of 0
+    out = (spec.out_batch, *g.out_spatial, spec.out_features)
+    return jnp.zeros((0, *out), params["preferred_element_type"] or x.dtype), 0
   if xd is not None and wd is None:
     x = jnp.moveaxis(x, xd, 0)  # (B, N, *sp, C)
     b = x.shape[0]

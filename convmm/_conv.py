@@ -185,8 +185,9 @@ def conv_channels_last(
     w_tio: kernel ``(T, C // feature_group_count, O)``, taps in row-major order.
     spec: the validated convolution.
     method: 'im2col' (patches + one GEMM), 'shift' (sum of per-tap GEMMs),
-      'depthwise' (multiply-accumulate) or 'auto'. im2col and depthwise are
-      tiled over the batch, then output rows, beyond the memory budget.
+      'depthwise' (multiply-accumulate) or 'auto'. im2col is tiled over the
+      batch, then output rows, beyond the memory budget; shift and depthwise
+      build no patches and are not tiled.
 
   Returns:
     ``(N // batch_group_count, *out_spatial, O)``.
@@ -209,7 +210,7 @@ def conv_channels_last(
     precision=precision,
     preferred_element_type=preferred_element_type,
   )
-  if method == "shift":  # builds no patches: nothing to tile
+  if method != "im2col":  # builds no patches: nothing to tile
     return compute(x_cl, spec=spec)
   return tile_conv(lambda x, s: compute(x, spec=s), x_cl, spec, out_dtype, memory_budget)
 
@@ -342,7 +343,7 @@ def conv_with_spec(
   """The convolution for an already validated :class:`ConvSpec`."""
   lhs_spec, rhs_spec, out_spec = spec.geometry.dimension_numbers
   x_cl = to_channels_last(lhs, lhs_spec)
-  if choose_method(spec, method) == "im2col":
+  if (chosen := choose_method(spec, method)) != "shift":
     # The primitive carries convmm's own derivatives (see _autodiff).
     w = jnp.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))  # (*window, I, O)
     y = _autodiff.conv(
@@ -351,7 +352,7 @@ def conv_with_spec(
       spec,
       precision=precision,
       preferred_element_type=preferred_element_type,
-      method="im2col",
+      method=chosen,
       memory_budget=memory_budget,
     )
   else:

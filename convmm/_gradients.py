@@ -21,7 +21,7 @@ from jax import lax
 
 from convmm._budget import budget_or_current
 from convmm._chunks import batch_chunk
-from convmm._im2col import patches_channels_last, patches_taps_first
+from convmm._im2col import pad_input, patches_channels_last, patches_taps_first, tap_offsets
 from convmm._shapes import ConvSpec
 from convmm._sharding import sharding_of
 from convmm._tiling import tile_cost
@@ -170,3 +170,35 @@ def kernel_grad(
   dw = gemm(ct, patches, (((0,), (1,)), ((1,), (0,))))  # (G, og, K)
   dw = jnp.transpose(dw.reshape(groups, dw.shape[1], t, -1), (2, 3, 0, 1))  # (T, cg, G, og)
   return dw.reshape(*g.filter_shape, dw.shape[1], -1)
+
+
+def depthwise_kernel_grad(x: jax.Array, ct: jax.Array, spec: ConvSpec, acc_dtype: Any) -> jax.Array:
+  """The kernel gradient of a depthwise convolution, ``(*window, 1, O)``, without patches.
+
+  Per tap, the sum over the batch and the output positions of the tap's slice
+  of the padded input times the cotangent, in the accumulator dtype (as the
+  forward's multiply-accumulate): ``dw[t, c, j] = sum(x_t[..., c] * ct[..., c, j])``.
+
+  One loop over the taps (``lax.map``), whose step cuts its tap's slice at a
+  dynamic offset. XLA's CPU backend hands the multiply-and-sum to YNNPACK,
+  which cannot read a strided slice in place, so each slice is copied; a slice
+  at a static offset depends on the input alone, and the scheduler would make
+  all of them in the forward pass and keep them until this one (MobileNetV2's
+  float32 training step: 218 MiB of temporaries). In the loop one slice exists
+  at a time, made here, and the taps share one compiled step.
+  """
+  g = spec.geometry
+  nsp, c, o = g.num_spatial, g.in_features, ct.shape[-1]
+  acc = acc_dtype or ct.dtype
+  x_padded = pad_input(x.astype(acc), g)
+  ct = ct.astype(acc).reshape(*ct.shape[:-1], c, o // c)  # O = c * multiplier + j
+  spans = [(out - 1) * s + 1 if out else 0 for out, s in zip(g.out_spatial, g.window_strides)]
+  offsets = jnp.asarray(tap_offsets(g), jnp.int32).reshape(-1, nsp)
+
+  def tap(offset):
+    zero = jnp.zeros((), offset.dtype)
+    window = lax.dynamic_slice(x_padded, (zero, *offset, zero), (x_padded.shape[0], *spans, c))
+    x_t = lax.slice(window, (0,) * window.ndim, window.shape, (1, *g.window_strides, 1))
+    return jnp.sum(x_t[..., None] * ct, axis=tuple(range(1 + nsp)))
+
+  return lax.map(tap, offsets).reshape(*g.filter_shape, 1, o)

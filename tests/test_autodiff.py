@@ -1,4 +1,4 @@
-"""convmm's own derivatives of the im2col convolution (``convmm._autodiff``).
+"""convmm's own derivatives of the im2col and depthwise convolutions (``convmm._autodiff``).
 
 References are lax's derivatives of ``lax.conv_general_dilated`` at HIGHEST in
 float64 (forward mode, reverse mode, second order, transposition and batching),
@@ -59,6 +59,21 @@ CASES = {
     feature_group_count=2,
     dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
   ),
+  # Depthwise (one input feature per group): a multiply-accumulate over taps
+  # with its own transposes (a pad per tap, a sum per tap).
+  "depthwise_strided_multiplier": case(
+    (2, 3, 7, 6),
+    (6, 1, 3, 2),
+    (2, 1),
+    ((1, -1), (0, 2)),
+    rhs_dilation=(1, 2),
+    feature_group_count=3,
+    dimension_numbers=NHWC,
+  ),
+  "depthwise_lhs_dilated": case(
+    (1, 2, 4, 3), (2, 1, 3, 2), (1, 1), ((2, 1), (1, 0)), lhs_dilation=(2, 1), feature_group_count=2
+  ),
+  "depthwise_1d": case((2, 4, 9), (4, 1, 5), (1,), "SAME", feature_group_count=4),
 }
 
 
@@ -72,8 +87,9 @@ def _conv(impl, **kw):
   return jax.jit(functools.partial(impl, **kw))
 
 
-def test_convmm_primitive_replaces_lax_convolution():
-  c = CASES["stride1_same"]
+@pytest.mark.parametrize("name", ["stride1_same", "depthwise_strided_multiplier"])
+def test_convmm_primitive_replaces_lax_convolution(name):
+  c = CASES[name]
   lhs, rhs = make_operands(c)
   kw = conv_kwargs(c)
   loss = lambda x, w: jnp.sum(convmm.conv_general_dilated(x, w, **kw) ** 2)
@@ -107,7 +123,13 @@ def test_vjp_and_jvp_match_lax_float64(name, x64):
 
 
 @pytest.mark.parametrize(
-  "name", ["strided_negative_pads", "feature_groups_strided", "batch_groups_strided"]
+  "name",
+  [
+    "strided_negative_pads",
+    "feature_groups_strided",
+    "batch_groups_strided",
+    "depthwise_strided_multiplier",
+  ],
 )
 def test_hessian_matches_lax(name, x64):
   c = CASES[name]
@@ -122,7 +144,7 @@ def test_hessian_matches_lax(name, x64):
     assert_close(got, want)
 
 
-@pytest.mark.parametrize("name", ["stride1_same", "batch_groups_strided"])
+@pytest.mark.parametrize("name", ["stride1_same", "batch_groups_strided", "depthwise_lhs_dilated"])
 def test_linear_transpose_matches_lax(name, x64):
   c = CASES[name]
   lhs, rhs = make_operands(c, np.float64, seed=13)
@@ -137,7 +159,15 @@ def test_linear_transpose_matches_lax(name, x64):
     assert_close(transposed(ours), transposed(ref))
 
 
-@pytest.mark.parametrize("name", ["stride1_same", "feature_groups_strided", "batch_groups_strided"])
+@pytest.mark.parametrize(
+  "name",
+  [
+    "stride1_same",
+    "feature_groups_strided",
+    "batch_groups_strided",
+    "depthwise_strided_multiplier",
+  ],
+)
 @pytest.mark.parametrize("in_axes", [(0, None), (None, 0), (0, 0)], ids=["x", "w", "both"])
 def test_vmap_of_grad_matches_lax(name, in_axes):
   c = CASES[name]
@@ -154,11 +184,23 @@ def test_vmap_of_grad_matches_lax(name, in_axes):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("strides, lhs_shape", [((2, 1), (2, 16, 6, 6)), ((1, 1), (1, 64, 3, 3))])
-def test_16bit_gradients_accumulate_in_float32(dtype, strides, lhs_shape):
+@pytest.mark.parametrize(
+  "strides, lhs_shape, groups",
+  [((2, 1), (2, 16, 6, 6), 1), ((1, 1), (1, 64, 3, 3), 1), ((2, 1), (2, 8, 12, 12), 8)],
+  ids=["strided", "deep", "depthwise"],
+)
+def test_16bit_gradients_accumulate_in_float32(dtype, strides, lhs_shape, groups):
   # The reference is the float32 gradient of the same (16-bit) operands. Strided:
-  # col2im; unit strides with 64 features on 9 positions: the unflipped kernel.
-  c = case(lhs_shape, (8, lhs_shape[1], 3, 3), strides, "SAME", dimension_numbers=NHWC)
+  # col2im; unit strides with 64 features on 9 positions: the unflipped kernel;
+  # depthwise: the multiply-accumulate's transposes.
+  c = case(
+    lhs_shape,
+    (8, lhs_shape[1] // groups, 3, 3),
+    strides,
+    "SAME",
+    feature_group_count=groups,
+    dimension_numbers=NHWC,
+  )
   lhs, rhs = make_operands(c, dtype, seed=19)
   kw = conv_kwargs(c)
   loss = lambda impl: lambda x, w: jnp.sum(impl(x, w, **kw).astype(jnp.float32) ** 2)
