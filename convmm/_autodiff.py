@@ -1,4 +1,4 @@
-"""The im2col convolution as a JAX primitive with hand-written derivatives.
+"""The im2col and depthwise convolutions as a JAX primitive with hand-written derivatives.
 
 Autodiff through im2col works, but what it produces is not what a convolution
 wants: the backward pass keeps the patch matrix alive from the forward pass,
@@ -22,7 +22,13 @@ and its two transposes are
   is cheaper to transpose goes first), with the patches rebuilt from the input
   rather than kept from the forward pass.
 
-Both are linear in the cotangent and differentiable in the other operand, so
+The depthwise multiply-accumulate (``method='depthwise'``) has its own: the
+input gradient of a unit-stride one without a channel multiplier is again the
+flipped kernel's depthwise convolution, otherwise the multiply-accumulate's
+linear transpose; the kernel gradient is a loop of per-tap sums
+(:func:`depthwise_kernel_grad`).
+
+All are linear in the cotangent and differentiable in the other operand, so
 derivatives of any order compose. Operands are canonical: input
 ``(N, *spatial, C)``, kernel ``(*window, C // groups, O)``, output
 ``(N // batch_groups, *out, O)``.
