@@ -256,7 +256,7 @@ def _lhs_rule(ct, x, w, **params):
   if depthwise and not (unit_strides and spec.out_features == spec.geometry.in_features):
     # Strides or a channel multiplier: the multiply-accumulate's own transpose,
     # one (interior-)padded product of the cotangent per tap, summed.
-    primal = jax.ShapeDtypeStruct(x_aval.shape, x_aval.dtype)
+    primal = jax.ShapeDtypeStruct(x_aval.shape, x_aval.dtype, sharding=x_aval.sharding)
     (dx,) = jax.linear_transpose(lambda x: _forward(x, w, **params), primal)(ct)
     return dx
   if ct.dtype != w.dtype:

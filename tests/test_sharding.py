@@ -91,3 +91,16 @@ def test_pjit_conv_1d_same_keeps_batch_and_width_sharded(results):
   assert len(rows) == 2
   for row in rows:
     assert row["convmm"] == row["lax"] == "P('x', 'y', None)", row
+
+
+def test_depthwise_training_on_meshes_equals_lax(results):
+  # Both meshes, unit and strided: values and gradients match lax's, the input
+  # gradient keeps lax's sharding and nothing is gathered that lax does not gather.
+  rows = results["depthwise_training"]
+  assert {(r["axis_type"], r["strides"]) for r in rows} == {
+    (a, s) for a in ("Auto", "Explicit") for s in ("(1, 1)", "(2, 2)")
+  }
+  for row in rows:
+    assert row["error"] < 1e-4, row
+    assert row["convmm"] == row["lax"], row
+    assert row["all_gathers"] <= row["lax_all_gathers"], row
