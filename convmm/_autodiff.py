@@ -265,8 +265,8 @@ def _lhs_rule(ct, x, w, **params):
     return jnp.zeros(x_aval.shape, x_aval.dtype)
   acc_dtype = accumulator_dtype(ct.dtype)
   if unit_strides:
-    # Depthwise with unit strides and no multiplier: the flipped kernel's
-    # convolution is depthwise too, one fused multiply-accumulate (never tiled).
+    # (A depthwise conv gets here without a channel multiplier: the flipped
+    # kernel's convolution is depthwise too, one fused multiply-accumulate.)
     unit = {**params, "preferred_element_type": None}
     if not depthwise and (blocks := _wider_grad_blocks(spec, ct, w, params)):
       grad = lambda c, s: _input_grad_conv(c, w, s, unit)  # noqa: E731
