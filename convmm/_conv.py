@@ -273,7 +273,8 @@ def conv_general_dilated(
       gradient, the unfolding's first stage and its output; default 16 MiB, see
       :func:`convmm.memory_budget`); larger work is mapped over output rows,
       then columns, then batch chunks. The padded input and the output are
-      held besides.
+      held besides. Only im2col is tiled: 'shift' and 'depthwise' build no
+      patches.
 
   Returns:
     The convolution, in the layout of ``dimension_numbers[2]``.
