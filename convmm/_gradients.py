@@ -193,7 +193,7 @@ def depthwise_kernel_grad(x: jax.Array, ct: jax.Array, spec: ConvSpec, acc_dtype
   x_padded = pad_input(x.astype(acc), g)
   ct = ct.astype(acc).reshape(*ct.shape[:-1], c, o // c)  # O = c * multiplier + j
   spans = [(out - 1) * s + 1 if out else 0 for out, s in zip(g.out_spatial, g.window_strides)]
-  offsets = jnp.asarray(tap_offsets(g), jnp.int32).reshape(-1, nsp)
+  offsets = jnp.asarray(tap_offsets(g), jnp.int32).reshape(g.num_taps, nsp)  # (1, 0) for 0-D
 
   def tap(offset):
     zero = jnp.zeros((), offset.dtype)

@@ -74,6 +74,7 @@ CASES = {
     (1, 2, 4, 3), (2, 1, 3, 2), (1, 1), ((2, 1), (1, 0)), lhs_dilation=(2, 1), feature_group_count=2
   ),
   "depthwise_1d": case((2, 4, 9), (4, 1, 5), (1,), "SAME", feature_group_count=4),
+  "depthwise_0d": case((3, 4), (8, 1), (), (), feature_group_count=4),
 }
 
 
