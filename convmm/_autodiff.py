@@ -100,9 +100,14 @@ conv_p.def_impl(
 mlir.register_lowering(conv_p, mlir.lower_fun(_forward, multiple_results=False))
 
 
-def _abstract_eval(x, w, *, spec, preferred_element_type, **_):
+def _out_shape_dtype(spec: ConvSpec, dtype: Any, preferred_element_type: Any) -> tuple[Any, Any]:
+  """The output's shape and dtype for an input of ``dtype`` (one rule for every caller)."""
   shape = (spec.out_batch, *spec.geometry.out_spatial, spec.out_features)
-  dtype = x.dtype if preferred_element_type is None else preferred_element_type
+  return shape, dtype if preferred_element_type is None else preferred_element_type
+
+
+def _abstract_eval(x, w, *, spec, preferred_element_type, **_):
+  shape, dtype = _out_shape_dtype(spec, x.dtype, preferred_element_type)
   sharding = conv_out_sharding(x, w, shape)
   return x.update(shape=shape, dtype=dtype, weak_type=False, sharding=sharding)
 
@@ -232,10 +237,11 @@ def _wider_grad_blocks(spec: ConvSpec, ct: jax.Array, w: jax.Array, params) -> t
   A unit-stride conv padded by less than ``k_eff - 1`` (e.g. ``VALID``) has an
   input gradient with more outputs than inputs, which :mod:`convmm._blocks` does
   not cut into blocks; with several devices (an Auto mesh) it is computed per
-  block of the forward instead (:func:`convmm._blocks.input_grad`). () otherwise.
+  block of the forward instead (:func:`convmm._blocks.input_grad`). () otherwise,
+  and for a depthwise conv, whose input gradient is never tiled.
   """
   devices = unknown_split(ct)
-  if devices < 2:
+  if devices < 2 or params["method"] != "im2col":
     return ()
   forward = _blocks.spatial_blocks(spec, devices)
   t_spec = _input_grad_spec(spec, ct.shape, w.shape)
@@ -252,8 +258,8 @@ def _lhs_rule(ct, x, w, **params):
   spec, precision = params["spec"], params["precision"]
   x_aval = x.aval
   unit_strides = all(s == 1 for s in spec.geometry.window_strides)
-  depthwise = params["method"] == "depthwise"
-  if depthwise and not (unit_strides and spec.out_features == spec.geometry.in_features):
+  multiplier = spec.out_features != spec.geometry.in_features
+  if params["method"] == "depthwise" and (multiplier or not unit_strides):
     # Strides or a channel multiplier: the multiply-accumulate's own transpose,
     # one (interior-)padded product of the cotangent per tap, summed.
     primal = jax.ShapeDtypeStruct(x_aval.shape, x_aval.dtype, sharding=x_aval.sharding)
@@ -268,7 +274,7 @@ def _lhs_rule(ct, x, w, **params):
     # (A depthwise conv gets here without a channel multiplier: the flipped
     # kernel's convolution is depthwise too, one fused multiply-accumulate.)
     unit = {**params, "preferred_element_type": None}
-    if not depthwise and (blocks := _wider_grad_blocks(spec, ct, w, params)):
+    if blocks := _wider_grad_blocks(spec, ct, w, params):
       grad = lambda c, s: _input_grad_conv(c, w, s, unit)  # noqa: E731
       dx = _blocks.input_grad(ct, spec, blocks, grad)
     else:
@@ -341,8 +347,8 @@ def _batch_rule(args, dims, **params):
   nsp = g.num_spatial
   fg, bg = spec.feature_group_count, spec.batch_group_count
   if (x.shape[xd] if xd is not None else w.shape[wd]) == 0:  # an empty map: no groups of 0
-    out = (spec.out_batch, *g.out_spatial, spec.out_features)
-    return jnp.zeros((0, *out), params["preferred_element_type"] or x.dtype), 0
+    shape, dtype = _out_shape_dtype(spec, x.dtype, params["preferred_element_type"])
+    return jnp.zeros((0, *shape), dtype), 0
   if xd is not None and wd is None:
     x = jnp.moveaxis(x, xd, 0)  # (B, N, *sp, C)
     b = x.shape[0]
