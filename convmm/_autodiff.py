@@ -18,9 +18,10 @@ and its two transposes are
   strided convolutions, where that would multiply the zeros inserted between
   cotangent entries,
   ``cotangent @ kernel^T`` summed back into place (col2im);
-* the kernel gradient: one GEMM ``patches^T @ cotangent`` (whichever operand
-  is cheaper to transpose goes first), with the patches rebuilt from the input
-  rather than kept from the forward pass.
+* the kernel gradient: for unit strides without groups, ``x^T @`` the input
+  gradient's own patches of the cotangent (built once for both, in the
+  backward pass); otherwise one GEMM ``patches^T @ cotangent`` (whichever
+  operand is cheaper to transpose goes first), with the patches of the input.
 
 The depthwise multiply-accumulate (``method='depthwise'``) has its own: the
 input gradient of a unit-stride one without a channel multiplier is again the
@@ -57,8 +58,10 @@ from convmm._gradients import (
   input_grad_col2im,
   input_grad_gemm,
   kernel_grad,
+  kernel_grad_from_cotangent_patches,
   split_axis,
 )
+from convmm._im2col import patches_channels_last
 from convmm._shapes import ConvSpec, accumulator_dtype, conv_spec
 from convmm._sharding import conv_out_sharding, unknown_split
 from convmm._tiling import FORWARD_PATCH_COPIES, plan_for, tile_conv, tile_cost, tiled
@@ -195,28 +198,41 @@ def _input_grad_spec(spec: ConvSpec, ct_shape, w_shape) -> ConvSpec:
   )
 
 
+def _reversed_taps(spec: ConvSpec) -> bool:
+  """Whether a unit-stride input gradient reverses its patches' taps (see :func:`input_grad_gemm`).
+
+  A kernel as large as the cotangent's patches (deep layers): its taps are
+  reversed in the patches instead of flipped, and the GEMM reads it with the
+  contraction minor, so it is never transposed element by element. Measured
+  per layer (8x4x4x512 3x3: 0.86x the time in float32, 0.70x in bfloat16);
+  where the patches dominate, the plain GEMM was 3-6% faster.
+  """
+  g = spec.geometry
+  groups = spec.feature_group_count * spec.batch_group_count
+  return groups == 1 and 2 * g.in_features >= g.batch * math.prod(g.in_spatial)
+
+
+def _input_grad_dtype(spec: ConvSpec, ct_dtype: Any) -> Any:
+  """The dtype a unit-stride input gradient's GEMM (and its tiling) produces."""
+  acc_dtype = accumulator_dtype(ct_dtype) if _reversed_taps(spec) else None
+  return acc_dtype or ct_dtype
+
+
 def _input_grad_conv(ct, w, spec, params):
   """Input gradient as lax computes it: conv(ct, flip(w)^T, lhs_dilation=strides)."""
   nsp = spec.geometry.num_spatial
   groups = spec.feature_group_count * spec.batch_group_count
-  g = spec.geometry
-  if groups == 1 and 2 * g.in_features >= g.batch * math.prod(g.in_spatial):
-    # A kernel as large as the cotangent's patches (deep layers): its taps are
-    # reversed in the patches instead of flipped, and the GEMM reads it with the
-    # contraction minor, so it is never transposed element by element. Measured
-    # per layer (8x4x4x512 3x3: 0.86x the time in float32, 0.70x in bfloat16);
-    # where the patches dominate, the plain GEMM was 3-6% faster.
+  t_spec = _input_grad_spec(spec, ct.shape, w.shape)
+  if _reversed_taps(spec):
     w_cto = jnp.moveaxis(w.reshape(-1, *w.shape[-2:]), 1, 0).reshape(w.shape[-2], -1)
-    t_spec = _input_grad_spec(spec, ct.shape, w.shape)
     acc_dtype = accumulator_dtype(ct.dtype)
     return tile_conv(
       lambda c, s: input_grad_gemm(c, w_cto, s, params["precision"], acc_dtype),
       ct,
       t_spec,
-      acc_dtype or ct.dtype,
+      _input_grad_dtype(spec, ct.dtype),
       params["memory_budget"],
     )
-  t_spec = _input_grad_spec(spec, ct.shape, w.shape)
   # (*k, cg, O) with O group-major -> (*k, og, groups * cg): the groups move from
   # the kernel's output features into its (new) output features.
   w = split_axis(w, nsp + 1, groups)  # (*k, cg, G, og)
@@ -229,6 +245,35 @@ def _input_grad_conv(ct, w, spec, params):
     dx = jnp.moveaxis(dx, nsp + 1, 0)
     dx = dx.reshape(-1, *dx.shape[2:])
   return dx
+
+
+def _shared_cotangent_patches(spec: ConvSpec, ct: jax.Array, params) -> ConvSpec | None:
+  """The input gradient's spec when the kernel gradient can share its cotangent patches.
+
+  For a unit-stride convolution without groups whose input gradient is not
+  tiled, the kernel gradient is ``x^T @`` the input gradient's own patches of
+  the cotangent (:func:`kernel_grad_from_cotangent_patches`): XLA builds them
+  once for both, in the backward pass. The alternative, patches of the input,
+  would be the forward's (which XLA then keeps from the forward pass to the
+  backward) or rebuilt, and the scheduler builds them as soon as the input
+  exists, in the forward pass too. None where the patches of the cotangent
+  would be larger than the input's (more output features than input ones),
+  for 1x1 kernels (whose patches are the input itself), and elsewhere.
+  """
+  g = spec.geometry
+  if (
+    params["method"] != "im2col"
+    or spec.feature_group_count * spec.batch_group_count > 1
+    or g.num_taps == 1
+    or any(s > 1 for s in g.window_strides)
+    or any(d > 1 for d in g.lhs_dilation)
+    or spec.out_features * math.prod(g.in_spatial) > g.in_features * math.prod(g.out_spatial)
+  ):
+    return None
+  t_spec = _input_grad_spec(spec, ct.shape, (*g.filter_shape, g.in_features, spec.out_features))
+  itemsize = jnp.dtype(_input_grad_dtype(spec, ct.dtype)).itemsize
+  plan = plan_for(t_spec, ct, params["memory_budget"], FORWARD_PATCH_COPIES, itemsize)
+  return t_spec if plan.is_whole(len(ct)) else None
 
 
 def _wider_grad_blocks(spec: ConvSpec, ct: jax.Array, w: jax.Array, params) -> tuple[int, ...]:
@@ -306,6 +351,11 @@ def _rhs_rule(ct, x, w, **params):
   acc_dtype = accumulator_dtype(ct.dtype)
   if params["method"] == "depthwise":
     return depthwise_kernel_grad(x, ct, spec, acc_dtype).astype(w_aval.dtype)
+  if (t_spec := _shared_cotangent_patches(spec, ct, params)) is not None:
+    reverse = _reversed_taps(spec)
+    ct_patches = patches_channels_last(ct, t_spec.geometry, reverse_taps=reverse)
+    dw = kernel_grad_from_cotangent_patches(x, ct_patches, spec, reverse, precision, acc_dtype)
+    return dw.astype(w_aval.dtype)
   budget = params["memory_budget"]
   unit_dilation = all(d == 1 for d in spec.geometry.lhs_dilation)
   # Tiles like the forward's (output rows, then batch chunks), summed; a tile is

@@ -102,6 +102,50 @@ def grad_batch_chunk(spec: ConvSpec, x: jax.Array, itemsize: int, budget: int | 
   return batch_chunk(g.batch, budget_or_current(budget) // max(sample, 1), sharding_of(x)[0])
 
 
+def _replicated_gemm(ct: jax.Array, precision: Any, acc_dtype: Any) -> Any:
+  """A kernel gradient's ``lax.dot_general``: replicated, even for a sharded batch (lax's rule)."""
+  mesh = jax.typeof(ct).sharding.mesh
+  out_sharding = (
+    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    if jax.sharding.AxisType.Explicit in mesh.axis_types
+    else None
+  )
+  return functools.partial(
+    lax.dot_general,
+    precision=precision,
+    preferred_element_type=acc_dtype,
+    out_sharding=out_sharding,
+  )
+
+
+def kernel_grad_from_cotangent_patches(
+  x: jax.Array,
+  ct_patches: jax.Array,
+  spec: ConvSpec,
+  reverse_taps: bool,
+  precision: Any,
+  acc_dtype: Any,
+) -> jax.Array:
+  """A unit-stride kernel gradient as ``x^T @ ct_patches``, as ``(*window, C, O)``.
+
+  ``ct_patches`` are the input gradient's patches of the cotangent,
+  ``(N, *in, T, O)`` (lax's transpose convolution, whose taps run opposite to
+  the forward's unless ``reverse_taps``): entry ``[n, i, t, o]`` is the
+  cotangent of the output that forward tap ``t`` reached from input position
+  ``i`` (zero where none did), so
+  ``dw[t, c, o] = sum_{n, i} x[n, i, c] * ct_patches[n, i, t, o]``: one GEMM
+  contracting the batch and input positions, with patches the input gradient
+  builds anyway (no feature or batch groups).
+  """
+  g = spec.geometry
+  axes = tuple(range(g.num_spatial + 1))  # (N, *in)
+  gemm = _replicated_gemm(ct_patches, precision, acc_dtype)
+  dw = gemm(x, ct_patches, ((axes, axes), ((), ())))  # (C, T, O)
+  if not reverse_taps:
+    dw = jnp.flip(dw, 1)
+  return jnp.moveaxis(dw, 0, 1).reshape(*g.filter_shape, *dw.shape[::2])
+
+
 def kernel_grad(
   x: jax.Array,
   ct: jax.Array,
@@ -122,19 +166,7 @@ def kernel_grad(
   nsp, t = g.num_spatial, g.num_taps
   fg, bg = spec.feature_group_count, spec.batch_group_count
   groups = fg * bg
-  # The kernel is replicated even where the batch is sharded (lax's rule).
-  mesh = jax.typeof(ct).sharding.mesh
-  out_sharding = (
-    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    if jax.sharding.AxisType.Explicit in mesh.axis_types
-    else None
-  )
-  gemm = functools.partial(
-    lax.dot_general,
-    precision=precision,
-    preferred_element_type=acc_dtype,
-    out_sharding=out_sharding,
-  )
+  gemm = _replicated_gemm(ct, precision, acc_dtype)
   o = ct.shape[-1]
   axes = tuple(range(nsp + 1))  # (N, *out): multi-axis, so XLA canonicalises it for YNNPACK
   if groups == 1 and taps_first:

@@ -333,8 +333,9 @@ def test_kernel_gradient_gemm_takes_the_cotangent_first():
 def test_kernel_gradient_layout_follows_the_forward(
   monkeypatch, x_shape, w_shape, strides, padding, budget, dtype
 ):
-  # An untiled convolution's kernel gradient reuses the forward's channels-last
-  # patches (XLA computes them once); a tiled one builds its own transposed,
+  # With more output than input features (the next test otherwise), an untiled
+  # convolution's kernel gradient reuses the forward's channels-last patches
+  # (XLA computes them once); a tiled one builds its own transposed,
   # (T, C, N, *out), and the GEMM gives (T, C, O) with no operand transposed.
   # Both against lax at HIGHEST. One device's plans (with several, as earlier
   # tests in the same process may leave, the tiles are vmapped over blocks).
@@ -373,6 +374,85 @@ def test_kernel_gradient_layout_follows_the_forward(
   for a, b in zip(got, vjp_ref(f32[2])):
     assert a.dtype == dtype
     assert_close(a, b, dtype=dtype, grad=True, reduction=t * c)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+  "x_shape, w_shape, padding, dilation",
+  [
+    ((2, 9, 7, 6), (3, 3, 6, 4), "SAME", 1),
+    ((2, 9, 7, 6), (3, 2, 6, 3), ((2, 0), (-1, 1)), 2),
+    ((1, 2, 2, 16), (3, 3, 16, 16), "SAME", 1),
+    ((2, 11, 5), (4, 5, 3), ((3, 1),), 1),
+    ((1, 4, 5, 3, 4), (2, 3, 2, 4, 4), ((1, 0), (1, 1), (0, 1)), 1),
+  ],
+  ids=["same", "dilated-cropped", "reversed-taps", "1d", "3d"],
+)
+def test_kernel_gradient_shares_the_input_gradients_cotangent_patches(
+  monkeypatch, x_shape, w_shape, padding, dilation, dtype
+):
+  # Unit strides, no groups, no more output than input features, untiled: the
+  # kernel gradient is x^T @ the input gradient's own patches of the cotangent,
+  # so both gradients compile to the patches of the input gradient alone (the
+  # forward's patches are not kept for the backward pass). The "reversed-taps"
+  # case is a deep layer, whose input gradient reverses the patches' taps.
+  monkeypatch.setattr(convmm._tiling, "unknown_split", lambda x: 1)
+  nsp = len(x_shape) - 2
+  kw = dict(
+    window_strides=(1,) * nsp,
+    padding=padding,
+    rhs_dilation=(dilation,) * nsp,
+    dimension_numbers=channels_last(nsp),
+  )
+  rng = np.random.default_rng(41)
+  x = jnp.asarray(rng.standard_normal(x_shape), dtype)
+  w = jnp.asarray(rng.standard_normal(w_shape), dtype)
+  f = lambda x, w: convmm.conv_general_dilated(x, w, **kw)
+  ct = jnp.asarray(rng.standard_normal(jax.eval_shape(f, x, w).shape), dtype)
+  both = lambda x, w, ct: jax.vjp(f, x, w)[1](ct)
+  dx_only = lambda x, w, ct: jax.vjp(lambda x: f(x, w), x)[1](ct)
+  jaxpr = jax.make_jaxpr(both)(x, w, ct).jaxpr
+  t, c, o = math.prod(w_shape[:-2]), w_shape[-2], w_shape[-1]
+  kernel_dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+  kernel_dots = [e for e in kernel_dots if e.outvars[0].aval.shape == (c, t, o)]
+  assert len(kernel_dots) == 1
+  assert kernel_dots[0].invars[0].aval.shape == x.shape
+  assert kernel_dots[0].invars[1].aval.shape == (*x_shape[:-1], t, o)
+
+  def concatenations(fn):
+    return jax.jit(fn).lower(x, w, ct).compile().as_text().count("concatenate(")
+
+  assert concatenations(both) == concatenations(dx_only) > 0
+  f32 = [a.astype(jnp.float32) for a in (x, w, ct)]
+  _, vjp_ref = jax.vjp(
+    lambda x, w: lax.conv_general_dilated(x, w, **kw, precision=lax.Precision.HIGHEST), *f32[:2]
+  )
+  for a, b in zip(jax.jit(both)(x, w, ct), vjp_ref(f32[2])):
+    assert a.dtype == dtype
+    assert_close(a, b, dtype=dtype, grad=True, reduction=t * c)
+
+
+@pytest.mark.parametrize("x_shape", [(4, 16, 16, 32), (2, 4, 4, 128)], ids=["wide", "deep"])
+def test_dense_training_step_keeps_at_most_one_patch_matrix(x_shape):
+  # Four 3x3 layers, untiled: the backward pass holds one cotangent patch matrix
+  # at a time, beyond lax's temporaries (when the kernel gradient used the
+  # forward's patches, XLA kept all four from the forward pass: 3.9-4.0 of them).
+  c = x_shape[-1]
+  kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC)
+  x, w = jnp.ones(x_shape), jnp.ones((3, 3, c, c))
+
+  def temp_bytes(impl):
+    def loss(ws, x):
+      for w in ws:
+        x = jax.nn.relu(impl(x, w, **kw))
+      return jnp.sum(x**2)
+
+    compiled = jax.jit(jax.grad(loss)).lower([w] * 4, x).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  patch_bytes = 9 * x.size * x.dtype.itemsize
+  extra = temp_bytes(convmm.conv_general_dilated) - temp_bytes(lax.conv_general_dilated)
+  assert extra <= 1.5 * patch_bytes
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4], ids=["dense", "grouped", "depthwise"])
