@@ -61,6 +61,7 @@ def test_quick_run_reports_every_field_and_convmm_matches_flax(tmp_path, models,
       sys.executable,
       str(MODELS_PY),
       "--quick",
+      "--isolate",  # each network and dtype in its own process, as a full run does
       "--models",
       "resnet18",
       "--dtypes",
@@ -75,6 +76,7 @@ def test_quick_run_reports_every_field_and_convmm_matches_flax(tmp_path, models,
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(path.read_text())
   assert report["meta"]["quick"] is True and report["meta"]["repeats"] == 1
+  assert report["meta"]["isolated"] is True
   assert [(r["model"], r["dtype"]) for r in report["results"]] == [
     ("resnet18", "float32"),
     ("resnet18", "bfloat16"),
