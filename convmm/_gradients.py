@@ -21,7 +21,13 @@ from jax import lax
 
 from convmm._budget import budget_or_current
 from convmm._chunks import batch_chunk
-from convmm._im2col import pad_input, patches_channels_last, patches_taps_first, tap_offsets
+from convmm._im2col import (
+  feature_groups_first,
+  pad_input,
+  patches_channels_last,
+  patches_taps_first,
+  tap_offsets,
+)
 from convmm._shapes import ConvSpec
 from convmm._sharding import sharding_of
 from convmm._tiling import tile_cost
@@ -173,8 +179,8 @@ def kernel_grad(
     pt = patches_taps_first(x, g)  # (T, C, N, *out)
     dw = gemm(pt, ct, ((tuple(a + 2 for a in axes), axes), ((), ())))  # (T, C, O)
     return dw.reshape(*g.filter_shape, -1, o)
-  if fg > 1:  # (N, *sp, G, cg) -> (G * N, *sp, cg): one patch matrix per group
-    x = jnp.moveaxis(split_axis(x, nsp + 1, fg), nsp + 1, 0)
+  if fg > 1:  # (G * N, *sp, cg): one patch matrix per group
+    x = feature_groups_first(x, fg)
     x = x.reshape(-1, *x.shape[2:])
   patches = patches_channels_last(
     x, dataclasses.replace(g, batch=x.shape[0], in_features=x.shape[-1])

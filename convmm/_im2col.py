@@ -140,6 +140,18 @@ def unfold_padded(
   return y.reshape(*y.shape[: 1 + nsp], geometry.num_taps, y.shape[-1])
 
 
+def feature_groups_first(x_cl: jax.Array, groups: int) -> jax.Array:
+  """``(N, *spatial, C)`` -> ``(groups, N, *spatial, C // groups)``, lax's group-major order.
+
+  The input of one patch matrix per feature group: patches of each group's
+  slice come out group-major, as a batched GEMM over the groups wants them,
+  and moving the input costs ``1 / T`` of moving the patches. The group axis
+  stays separate from the batch, so a sharded batch stays sharded.
+  """
+  n, *spatial, c = x_cl.shape
+  return jnp.moveaxis(x_cl.reshape(n, *spatial, groups, c // groups), -2, 0)
+
+
 def to_bits(x: jax.Array) -> jax.Array:
   """16-bit floats as ``uint16`` (the same bits); other dtypes unchanged."""
   # XLA's CPU backend computes pads and concatenations of 16-bit floats in

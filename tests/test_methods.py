@@ -1,6 +1,8 @@
 """Every computation method of the core against lax, and the memory budget."""
 
 import functools
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +95,21 @@ def test_depthwise_bfloat16_accumulates_in_float32():
   )
   assert y.dtype == lax.conv_general_dilated(x, w, **kw).dtype == jnp.bfloat16
   assert_close(y, ref, dtype=jnp.bfloat16, reduction=9)
+
+
+def test_grouped_patches_are_built_group_major():
+  # Feature groups: the input moves its group axis first and each group gets its
+  # own patch matrix, so no transpose moves the patches (9x the input here), only
+  # the input, the kernel and the output (the patches' transpose made a grouped
+  # 8x28x28x128 layer's forward 1.6x slower in float32, 2x in bfloat16).
+  x, w = jnp.ones((2, 6, 6, 8)), jnp.ones((3, 3, 2, 8))
+  kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=DN, feature_group_count=4)
+  text = jax.jit(functools.partial(convmm.conv_general_dilated, **kw)).lower(x, w).as_text()
+  operands = re.findall(r"stablehlo.transpose .*: \(tensor<([\dx]+)x\w+>\)", text)
+  sizes = [math.prod(int(d) for d in shape.split("x")) for shape in operands]
+  assert sizes and max(sizes) <= x.size
+  ref = lax.conv_general_dilated(x, w, precision=HIGHEST, **kw)
+  assert_close(convmm.conv_general_dilated(x, w, **kw), ref, reduction=18)
 
 
 def test_tiled_im2col_matches_untiled_and_lax():
