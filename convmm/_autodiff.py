@@ -256,9 +256,10 @@ def _shared_cotangent_patches(spec: ConvSpec, ct: jax.Array, params) -> ConvSpec
   once for both, in the backward pass. The alternative, patches of the input,
   would be the forward's (which XLA then keeps from the forward pass to the
   backward) or rebuilt, and the scheduler builds them as soon as the input
-  exists, in the forward pass too. None where the patches of the cotangent
-  would be larger than the input's (more output features than input ones),
-  for 1x1 kernels (whose patches are the input itself), and elsewhere.
+  exists, in the forward pass too. None for strides, input dilation, groups,
+  1x1 kernels (whose patches are the input itself), a tiled input gradient, and
+  where the patches of the cotangent would be larger than the input's (more
+  output features than input ones).
   """
   g = spec.geometry
   if (
