@@ -234,6 +234,7 @@ def depthwise_kernel_grad(x: jax.Array, ct: jax.Array, spec: ConvSpec, acc_dtype
     nsp > 0
     and all(s == 1 for s in (*g.window_strides, *g.lhs_dilation))
     and all(out <= size for out, size in zip(g.out_spatial[1:], g.in_spatial[1:]))
+    and not sharding_of(x)[1] - {0}  # explicitly split minor spatial axes cannot be flattened
   )
   if flat:
     return _flat_depthwise_kernel_grad(x.astype(acc), ct, spec).reshape(*g.filter_shape, 1, o)
