@@ -61,7 +61,6 @@ from convmm._gradients import (
   kernel_grad_from_cotangent_patches,
   split_axis,
 )
-from convmm._im2col import patches_channels_last
 from convmm._shapes import ConvSpec, accumulator_dtype, conv_spec
 from convmm._sharding import conv_out_sharding, unknown_split
 from convmm._tiling import FORWARD_PATCH_COPIES, plan_for, tile_conv, tile_cost, tiled
@@ -354,8 +353,7 @@ def _rhs_rule(ct, x, w, **params):
     return depthwise_kernel_grad(x, ct, spec, acc_dtype).astype(w_aval.dtype)
   if (t_spec := _shared_cotangent_patches(spec, ct, params)) is not None:
     reverse = _reversed_taps(spec)
-    ct_patches = patches_channels_last(ct, t_spec.geometry, reverse_taps=reverse)
-    dw = kernel_grad_from_cotangent_patches(x, ct_patches, spec, reverse, precision, acc_dtype)
+    dw = kernel_grad_from_cotangent_patches(x, ct, spec, t_spec, reverse, precision, acc_dtype)
     return dw.astype(w_aval.dtype)
   budget = params["memory_budget"]
   unit_dilation = all(d == 1 for d in spec.geometry.lhs_dilation)

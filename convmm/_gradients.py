@@ -126,24 +126,27 @@ def _replicated_gemm(ct: jax.Array, precision: Any, acc_dtype: Any) -> Any:
 
 def kernel_grad_from_cotangent_patches(
   x: jax.Array,
-  ct_patches: jax.Array,
+  ct: jax.Array,
   spec: ConvSpec,
+  t_spec: ConvSpec,
   reverse_taps: bool,
   precision: Any,
   acc_dtype: Any,
 ) -> jax.Array:
   """A unit-stride kernel gradient as ``x^T @ ct_patches``, as ``(*window, C, O)``.
 
-  ``ct_patches`` are the input gradient's patches of the cotangent,
-  ``(N, *in, T, O)`` (lax's transpose convolution, whose taps run opposite to
-  the forward's unless ``reverse_taps``): entry ``[n, i, t, o]`` is the
-  cotangent of the output that forward tap ``t`` reached from input position
-  ``i`` (zero where none did), so
+  ``ct_patches`` are the input gradient's patches of the cotangent (``t_spec``
+  is its convolution, lax's transpose one), built exactly as the input gradient
+  builds them (:func:`input_grad_gemm`, or the im2col of that convolution),
+  taps reversed or not, so that XLA computes them once for both: ``(N, *in, T, O)``, whose entry
+  ``[n, i, t, o]`` is the cotangent of the output that forward tap ``t``
+  (counted from the end unless ``reverse_taps``) reached from input position
+  ``i`` (zero where none did). So
   ``dw[t, c, o] = sum_{n, i} x[n, i, c] * ct_patches[n, i, t, o]``: one GEMM
-  contracting the batch and input positions, with patches the input gradient
-  builds anyway (no feature or batch groups).
+  contracting the batch and input positions (no feature or batch groups).
   """
   g = spec.geometry
+  ct_patches = patches_channels_last(ct, t_spec.geometry, reverse_taps=reverse_taps)
   axes = tuple(range(g.num_spatial + 1))  # (N, *in)
   gemm = _replicated_gemm(ct_patches, precision, acc_dtype)
   dw = gemm(x, ct_patches, ((axes, axes), ((), ())))  # (C, T, O)
