@@ -63,7 +63,7 @@ from convmm._gradients import (
 )
 from convmm._shapes import ConvSpec, accumulator_dtype, conv_spec
 from convmm._sharding import conv_out_sharding, unknown_split
-from convmm._tiling import FORWARD_PATCH_COPIES, plan_for, tile_conv, tile_cost, tiled
+from convmm._tiling import FORWARD_PATCH_COPIES, TilePlan, plan_for, tile_conv, tile_cost, tiled
 
 
 def channels_last_dimension_numbers(num_spatial: int) -> ConvDimensionNumbers:
@@ -246,19 +246,25 @@ def _input_grad_conv(ct, w, spec, params):
   return dx
 
 
-def _shared_cotangent_patches(spec: ConvSpec, ct: jax.Array, params) -> ConvSpec | None:
-  """The input gradient's spec when the kernel gradient can share its cotangent patches.
+def _cotangent_patches_plan(
+  spec: ConvSpec, ct: jax.Array, params
+) -> tuple[ConvSpec, TilePlan] | None:
+  """The input gradient's spec and tiling when the kernel gradient can use its cotangent patches.
 
-  For a unit-stride convolution without groups whose input gradient is not
-  tiled, the kernel gradient is ``x^T @`` the input gradient's own patches of
-  the cotangent (:func:`kernel_grad_from_cotangent_patches`): XLA builds them
-  once for both, in the backward pass. The alternative, patches of the input,
-  would be the forward's (which XLA then keeps from the forward pass to the
-  backward) or rebuilt, and the scheduler builds them as soon as the input
-  exists, in the forward pass too. None for strides, input dilation, groups,
-  1x1 kernels (whose patches are the input itself), a tiled input gradient, and
-  where the patches of the cotangent would be larger than the input's (more
-  output features than input ones).
+  For a unit-stride convolution without groups, the kernel gradient is
+  ``x^T @`` the input gradient's own patches of the cotangent
+  (:func:`kernel_grad_from_cotangent_patches`). Untiled, XLA builds them once
+  for both, in the backward pass. The alternative, patches of the input, would
+  be the forward's (which XLA then keeps from the forward pass to the backward)
+  or rebuilt, and the scheduler builds them as soon as the input exists, in the
+  forward pass too. Tiled (see :func:`_rhs_rule` for when), the kernel gradient
+  walks the input gradient's tiles, same plan, so their patch tiles compile to
+  the same kernels: each tile's ``x`` against that tile's cotangent patches,
+  instead of the input's patches built transposed for the GEMM (an
+  8x28x28x128 3x3 layer's: 3.2 ms to unfold against 0.75 for the cotangent's).
+  None for strides, input dilation, groups, 1x1 kernels (whose patches are the
+  input itself) and where the patches of the cotangent would be larger than the
+  input's (more output features than input ones).
   """
   g = spec.geometry
   if (
@@ -272,8 +278,7 @@ def _shared_cotangent_patches(spec: ConvSpec, ct: jax.Array, params) -> ConvSpec
     return None
   t_spec = _input_grad_spec(spec, ct.shape, (*g.filter_shape, g.in_features, spec.out_features))
   itemsize = jnp.dtype(_input_grad_dtype(spec, ct.dtype)).itemsize
-  plan = plan_for(t_spec, ct, params["memory_budget"], FORWARD_PATCH_COPIES, itemsize)
-  return t_spec if plan.is_whole(len(ct)) else None
+  return t_spec, plan_for(t_spec, ct, params["memory_budget"], FORWARD_PATCH_COPIES, itemsize)
 
 
 def _wider_grad_blocks(spec: ConvSpec, ct: jax.Array, w: jax.Array, params) -> tuple[int, ...]:
@@ -351,15 +356,32 @@ def _rhs_rule(ct, x, w, **params):
   acc_dtype = accumulator_dtype(ct.dtype)
   if params["method"] == "depthwise":
     return depthwise_kernel_grad(x, ct, spec, acc_dtype).astype(w_aval.dtype)
-  if (t_spec := _shared_cotangent_patches(spec, ct, params)) is not None:
-    reverse = _reversed_taps(spec)
-    dw = kernel_grad_from_cotangent_patches(x, ct, spec, t_spec, reverse, precision, acc_dtype)
-    return dw.astype(w_aval.dtype)
   budget = params["memory_budget"]
   unit_dilation = all(d == 1 for d in spec.geometry.lhs_dilation)
   # Tiles like the forward's (output rows, then batch chunks), summed; a tile is
   # costed at two patch matrices (channels-last patches need a GEMM operand copy).
   plan = plan_for(spec, x, budget, 2, ct.dtype.itemsize) if unit_dilation else None
+  if (ct_patches := _cotangent_patches_plan(spec, ct, params)) is not None:
+    t_spec, t_plan = ct_patches
+    # Untiled, the input gradient's patches serve both. Tiled, the cotangent's
+    # tiles replace the input's transposed tiles where those are tiled too, in
+    # float32 and wider (an 8x28x28x128 3x3 layer's input and kernel gradients
+    # in 0.90x the time; 32 to 256 features elsewhere: within noise). 16-bit
+    # floats keep the input's: their GEMM with C rows ran slower (8x28x28x64
+    # in bfloat16: the kernel gradient in 4.75 ms against 3.29).
+    if t_plan.is_whole(len(ct)) or (
+      plan is not None and not plan.is_whole(len(x)) and ct.dtype.itemsize >= 4
+    ):
+      grad_ct = functools.partial(
+        kernel_grad_from_cotangent_patches,
+        spec=spec,
+        reverse_taps=_reversed_taps(spec),
+        precision=precision,
+        acc_dtype=acc_dtype,
+      )
+      # The input gradient's tiles: ct is their input, x has their output's shape.
+      dw = tiled(lambda c, xt, s: grad_ct(xt, c, t_spec=s), ct, t_spec, t_plan, cotangent=x)
+      return dw.astype(w_aval.dtype)
   # Where neither this gradient nor the forward is tiled, both build the same
   # patches, which XLA computes once: the gradient keeps their layout. Elsewhere
   # it builds its own transposed, which spares the GEMM's operand transposes

@@ -432,6 +432,71 @@ def test_kernel_gradient_shares_the_input_gradients_cotangent_patches(
     assert_close(a, b, dtype=dtype, grad=True, reduction=t * c)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+  "x_shape, w_shape, padding, dilation, budget",
+  [
+    ((4, 13, 10, 8), (3, 3, 8, 8), "SAME", 1, 60_000),
+    ((3, 12, 9, 5), (3, 2, 5, 4), ((2, 2), (0, 1)), 2, 9_000),
+    ((4, 10, 6, 8), (3, 3, 8, 8), ((1, 1), (2, 0)), 1, 2_000),
+    ((2, 40, 6), (9, 6, 6), "SAME", 1, 6_000),
+    ((2, 5, 6, 4, 4), (3, 3, 2, 4, 4), "SAME", 1, 20_000),
+  ],
+  ids=["rows", "dilated", "batch-chunks", "1d", "3d"],
+)
+def test_tiled_kernel_gradient_walks_the_input_gradients_tiles(
+  monkeypatch, x_shape, w_shape, padding, dilation, budget, dtype
+):
+  # Tiled, unit strides, no groups, no more output than input features: in
+  # float32 the kernel gradient is summed over the input gradient's tiles, each
+  # tile's x^T @ that tile's patches of the cotangent (channels-last, as the
+  # input gradient builds them), instead of transposed patches of the input;
+  # 16-bit floats keep the transposed patches (T, C, N, *out).
+  monkeypatch.setattr(convmm._tiling, "unknown_split", lambda x: 1)
+  monkeypatch.setattr(convmm._autodiff, "unknown_split", lambda x: 1)
+  nsp = len(x_shape) - 2
+  kw = dict(
+    window_strides=(1,) * nsp,
+    padding=padding,
+    rhs_dilation=(dilation,) * nsp,
+    dimension_numbers=channels_last(nsp),
+  )
+  rng = np.random.default_rng(43)
+  x = jnp.asarray(rng.standard_normal(x_shape), dtype)
+  w = jnp.asarray(rng.standard_normal(w_shape), dtype)
+  f = lambda x, w: convmm.conv_general_dilated(x, w, **kw, memory_budget=budget)
+  ct = jnp.asarray(rng.standard_normal(jax.eval_shape(f, x, w).shape), dtype)
+  pull = lambda x, w, ct: jax.vjp(f, x, w)[1](ct)
+  t, c, o = math.prod(w_shape[:-2]), w_shape[-2], w_shape[-1]
+
+  def eqns(jaxpr):  # every equation, the tile loops' bodies included
+    for e in jaxpr.eqns:
+      yield e
+      for sub in jax.extend.core.jaxprs_in_params(e.params):
+        yield from eqns(sub)
+
+  kernel_dots = [
+    e
+    for e in eqns(jax.make_jaxpr(pull)(x, w, ct).jaxpr)
+    if e.primitive.name == "dot_general" and e.outvars[0].aval.shape in ((c, t, o), (t, c, o))
+  ]
+  assert len(kernel_dots) == 1
+  lhs, rhs = (v.aval.shape for v in kernel_dots[0].invars)
+  if dtype == jnp.float32:  # an x tile and its cotangent patches (N', *tile, T, O)
+    assert lhs[-1] == c and lhs != x.shape
+    assert rhs == (*lhs[:-1], t, o)
+  else:
+    assert lhs[:2] == (t, c)  # the input's patches, taps first
+  got = jax.jit(pull)(x, w, ct)
+  f32 = [a.astype(jnp.float32) for a in (x, w, ct)]
+  _, vjp_ref = jax.vjp(
+    lambda x, w: lax.conv_general_dilated(x, w, **kw, precision=lax.Precision.HIGHEST), *f32[:2]
+  )
+  for a, b in zip(got, vjp_ref(f32[2])):
+    assert a.dtype == dtype
+    assert_close(a, b, dtype=dtype, grad=True, reduction=t * c)
+
+
 def four_layer_step_temp_bytes(conv, x, w, normalize=False, **kw):
   """Compiled temporaries of the gradient of four ``relu(conv(x, w))`` layers.
 
