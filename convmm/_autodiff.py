@@ -246,6 +246,11 @@ def _input_grad_conv(ct, w, spec, params):
   return dx
 
 
+# A tiled kernel gradient uses the cotangent's patches only with this many input
+# features at least: the rows of its GEMM x^T @ patches (see _rhs_rule).
+_MIN_GEMM_ROWS = 128
+
+
 def _cotangent_patches_plan(
   spec: ConvSpec, ct: jax.Array, params
 ) -> tuple[ConvSpec, TilePlan] | None:
@@ -364,13 +369,13 @@ def _rhs_rule(ct, x, w, **params):
   if (ct_patches := _cotangent_patches_plan(spec, ct, params)) is not None:
     t_spec, t_plan = ct_patches
     # Untiled, the input gradient's patches serve both. Tiled, the cotangent's
-    # tiles replace the input's transposed tiles where those are tiled too, in
-    # float32 and wider (an 8x28x28x128 3x3 layer's input and kernel gradients
-    # in 0.90x the time; 32 to 256 features elsewhere: within noise). 16-bit
-    # floats keep the input's: their GEMM with C rows ran slower (8x28x28x64
-    # in bfloat16: the kernel gradient in 4.75 ms against 3.29).
+    # tiles replace the input's transposed tiles where those are tiled too and
+    # the GEMM x^T @ patches has rows enough (C >= 128): an 8x28x28x128 3x3
+    # layer's input and kernel gradients in 0.90x the time in float32, 0.95x in
+    # bfloat16; with 64 features the kernel gradient was slower (8x28x28x64 in
+    # bfloat16: 4.75 ms against 3.29; 2x8x28x28x64 3x3x3 in float32: 1.08x).
     if t_plan.is_whole(len(ct)) or (
-      plan is not None and not plan.is_whole(len(x)) and ct.dtype.itemsize >= 4
+      plan is not None and not plan.is_whole(len(x)) and x.shape[-1] >= _MIN_GEMM_ROWS
     ):
       grad_ct = functools.partial(
         kernel_grad_from_cotangent_patches,

@@ -436,22 +436,24 @@ def test_kernel_gradient_shares_the_input_gradients_cotangent_patches(
 @pytest.mark.parametrize(
   "x_shape, w_shape, padding, dilation, budget",
   [
-    ((4, 13, 10, 8), (3, 3, 8, 8), "SAME", 1, 60_000),
-    ((3, 12, 9, 5), (3, 2, 5, 4), ((2, 2), (0, 1)), 2, 9_000),
-    ((4, 10, 6, 8), (3, 3, 8, 8), ((1, 1), (2, 0)), 1, 2_000),
-    ((2, 40, 6), (9, 6, 6), "SAME", 1, 6_000),
-    ((2, 5, 6, 4, 4), (3, 3, 2, 4, 4), "SAME", 1, 20_000),
+    ((2, 7, 5, 128), (3, 3, 128, 96), "SAME", 1, 200_000),
+    ((2, 9, 6, 128), (3, 2, 128, 64), ((2, 2), (0, 1)), 2, 150_000),
+    ((3, 4, 3, 128), (3, 3, 128, 128), ((1, 1), (2, 0)), 1, 30_000),
+    ((2, 24, 128), (9, 128, 64), "SAME", 1, 120_000),
+    ((2, 3, 4, 3, 128), (3, 3, 2, 128, 64), "SAME", 1, 300_000),
+    ((2, 7, 5, 64), (3, 3, 64, 64), "SAME", 1, 100_000),
   ],
-  ids=["rows", "dilated", "batch-chunks", "1d", "3d"],
+  ids=["rows", "dilated", "batch-chunks", "1d", "3d", "64-features"],
 )
 def test_tiled_kernel_gradient_walks_the_input_gradients_tiles(
   monkeypatch, x_shape, w_shape, padding, dilation, budget, dtype
 ):
-  # Tiled, unit strides, no groups, no more output than input features: in
-  # float32 the kernel gradient is summed over the input gradient's tiles, each
-  # tile's x^T @ that tile's patches of the cotangent (channels-last, as the
-  # input gradient builds them), instead of transposed patches of the input;
-  # 16-bit floats keep the transposed patches (T, C, N, *out).
+  # Tiled, unit strides, no groups, no more output than input features, and at
+  # least 128 input features (the rows of the GEMM): the kernel gradient is
+  # summed over the input gradient's tiles, each tile's x^T @ that tile's
+  # patches of the cotangent (channels-last, as the input gradient builds
+  # them), instead of transposed patches of the input (T, C, N, *out), which
+  # fewer features keep.
   monkeypatch.setattr(convmm._tiling, "unknown_split", lambda x: 1)
   monkeypatch.setattr(convmm._autodiff, "unknown_split", lambda x: 1)
   nsp = len(x_shape) - 2
@@ -482,7 +484,7 @@ def test_tiled_kernel_gradient_walks_the_input_gradients_tiles(
   ]
   assert len(kernel_dots) == 1
   lhs, rhs = (v.aval.shape for v in kernel_dots[0].invars)
-  if dtype == jnp.float32:  # an x tile and its cotangent patches (N', *tile, T, O)
+  if c >= 128:  # an x tile and its cotangent patches (N', *tile, T, O)
     assert lhs[-1] == c and lhs != x.shape
     assert rhs == (*lhs[:-1], t, o)
   else:
