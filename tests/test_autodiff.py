@@ -319,6 +319,39 @@ def test_kernel_gradient_gemm_takes_the_cotangent_first():
   assert lax.conv_general_dilated_p not in {e.primitive for e in jaxpr.jaxpr.eqns}
 
 
+def unit_stride_case(x_shape, w_shape, padding, dilation, dtype, seed):
+  """Channels-last unit-stride conv arguments, a generator, and random ``x`` and ``w``."""
+  nsp = len(x_shape) - 2
+  kw = dict(
+    window_strides=(1,) * nsp,
+    padding=padding,
+    rhs_dilation=(dilation,) * nsp,
+    dimension_numbers=channels_last(nsp),
+  )
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal(x_shape), dtype)
+  return kw, rng, x, jnp.asarray(rng.standard_normal(w_shape), dtype)
+
+
+def all_eqns(jaxpr):
+  """Every equation of ``jaxpr``, the bodies of its loops and calls included."""
+  for e in jaxpr.eqns:
+    yield e
+    for sub in jax.extend.core.jaxprs_in_params(e.params):
+      yield from all_eqns(sub)
+
+
+def assert_vjp_matches_lax(got, x, w, ct, kw, reduction):
+  """``got`` (the input and kernel gradients) against lax's in float32 at HIGHEST."""
+  f32 = [a.astype(jnp.float32) for a in (x, w, ct)]
+  _, vjp_ref = jax.vjp(
+    lambda x, w: lax.conv_general_dilated(x, w, **kw, precision=lax.Precision.HIGHEST), *f32[:2]
+  )
+  for a, b in zip(got, vjp_ref(f32[2])):
+    assert a.dtype == x.dtype
+    assert_close(a, b, dtype=x.dtype, grad=True, reduction=reduction)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize(
   "x_shape, w_shape, strides, padding, budget",
@@ -352,28 +385,15 @@ def test_kernel_gradient_layout_follows_the_forward(
   pull = lambda x, w, ct: jax.vjp(f, x, w)[1](ct)
   t, c, o = math.prod(w_shape[:-2]), w_shape[-2], w_shape[-1]
 
-  def eqns(jaxpr):  # every equation, the tile loops' bodies included
-    for e in jaxpr.eqns:
-      yield e
-      for sub in jax.extend.core.jaxprs_in_params(e.params):
-        yield from eqns(sub)
-
   kernel_dots = [
     e
-    for e in eqns(jax.make_jaxpr(pull)(x, w, ct).jaxpr)
+    for e in all_eqns(jax.make_jaxpr(pull)(x, w, ct).jaxpr)
     if e.primitive.name == "dot_general" and e.outvars[0].aval.shape == (t, c, o)
   ]
   assert len(kernel_dots) == (budget is not None)
   if budget is not None:
     assert kernel_dots[0].invars[0].aval.shape[:2] == (t, c)  # the patches, taps first
-  got = jax.jit(pull)(x, w, ct)
-  f32 = [a.astype(jnp.float32) for a in (x, w, ct)]
-  _, vjp_ref = jax.vjp(
-    lambda x, w: lax.conv_general_dilated(x, w, **kw, precision=lax.Precision.HIGHEST), *f32[:2]
-  )
-  for a, b in zip(got, vjp_ref(f32[2])):
-    assert a.dtype == dtype
-    assert_close(a, b, dtype=dtype, grad=True, reduction=t * c)
+  assert_vjp_matches_lax(jax.jit(pull)(x, w, ct), x, w, ct, kw, reduction=t * c)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -397,16 +417,7 @@ def test_kernel_gradient_shares_the_input_gradients_cotangent_patches(
   # forward's patches are not kept for the backward pass). The "reversed-taps"
   # case is a deep layer, whose input gradient reverses the patches' taps.
   monkeypatch.setattr(convmm._tiling, "unknown_split", lambda x: 1)
-  nsp = len(x_shape) - 2
-  kw = dict(
-    window_strides=(1,) * nsp,
-    padding=padding,
-    rhs_dilation=(dilation,) * nsp,
-    dimension_numbers=channels_last(nsp),
-  )
-  rng = np.random.default_rng(41)
-  x = jnp.asarray(rng.standard_normal(x_shape), dtype)
-  w = jnp.asarray(rng.standard_normal(w_shape), dtype)
+  kw, rng, x, w = unit_stride_case(x_shape, w_shape, padding, dilation, dtype, seed=41)
   f = lambda x, w: convmm.conv_general_dilated(x, w, **kw)
   ct = jnp.asarray(rng.standard_normal(jax.eval_shape(f, x, w).shape), dtype)
   both = lambda x, w, ct: jax.vjp(f, x, w)[1](ct)
@@ -456,30 +467,15 @@ def test_tiled_kernel_gradient_walks_the_input_gradients_tiles(
   # fewer features keep.
   monkeypatch.setattr(convmm._tiling, "unknown_split", lambda x: 1)
   monkeypatch.setattr(convmm._autodiff, "unknown_split", lambda x: 1)
-  nsp = len(x_shape) - 2
-  kw = dict(
-    window_strides=(1,) * nsp,
-    padding=padding,
-    rhs_dilation=(dilation,) * nsp,
-    dimension_numbers=channels_last(nsp),
-  )
-  rng = np.random.default_rng(43)
-  x = jnp.asarray(rng.standard_normal(x_shape), dtype)
-  w = jnp.asarray(rng.standard_normal(w_shape), dtype)
+  kw, rng, x, w = unit_stride_case(x_shape, w_shape, padding, dilation, dtype, seed=43)
   f = lambda x, w: convmm.conv_general_dilated(x, w, **kw, memory_budget=budget)
   ct = jnp.asarray(rng.standard_normal(jax.eval_shape(f, x, w).shape), dtype)
   pull = lambda x, w, ct: jax.vjp(f, x, w)[1](ct)
   t, c, o = math.prod(w_shape[:-2]), w_shape[-2], w_shape[-1]
 
-  def eqns(jaxpr):  # every equation, the tile loops' bodies included
-    for e in jaxpr.eqns:
-      yield e
-      for sub in jax.extend.core.jaxprs_in_params(e.params):
-        yield from eqns(sub)
-
   kernel_dots = [
     e
-    for e in eqns(jax.make_jaxpr(pull)(x, w, ct).jaxpr)
+    for e in all_eqns(jax.make_jaxpr(pull)(x, w, ct).jaxpr)
     if e.primitive.name == "dot_general" and e.outvars[0].aval.shape in ((c, t, o), (t, c, o))
   ]
   assert len(kernel_dots) == 1
@@ -489,14 +485,7 @@ def test_tiled_kernel_gradient_walks_the_input_gradients_tiles(
     assert rhs == (*lhs[:-1], t, o)
   else:
     assert lhs[:2] == (t, c)  # the input's patches, taps first
-  got = jax.jit(pull)(x, w, ct)
-  f32 = [a.astype(jnp.float32) for a in (x, w, ct)]
-  _, vjp_ref = jax.vjp(
-    lambda x, w: lax.conv_general_dilated(x, w, **kw, precision=lax.Precision.HIGHEST), *f32[:2]
-  )
-  for a, b in zip(got, vjp_ref(f32[2])):
-    assert a.dtype == dtype
-    assert_close(a, b, dtype=dtype, grad=True, reduction=t * c)
+  assert_vjp_matches_lax(jax.jit(pull)(x, w, ct), x, w, ct, kw, reduction=t * c)
 
 
 def four_layer_step_temp_bytes(conv, x, w, normalize=False, **kw):
