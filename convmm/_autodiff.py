@@ -263,8 +263,8 @@ def _cotangent_patches_plan(
   be the forward's (which XLA then keeps from the forward pass to the backward)
   or rebuilt, and the scheduler builds them as soon as the input exists, in the
   forward pass too. Tiled (see :func:`_rhs_rule` for when), the kernel gradient
-  walks the input gradient's tiles, same plan, so their patch tiles compile to
-  the same kernels: each tile's ``x`` against that tile's cotangent patches,
+  walks the input gradient's tiles (same plan, so both loops unfold the same
+  tiles of the cotangent): each tile's ``x`` against that tile's cotangent patches,
   instead of the input's patches built transposed for the GEMM (an
   8x28x28x128 3x3 layer's: 3.2 ms to unfold against 0.75 for the cotangent's).
   None for strides, input dilation, groups, 1x1 kernels (whose patches are the
@@ -371,9 +371,10 @@ def _rhs_rule(ct, x, w, **params):
     # Untiled, the input gradient's patches serve both. Tiled, the cotangent's
     # tiles replace the input's transposed tiles where those are tiled too and
     # the GEMM x^T @ patches has rows enough (C >= 128): an 8x28x28x128 3x3
-    # layer's input and kernel gradients in 0.90x the time in float32, 0.95x in
-    # bfloat16; with 64 features the kernel gradient was slower (8x28x28x64 in
-    # bfloat16: 4.75 ms against 3.29; 2x8x28x28x64 3x3x3 in float32: 1.08x).
+    # layer's input and kernel gradients in 0.90-0.94x the time in float32,
+    # 0.97-0.99x in bfloat16; with 64 features the kernel gradient was slower
+    # (8x28x28x64 in bfloat16: 4.75 ms against 3.29; 2x8x28x28x64 3x3x3 in
+    # float32: 1.08x).
     if t_plan.is_whole(len(ct)) or (
       plan is not None and not plan.is_whole(len(x)) and x.shape[-1] >= _MIN_GEMM_ROWS
     ):
