@@ -918,7 +918,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_isolated(name: str, dtype_name: str, args) -> dict[str, Any]:
-  """:func:`run_model` in a fresh process (this script with ``--same-process``), its result."""
+  """:func:`run_model` in a fresh process (this script, ``--child --no-isolate``); its result."""
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "result.json")
     command = [sys.executable, os.path.abspath(__file__), "--child", "--no-isolate", "--json", path]

@@ -247,14 +247,14 @@ def _input_grad_conv(ct, w, spec, params):
 
 
 # A tiled kernel gradient uses the cotangent's patches only with this many input
-# features at least: the rows of its GEMM x^T @ patches (see _rhs_rule).
+# features at least: the rows of its GEMM x^T @ patches (see _cotangent_patches_plan).
 _MIN_GEMM_ROWS = 128
 
 
 def _cotangent_patches_plan(
-  spec: ConvSpec, ct: jax.Array, params
+  spec: ConvSpec, ct: jax.Array, x_plan: TilePlan | None, params
 ) -> tuple[ConvSpec, TilePlan] | None:
-  """The input gradient's spec and tiling when the kernel gradient can use its cotangent patches.
+  """The input gradient's spec and tiling when the kernel gradient uses its cotangent patches.
 
   For a unit-stride convolution without groups, the kernel gradient is
   ``x^T @`` the input gradient's own patches of the cotangent
@@ -262,14 +262,22 @@ def _cotangent_patches_plan(
   for both, in the backward pass. The alternative, patches of the input, would
   be the forward's (which XLA then keeps from the forward pass to the backward)
   or rebuilt, and the scheduler builds them as soon as the input exists, in the
-  forward pass too. Tiled (see :func:`_rhs_rule` for when), the kernel gradient
-  walks the input gradient's tiles (same plan, so both loops unfold the same
-  tiles of the cotangent): each tile's ``x`` against that tile's cotangent patches,
-  instead of the input's patches built transposed for the GEMM (an
-  8x28x28x128 3x3 layer's: 3.2 ms to unfold against 0.75 for the cotangent's).
+  forward pass too.
+
+  Tiled, the kernel gradient walks the input gradient's tiles (same plan, so
+  both loops unfold the same tiles of the cotangent), each tile's ``x`` against
+  that tile's cotangent patches, where the kernel gradient's own plan
+  ``x_plan`` is tiled too and the GEMM has rows enough (``C >= 128``): it
+  replaces the input's patches built transposed for the GEMM (an 8x28x28x128
+  3x3 layer's: 3.2 ms to unfold against 0.75 for the cotangent's; its input
+  and kernel gradients in 0.90-0.94x the time in float32, 0.97-0.99x in
+  bfloat16). With 64 features the kernel gradient was slower (8x28x28x64 in
+  bfloat16: 4.75 ms against 3.29; 2x8x28x28x64 3x3x3 in float32: 1.08x).
+
   None for strides, input dilation, groups, 1x1 kernels (whose patches are the
-  input itself) and where the patches of the cotangent would be larger than the
-  input's (more output features than input ones).
+  input itself), where the patches of the cotangent would be larger than the
+  input's (more output features than input ones), and for tilings other than
+  the above.
   """
   g = spec.geometry
   if (
@@ -283,7 +291,12 @@ def _cotangent_patches_plan(
     return None
   t_spec = _input_grad_spec(spec, ct.shape, (*g.filter_shape, g.in_features, spec.out_features))
   itemsize = jnp.dtype(_input_grad_dtype(spec, ct.dtype)).itemsize
-  return t_spec, plan_for(t_spec, ct, params["memory_budget"], FORWARD_PATCH_COPIES, itemsize)
+  t_plan = plan_for(t_spec, ct, params["memory_budget"], FORWARD_PATCH_COPIES, itemsize)
+  if t_plan.is_whole(len(ct)) or (
+    x_plan is not None and not x_plan.is_whole(g.batch) and g.in_features >= _MIN_GEMM_ROWS
+  ):
+    return t_spec, t_plan
+  return None
 
 
 def _wider_grad_blocks(spec: ConvSpec, ct: jax.Array, w: jax.Array, params) -> tuple[int, ...]:
@@ -366,28 +379,18 @@ def _rhs_rule(ct, x, w, **params):
   # Tiles like the forward's (output rows, then batch chunks), summed; a tile is
   # costed at two patch matrices (channels-last patches need a GEMM operand copy).
   plan = plan_for(spec, x, budget, 2, ct.dtype.itemsize) if unit_dilation else None
-  if (ct_patches := _cotangent_patches_plan(spec, ct, params)) is not None:
+  if (ct_patches := _cotangent_patches_plan(spec, ct, plan, params)) is not None:
     t_spec, t_plan = ct_patches
-    # Untiled, the input gradient's patches serve both. Tiled, the cotangent's
-    # tiles replace the input's transposed tiles where those are tiled too and
-    # the GEMM x^T @ patches has rows enough (C >= 128): an 8x28x28x128 3x3
-    # layer's input and kernel gradients in 0.90-0.94x the time in float32,
-    # 0.97-0.99x in bfloat16; with 64 features the kernel gradient was slower
-    # (8x28x28x64 in bfloat16: 4.75 ms against 3.29; 2x8x28x28x64 3x3x3 in
-    # float32: 1.08x).
-    if t_plan.is_whole(len(ct)) or (
-      plan is not None and not plan.is_whole(len(x)) and x.shape[-1] >= _MIN_GEMM_ROWS
-    ):
-      grad_ct = functools.partial(
-        kernel_grad_from_cotangent_patches,
-        spec=spec,
-        reverse_taps=_reversed_taps(spec),
-        precision=precision,
-        acc_dtype=acc_dtype,
-      )
-      # The input gradient's tiles: ct is their input, x has their output's shape.
-      dw = tiled(lambda c, xt, s: grad_ct(xt, c, t_spec=s), ct, t_spec, t_plan, cotangent=x)
-      return dw.astype(w_aval.dtype)
+    grad_ct = functools.partial(
+      kernel_grad_from_cotangent_patches,
+      spec=spec,
+      reverse_taps=_reversed_taps(spec),
+      precision=precision,
+      acc_dtype=acc_dtype,
+    )
+    # The input gradient's tiles: ct is their input, x has their output's shape.
+    dw = tiled(lambda c, xt, s: grad_ct(xt, c, t_spec=s), ct, t_spec, t_plan, cotangent=x)
+    return dw.astype(w_aval.dtype)
   # Where neither this gradient nor the forward is tiled, both build the same
   # patches, which XLA computes once: the gradient keeps their layout. Elsewhere
   # it builds its own transposed, which spares the GEMM's operand transposes
