@@ -21,7 +21,7 @@ from jax import lax
 from suite import Layer
 
 import convmm
-from convmm._canonical import conv_transpose_padding, dilate_dim
+from convmm._rules.canonical import conv_transpose_padding, dilate_dim
 
 # PyTorch's OpenMP threads otherwise busy-wait after each call: in the interleaved loop they
 # steal the cores from the next (JAX) call, and on a shared machine every barrier stalls

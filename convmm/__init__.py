@@ -11,11 +11,11 @@ import jax
 
 from convmm._adjoint import conv_adjoint as conv_adjoint
 from convmm._adjoint import conv_transpose as conv_transpose
-from convmm._budget import memory_budget as memory_budget
-from convmm._budget import set_memory_budget as set_memory_budget
 from convmm._conv import conv_general_dilated as conv_general_dilated
-from convmm._im2col import col2im as col2im
-from convmm._im2col import im2col as im2col
+from convmm._engine.budget import memory_budget as memory_budget
+from convmm._engine.budget import set_memory_budget as set_memory_budget
+from convmm._engine.im2col import col2im as col2im
+from convmm._engine.im2col import im2col as im2col
 from convmm._local import conv_general_dilated_local as conv_general_dilated_local
 from convmm._matrix import conv_matrix as conv_matrix
 from convmm._signal import convolve as convolve

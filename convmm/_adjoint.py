@@ -21,15 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from convmm._canonical import (
+from convmm._conv import check_method, choose_method, conv_with_spec
+from convmm._rules.canonical import (
   canonical_ints,
   canonical_padding,
   conv_transpose_padding,
   dilate_dim,
 )
-from convmm._conv import check_method, choose_method, conv_with_spec
-from convmm._dimension_numbers import ConvDimensionNumbers, canonical_dimension_numbers
-from convmm._shapes import (
+from convmm._rules.dimension_numbers import ConvDimensionNumbers, canonical_dimension_numbers
+from convmm._rules.shapes import (
   ConvSpec,
   check_dtypes,
   conv_spec,

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from convmm import _autodiff, _sharding
-from convmm._budget import current_memory_budget
-from convmm._canonical import positive_count
-from convmm._im2col import (
+from convmm._engine import autodiff as _autodiff
+from convmm._engine import sharding as _sharding
+from convmm._engine.budget import current_memory_budget
+from convmm._engine.im2col import (
   feature_groups_first,
   from_channels_last,
   pad_input,
@@ -24,9 +24,10 @@ from convmm._im2col import (
   tap_slice,
   to_channels_last,
 )
-from convmm._phases import phase_conv
-from convmm._shapes import ConvSpec, accumulator_dtype, check_dtypes, conv_spec, shape_of
-from convmm._tiling import tile_conv
+from convmm._engine.phases import phase_conv
+from convmm._engine.tiling import tile_conv
+from convmm._rules.canonical import positive_count
+from convmm._rules.shapes import ConvSpec, accumulator_dtype, check_dtypes, conv_spec, shape_of
 
 
 def kernel_taps_last(rhs: jax.Array, spec: ConvSpec) -> jax.Array:

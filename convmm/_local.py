@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from convmm._im2col import _im2col, _patches_geometry, from_channels_last, to_channels_last
-from convmm._shapes import layout_shape, shape_of
+from convmm._engine.im2col import _im2col, _patches_geometry, from_channels_last, to_channels_last
+from convmm._rules.shapes import layout_shape, shape_of
 
 
 def _check_precision(fn: str, precision: lax.PrecisionLike) -> None:

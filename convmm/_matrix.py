@@ -25,10 +25,10 @@ import numpy as np
 from jax import lax
 from jax.experimental import sparse as jsparse
 
-from convmm._canonical import positive_count
 from convmm._conv import kernel_taps_last
-from convmm._im2col import patches_channels_last, to_channels_last
-from convmm._shapes import ConvSpec, operator_spec
+from convmm._engine.im2col import patches_channels_last, to_channels_last
+from convmm._rules.canonical import positive_count
+from convmm._rules.shapes import ConvSpec, operator_spec
 
 DEFAULT_MAX_ELEMENTS = 2**26
 _INDEX_LIMIT = np.iinfo(np.int32).max - 1

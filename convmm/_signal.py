@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from convmm._conv import conv_general_dilated
-from convmm._shapes import shape_of
+from convmm._rules.shapes import shape_of
 
 MODES = ("full", "same", "valid")
 

@@ -22,9 +22,9 @@ import numpy as np
 from jax import lax
 
 from convmm._adjoint import conv_adjoint
-from convmm._canonical import canonical_ints, positive_count
 from convmm._conv import conv_general_dilated
-from convmm._shapes import operator_spec, shape_of
+from convmm._rules.canonical import canonical_ints, positive_count
+from convmm._rules.shapes import operator_spec, shape_of
 
 DEFAULT_NUM_ITERS = 64
 _HIGHEST = lax.Precision.HIGHEST

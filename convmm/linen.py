@@ -9,8 +9,8 @@ and values for the same key), so a model swaps ``nn.Conv`` for
 the ``Conv`` with the same hyperparameters (PyTorch's ``ConvTranspose``).
 
 The layers hold parameters only; padding, shapes and checks live in
-``convmm._layer_geometry`` (shared with :mod:`convmm.nnx`), the computation in
-``convmm._layer_ops`` and the convmm core (im2col + GEMM). Importing this
+``convmm._layers.geometry`` (shared with :mod:`convmm.nnx`), the computation in
+``convmm._layers.ops`` and the convmm core (im2col + GEMM). Importing this
 module requires flax.
 
 Example:
@@ -33,8 +33,8 @@ from flax import linen as nn
 from flax.linen.dtypes import promote_dtype as default_promote_dtype
 from flax.typing import Array, Dtype, Initializer, PaddingLike, PrecisionLike
 
-from convmm import _layer_geometry as geometry_rules
-from convmm import _layer_ops
+from convmm._layers import geometry as geometry_rules
+from convmm._layers import ops as _layer_ops
 
 default_kernel_init = nn.initializers.lecun_normal()
 default_bias_init = nn.initializers.zeros_init()

@@ -31,10 +31,10 @@ from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype as default_promote_dtype
 from flax.typing import Dtype, Initializer, PaddingLike, PrecisionLike
 
-from convmm import _layer_geometry as geometry_rules
-from convmm import _layer_ops
-from convmm import conv_general_dilated as default_conv_general_dilated
-from convmm._nnx_layer import Layer as _Layer
+from convmm._conv import conv_general_dilated as default_conv_general_dilated
+from convmm._layers import geometry as geometry_rules
+from convmm._layers import ops as _layer_ops
+from convmm._layers.nnx_layer import Layer as _Layer
 
 Array = jax.Array
 default_kernel_init = nnx.initializers.lecun_normal()

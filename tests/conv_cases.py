@@ -16,7 +16,7 @@ import numpy as np
 from jax import lax
 
 import convmm
-from convmm._shapes import layout_shape as layout
+from convmm._rules.shapes import layout_shape as layout
 
 HIGHEST = lax.Precision.HIGHEST
 

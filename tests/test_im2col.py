@@ -17,7 +17,7 @@ from jax import lax
 from tolerances import assert_close
 
 import convmm
-from convmm._shapes import layout_shape as layout
+from convmm._rules.shapes import layout_shape as layout
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -309,7 +309,7 @@ def test_wide_windows_unfold_in_two_stages_exactly(filter_shape, strides, rhs_di
   # Over 8 taps, a dimension is unfolded as (a, b) sub-taps (XLA's CPU backend fuses
   # at most 8 concatenated slices); the patches, the convolution and its gradients
   # must be unchanged (against lax's patches bit for bit, and lax at HIGHEST).
-  from convmm._im2col import tap_split
+  from convmm._engine.im2col import tap_split
 
   assert [tap_split(k) for k in (8, 9, 10, 11, 12, 16, 67)] == [
     None,
@@ -364,8 +364,8 @@ def test_taps_first_patches_are_lax_patches_transposed(
   # patches (N, *out, C * T with the channel major), bit for bit.
   from conv_cases import channels_last
 
-  from convmm._im2col import patches_taps_first
-  from convmm._shapes import conv_spec
+  from convmm._engine.im2col import patches_taps_first
+  from convmm._rules.shapes import conv_spec
 
   dn = channels_last(len(lhs) - 2)
   x = jnp.asarray(np.random.default_rng(3).standard_normal(lhs), dtype)

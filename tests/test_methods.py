@@ -12,8 +12,8 @@ from jax import lax
 from tolerances import assert_close
 
 import convmm
-import convmm._autodiff
-import convmm._tiling
+import convmm._engine.autodiff
+import convmm._engine.tiling
 
 HIGHEST = lax.Precision.HIGHEST
 DN = ("NHWC", "HWIO", "NHWC")
@@ -157,10 +157,10 @@ def test_large_layer_temp_memory_stays_within_budget(monkeypatch):
   # Issue target: a 32x112x112x64 input with a 3x3 kernel (a ~900 MiB patch matrix
   # if built whole) compiles to <= 160 MiB of temporaries for the forward, and a
   # training step to <= lax's temporaries + 160 MiB. Compiled only, never run.
-  # On one device: with several (an Auto mesh), the spatial blocks (convmm._blocks)
+  # On one device: with several (an Auto mesh), the spatial blocks (convmm._engine.blocks)
   # add one padded copy of the input (forward: 240 MiB).
-  monkeypatch.setattr(convmm._tiling, "unknown_split", lambda x: 1)
-  monkeypatch.setattr(convmm._autodiff, "unknown_split", lambda x: 1)
+  monkeypatch.setattr(convmm._engine.tiling, "unknown_split", lambda x: 1)
+  monkeypatch.setattr(convmm._engine.autodiff, "unknown_split", lambda x: 1)
   x = jax.ShapeDtypeStruct((32, 112, 112, 64), jnp.float32)
   w = jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32)
 

@@ -512,7 +512,7 @@ def test_conv_replicate_padding_matches_torch():
 def test_layers_validate_once_at_construction(name, monkeypatch):
   # Equinox style: __init__ validates and keeps the canonical geometry; __call__ only
   # computes, so no geometry builder runs again.
-  from convmm import _layer_geometry
+  from convmm._layers import geometry as _layer_geometry
 
   extra = dict(input_spatial_shape=X2D[1:3]) if name == "ConvLocal" else {}
   layer = getattr(cnnx, name)(4, 5, (3, 3), padding="VALID", **extra, rngs=nnx.Rngs(0))

@@ -49,7 +49,7 @@ def test_output_sharding_equals_lax(results):
 
 def test_tiled_sharded_inputs_are_not_gathered(results):
   # Batch-, row- and column-sharded inputs tiled by a 4 KiB budget on Auto meshes
-  # (spatial blocks, convmm._blocks) and Explicit ones: no all-gather, as in lax.
+  # (spatial blocks, convmm._engine.blocks) and Explicit ones: no all-gather, as in lax.
   rows = [row for row in results["output_sharding"] if row["tiled"]]
   assert {(row["axis_type"], row["spec"]) for row in rows} == {
     (t, s) for t in ["Auto", "Explicit"] for s in ["P('x',)", "P(None, 'x')", "P(None, None, 'x')"]

@@ -9,12 +9,12 @@ from jax import lax
 from tolerances import assert_close
 
 import convmm
-import convmm._autodiff
-import convmm._tiling
-from convmm._blocks import spatial_blocks
-from convmm._budget import current_memory_budget
-from convmm._shapes import conv_spec
-from convmm._tiling import tile_cost, tile_plan
+import convmm._engine.autodiff
+import convmm._engine.tiling
+from convmm._engine.blocks import spatial_blocks
+from convmm._engine.budget import current_memory_budget
+from convmm._engine.tiling import tile_cost, tile_plan
+from convmm._rules.shapes import conv_spec
 
 HIGHEST = lax.Precision.HIGHEST
 DN = ("NHWC", "HWIO", "NHWC")
@@ -192,10 +192,10 @@ def test_layers_pick_up_a_new_budget():
   ids=["rows", "rows-columns", "strided-asymmetric", "1d", "valid", "columns"],
 )
 def test_spatial_blocks_match_lax(monkeypatch, x_shape, w_shape, strides, padding, budget):
-  # The blocked tile layout used on Auto meshes with several devices (convmm._blocks),
+  # The blocked tile layout used on Auto meshes with several devices (convmm._engine.blocks),
   # forced here on one device with 4 blocks per tiled dimension.
-  monkeypatch.setattr(convmm._tiling, "unknown_split", lambda x: 4)
-  monkeypatch.setattr(convmm._autodiff, "unknown_split", lambda x: 4)
+  monkeypatch.setattr(convmm._engine.tiling, "unknown_split", lambda x: 4)
+  monkeypatch.setattr(convmm._engine.autodiff, "unknown_split", lambda x: 4)
   nsp = len(x_shape) - 2
   dn = DN if nsp == 2 else ("NWC", "WIO", "NWC")
   spec = conv_spec("t", x_shape, w_shape, strides, padding, None, None, dn, 1, 1)

@@ -25,7 +25,7 @@ from jax._src import test_util as jtu
 from jax._src.lax import convolution as lax_convolution
 
 import convmm
-from convmm import _sharding as convmm_sharding
+from convmm._engine import sharding as convmm_sharding
 
 XLA_CONV = lax_convolution.conv_general_dilated_p
 

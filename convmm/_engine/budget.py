@@ -1,4 +1,4 @@
-"""The memory budget: bytes one tile of a convolution may hold (see :mod:`convmm._tiling`)."""
+"""The memory budget: bytes a tile of a convolution may hold (see :mod:`convmm._engine.tiling`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 
-from convmm._canonical import positive_count
+from convmm._rules.canonical import positive_count
 
 # A tile's working set larger than this is never materialised whole. On CPU the
 # budget is also a speed setting: XLA temporaries above glibc's 32 MiB mmap

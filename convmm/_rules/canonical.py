@@ -1,6 +1,6 @@
 """The one place that turns user arguments into canonical tuples.
 
-(``dimension_numbers`` are read by :mod:`convmm._dimension_numbers`.)
+(``dimension_numbers`` are read by :mod:`convmm._rules.dimension_numbers`.)
 
 Every public function of convmm calls :func:`conv_geometry` first. It validates
 the arguments (raising ``ValueError``/``TypeError`` that name the function, the
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from jax import lax
 
-from convmm._dimension_numbers import ConvDimensionNumbers, canonical_dimension_numbers
+from convmm._rules.dimension_numbers import ConvDimensionNumbers, canonical_dimension_numbers
 
 PADDING_STRINGS = ("SAME", "SAME_LOWER", "VALID")
 
@@ -103,7 +103,7 @@ def conv_transpose_padding(
   pair), as ``jax/_src/lax/convolution.py::_conv_transpose_padding`` computes it.
 
   Example:
-    >>> from convmm._canonical import conv_transpose_padding
+    >>> from convmm._rules.canonical import conv_transpose_padding
     >>> conv_transpose_padding(3, 2, 'SAME'), conv_transpose_padding(3, 2, (1, 1))
     ((2, 1), (1, 1))
   """

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from convmm._shapes import ConvSpec
+from convmm._rules.shapes import ConvSpec
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convmm._canonical import ConvGeometry, canonical_shape, conv_geometry, positive_count
+from convmm._rules.canonical import ConvGeometry, canonical_shape, conv_geometry, positive_count
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,11 +48,10 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from convmm import _blocks
-from convmm._budget import budget_or_current
-from convmm._canonical import ConvDimensionNumbers, dilate_dim
-from convmm._chunks import map_batch_chunks
-from convmm._gradients import (
+from convmm._engine import blocks as _blocks
+from convmm._engine.budget import budget_or_current
+from convmm._engine.chunks import map_batch_chunks
+from convmm._engine.gradients import (
   depthwise_kernel_grad,
   grad_batch_chunk,
   input_grad_col2im,
@@ -61,9 +60,17 @@ from convmm._gradients import (
   kernel_grad_from_cotangent_patches,
   split_axis,
 )
-from convmm._shapes import ConvSpec, accumulator_dtype, conv_spec
-from convmm._sharding import conv_out_sharding, unknown_split
-from convmm._tiling import FORWARD_PATCH_COPIES, TilePlan, plan_for, tile_conv, tile_cost, tiled
+from convmm._engine.sharding import conv_out_sharding, unknown_split
+from convmm._engine.tiling import (
+  FORWARD_PATCH_COPIES,
+  TilePlan,
+  plan_for,
+  tile_conv,
+  tile_cost,
+  tiled,
+)
+from convmm._rules.canonical import ConvDimensionNumbers, dilate_dim
+from convmm._rules.shapes import ConvSpec, accumulator_dtype, conv_spec
 
 
 def channels_last_dimension_numbers(num_spatial: int) -> ConvDimensionNumbers:
@@ -303,9 +310,9 @@ def _wider_grad_blocks(spec: ConvSpec, ct: jax.Array, w: jax.Array, params) -> t
   """Blocks of the forward when its input gradient would be tiled but cannot be blocked.
 
   A unit-stride conv padded by less than ``k_eff - 1`` (e.g. ``VALID``) has an
-  input gradient with more outputs than inputs, which :mod:`convmm._blocks` does
+  input gradient with more outputs than inputs, which :mod:`convmm._engine.blocks` does
   not cut into blocks; with several devices (an Auto mesh) it is computed per
-  block of the forward instead (:func:`convmm._blocks.input_grad`). () otherwise,
+  block of the forward instead (:func:`convmm._engine.blocks.input_grad`). () otherwise,
   and for a depthwise conv, whose input gradient is never tiled.
   """
   devices = unknown_split(ct)

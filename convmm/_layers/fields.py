@@ -2,9 +2,9 @@
 
 Flax's conventions (an int for a 1-D kernel, ``maybe_broadcast`` of strides
 and dilations, ``canonicalize_padding``), with ints and pairs read by the
-core's rules (:mod:`convmm._canonical`) and errors naming the layer.
+core's rules (:mod:`convmm._rules.canonical`) and errors naming the layer.
 Padding modes that lax has no name for ('CIRCULAR', 'REFLECT', 'REPLICATE',
-'CAUSAL') are kept as upper-case strings; :mod:`convmm._layer_geometry`
+'CAUSAL') are kept as upper-case strings; :mod:`convmm._layers.geometry`
 applies them with ``jnp.pad``.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from convmm._canonical import as_int, canonical_ints, int_pair, padding_mode
+from convmm._rules.canonical import as_int, canonical_ints, int_pair, padding_mode
 
 CONV_PADDINGS = ("SAME", "SAME_LOWER", "VALID", "CIRCULAR", "REFLECT", "REPLICATE", "CAUSAL")
 TRANSPOSE_PADDINGS = ("SAME", "SAME_LOWER", "VALID", "CIRCULAR")

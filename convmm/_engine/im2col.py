@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from convmm._canonical import ConvGeometry, canonical_shape, conv_geometry
-from convmm._shapes import layout_shape, preferred_dtype, shape_of
+from convmm._rules.canonical import ConvGeometry, canonical_shape, conv_geometry
+from convmm._rules.shapes import layout_shape, preferred_dtype, shape_of
 
 
 def to_channels_last(x: jax.Array, spec: Sequence[int]) -> jax.Array:

@@ -1,4 +1,4 @@
-"""The tiling of a convolution that exceeds the memory budget (see :mod:`convmm._budget`).
+"""The tiling of a convolution that exceeds the memory budget (see :mod:`convmm._engine.budget`).
 
 A convolution whose working set (patch matrices and their companions, see
 :func:`tile_cost`) exceeds the budget is computed tile by tile: one
@@ -15,7 +15,7 @@ take every ``nb``-th sample (``x.reshape(b, nb, ...)``) so that a batch
 sharded over devices stays sharded inside every tile. With several devices and
 no explicit sharding to read (Auto meshes), the split spatial dimensions are
 first cut into contiguous blocks that line up with the devices, so that a
-spatially sharded input stays sharded too (:mod:`convmm._blocks`).
+spatially sharded input stays sharded too (:mod:`convmm._engine.blocks`).
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from convmm import _blocks
-from convmm._budget import budget_or_current
-from convmm._im2col import tap_split
-from convmm._shapes import ConvSpec
-from convmm._sharding import explicit_spec, sharding_of, unknown_split
+from convmm._engine import blocks as _blocks
+from convmm._engine.budget import budget_or_current
+from convmm._engine.im2col import tap_split
+from convmm._engine.sharding import explicit_spec, sharding_of, unknown_split
+from convmm._rules.shapes import ConvSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,7 @@ class TilePlan:
   """``batch`` samples (of ``n``) by ``tile_out`` output positions per tile.
 
   A dimension with ``blocks[d]`` > 1 is cut into that many contiguous blocks
-  (see :mod:`convmm._blocks`); ``tile_out[d]`` and ``counts[d]`` are then per
+  (see :mod:`convmm._engine.blocks`); ``tile_out[d]`` and ``counts[d]`` are then per
   block, and a tile covers all blocks at once.
   """
 
@@ -119,7 +119,7 @@ def tile_plan(
   a split over a divisor of ``devices``.
   Spatial dimensions in ``sharded_spatial`` are never split. Tile sizes need not
   divide the output: tiles are balanced, the last one padded. With several
-  ``devices``, split dimensions are cut into :func:`convmm._blocks.spatial_blocks`
+  ``devices``, split dimensions are cut into :func:`convmm._engine.blocks.spatial_blocks`
   first, the blocks counted as samples of the tile.
   """
   g = spec.geometry
@@ -217,9 +217,9 @@ def tiled(
   at the edge (recomputing a few outputs) instead of padding a remainder. Each
   step's convolution is rematerialised in the backward pass, so neither the
   forward nor autodiff keeps more than one tile's patches alive. Needs
-  ``lhs_dilation`` of 1 (see :mod:`convmm._phases`).
+  ``lhs_dilation`` of 1 (see :mod:`convmm._engine.phases`).
 
-  With spatial blocks (``plan.blocks``, see :mod:`convmm._blocks`), the input
+  With spatial blocks (``plan.blocks``, see :mod:`convmm._engine.blocks`), the input
   is built once as ``(N, blocks, window, ...)`` along each blocked dimension
   (each block's padded window, halo included); a step cuts the same positions
   out of every block (only the within-block axes are sliced) and ``compute``

@@ -1,7 +1,7 @@
 """Batch chunks: a batch split into chunks of every ``num``-th sample, one ``lax.scan`` step each.
 
 Used where only the batch is split (strided input gradients, kernel gradients
-of input-dilated convolutions); :func:`convmm._tiling.tiled` chunks the batch
+of input-dilated convolutions); :func:`convmm._engine.tiling.tiled` chunks the batch
 the same way inside its tiles. The chunk index is the minor part of the batch
 axis, so a batch sharded over devices stays sharded inside every chunk.
 """
@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from convmm._shapes import ConvSpec
-from convmm._sharding import explicit_spec
+from convmm._engine.sharding import explicit_spec
+from convmm._rules.shapes import ConvSpec
 
 
 def batch_chunk(n: int, limit: int, batch_shards: int = 1) -> int:

@@ -1,6 +1,6 @@
 """Spatial blocks: a tiled layout that keeps spatially sharded axes sharded.
 
-A tile loop (:func:`convmm._tiling.tiled`) that cuts its windows out of an
+A tile loop (:func:`convmm._engine.tiling.tiled`) that cuts its windows out of an
 axis sharded over devices with ``lax.dynamic_slice`` makes XLA's SPMD
 partitioner gather that axis on every device. On explicit mesh axes the tile
 planner sees the sharding and does not split such an axis; on an Auto mesh a
@@ -11,7 +11,7 @@ tile, so it stays sharded wherever the input was) of positions (a minor axis,
 the one the tile loop slices). The block counts divide the number of devices,
 so the blocks line up with any even split of the axis over a divisor of it.
 Batch chunks solve the same problem for the batch (chunks of every ``nb``-th
-sample, a multiple of a divisor of the devices; see :func:`convmm._tiling.tiled`).
+sample, a multiple of a divisor of the devices; see :func:`convmm._engine.tiling.tiled`).
 
 Block ``i`` computes the ``size // blocks // stride`` outputs whose windows
 start in it; the window also reads a halo from the neighbouring blocks (its
@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from convmm._shapes import ConvSpec
+from convmm._rules.shapes import ConvSpec
 
 _BLOCKED_DIMS = 2  # rows and columns: the dimensions the planner tiles
 

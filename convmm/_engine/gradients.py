@@ -3,7 +3,7 @@
 The input gradient of a strided convolution as ``cotangent @ kernel^T``
 summed back into place (col2im, the transpose of im2col), and the kernel
 gradient as one GEMM ``patches^T @ cotangent`` per group, with the patches
-rebuilt from the input. :mod:`convmm._autodiff` decides when each is used and
+rebuilt from the input. :mod:`convmm._engine.autodiff` decides when each is used and
 how the work is tiled. Operands are canonical: input ``(N, *spatial, C)``,
 kernel ``(*window, C // groups, O)``, cotangent ``(N // batch_groups, *out, O)``.
 """
@@ -19,18 +19,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from convmm._budget import budget_or_current
-from convmm._chunks import batch_chunk
-from convmm._im2col import (
+from convmm._engine.budget import budget_or_current
+from convmm._engine.chunks import batch_chunk
+from convmm._engine.im2col import (
   feature_groups_first,
   pad_input,
   patches_channels_last,
   patches_taps_first,
   tap_offsets,
 )
-from convmm._shapes import ConvSpec
-from convmm._sharding import sharding_of
-from convmm._tiling import tile_cost
+from convmm._engine.sharding import sharding_of
+from convmm._engine.tiling import tile_cost
+from convmm._rules.shapes import ConvSpec
 
 
 def split_axis(a: jax.Array, axis: int, parts: int) -> jax.Array:
@@ -166,7 +166,7 @@ def kernel_grad(
   """``patches^T @ ct`` per group (one GEMM), as ``(*window, cg, O)``.
 
   With ``taps_first`` (no feature or batch groups), the patches are built
-  transposed, ``(T, C, N, *out)`` (:func:`convmm._im2col.patches_taps_first`):
+  transposed, ``(T, C, N, *out)`` (:func:`convmm._engine.im2col.patches_taps_first`):
   the GEMM then needs no operand transposed and gives the kernel's layout. The
   plain channels-last patches are kept where they are the forward pass's own
   (an untiled convolution, whose patches XLA computes once for both).

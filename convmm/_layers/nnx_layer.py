@@ -15,8 +15,8 @@ import jax
 from flax import nnx
 from flax.typing import Dtype, PrecisionLike
 
-from convmm import _layer_geometry as geometry_rules
-from convmm import _layer_ops
+from convmm._layers import geometry as geometry_rules
+from convmm._layers import ops as _layer_ops
 
 Array = jax.Array
 

@@ -1,8 +1,8 @@
 """Layer geometry: the validated hyperparameters of the Flax conv layers.
 
 ``convmm.linen`` and ``convmm.nnx`` validate their fields here and keep the
-resulting :class:`LayerGeometry` (the computation is :mod:`convmm._layer_ops`).
-Ints, counts and pairs are read by the core's rules (:mod:`convmm._canonical`),
+resulting :class:`LayerGeometry` (the computation is :mod:`convmm._layers.ops`).
+Ints, counts and pairs are read by the core's rules (:mod:`convmm._rules.canonical`),
 output sizes come from its one shape rule: layers and functions cannot drift.
 
 Conventions are Flax's: inputs are channels-last ``(*batch, *spatial, C)``; the
@@ -26,14 +26,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from convmm._canonical import conv_geometry, conv_transpose_padding, dilate_dim, positive_count
-from convmm._layer_fields import (
+from convmm._layers.fields import (
   CONV_PADDINGS,
   TRANSPOSE_PADDINGS,
   Padding,
   broadcast_ints,
   kernel_size_of,
   layer_padding,
+)
+from convmm._rules.canonical import (
+  conv_geometry,
+  conv_transpose_padding,
+  dilate_dim,
+  positive_count,
 )
 
 # Modes lax has no name for: applied with jnp.pad, then the convolution is 'VALID'.
@@ -356,7 +361,7 @@ def adjoint_input_spatial(geometry: LayerGeometry, out_spatial: Sequence[int]) -
   'SAME'-like modes (SAME, SAME_LOWER, CIRCULAR, REFLECT, REPLICATE, CAUSAL):
   ``n * s``. 'VALID' and pairs: the core's shape rule applied to lax's
   transposed convolution (the stride-1 conv over the ``s``-dilated input,
-  padded by :func:`~convmm._canonical.conv_transpose_padding`, plus
+  padded by :func:`~convmm._rules.canonical.conv_transpose_padding`, plus
   ``output_padding`` high), i.e. ``(n - 1) * s + k_eff - lo - hi + output_padding``.
 
   Raises:

@@ -1,6 +1,6 @@
 """Layer ops: the computation of the Flax conv layers on a validated geometry.
 
-:func:`apply` takes the :class:`~convmm._layer_geometry.LayerGeometry` a layer
+:func:`apply` takes the :class:`~convmm._layers.geometry.LayerGeometry` a layer
 built once and its promoted operands, flattens the leading batch dimensions,
 runs one op (:func:`conv_layer`, :func:`conv_local_layer`,
 :func:`conv_transpose_layer` or :func:`conv_adjoint_layer`: ``jnp.pad`` the
@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from convmm import _adjoint, _conv, _local
-from convmm._budget import current_memory_budget
-from convmm._layer_geometry import LayerGeometry, adjoint_input_spatial, in_features_of
+from convmm._engine.budget import current_memory_budget
+from convmm._layers.geometry import LayerGeometry, adjoint_input_spatial, in_features_of
 
 Array = jax.Array
 
