@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from convmm._conv import check_method, choose_method, conv_with_spec
+from convmm._conv import check_method, conv_with_spec
+from convmm._engine.kernels import choose_method
 from convmm._rules.canonical import (
   canonical_ints,
   canonical_padding,

@@ -25,8 +25,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import sparse as jsparse
 
-from convmm._conv import kernel_taps_last
 from convmm._engine.im2col import patches_channels_last, to_channels_last
+from convmm._engine.kernels import kernel_taps_last
 from convmm._rules.canonical import positive_count
 from convmm._rules.shapes import ConvSpec, operator_spec
 
@@ -50,7 +50,7 @@ def structure(spec: ConvSpec, lhs_shape: tuple[int, ...]) -> tuple[np.ndarray, .
 
   Returns numpy arrays ``rows``, ``cols`` (sorted row-major, no duplicates) and
   ``taps``, the flat index into the ``(T, C // groups, O)`` kernel of
-  :func:`convmm._conv.kernel_taps_last` whose value the entry holds.
+  :func:`convmm._engine.kernels.kernel_taps_last` whose value the entry holds.
   """
   geometry = spec.geometry
   o, g = spec.out_features, spec.feature_group_count

@@ -36,8 +36,7 @@ from jax._src.lax import lax as lax_internal
 from jax._src.lax.control_flow import conditionals, loops, solves
 from jax._src.tree_util import FlatTree
 
-import convmm
-from convmm._conv import check_method
+from convmm._conv import check_method, conv_general_dilated
 
 _CONV = lax.conv_general_dilated_p
 # The parameters of lax's conv primitive that `where` receives (and convmm takes).
@@ -236,7 +235,7 @@ def _conv(eqn: core.JaxprEqn, invals: Sequence[Any], config: _Config):
   if config.where is not None and not _where(config.where, eqn):
     return _bind(eqn, invals)
   kwargs = {k: params[k] for k in _CONV_PARAMS}
-  out = convmm.conv_general_dilated(
+  out = conv_general_dilated(
     lhs, rhs, **kwargs, out_sharding=params.get("out_sharding"), method=config.method,
     memory_budget=config.memory_budget,
   )  # fmt: skip

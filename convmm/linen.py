@@ -35,6 +35,7 @@ from flax.typing import Array, Dtype, Initializer, PaddingLike, PrecisionLike
 
 from convmm._layers import geometry as geometry_rules
 from convmm._layers import ops as _layer_ops
+from convmm._layers.fields import check_mask
 
 default_kernel_init = nn.initializers.lecun_normal()
 default_bias_init = nn.initializers.zeros_init()
@@ -50,7 +51,7 @@ def _apply(
   **options: Any,
 ) -> jax.Array:
   """Creates 'kernel' and 'bias' as Flax does, masks the kernel, promotes dtypes, runs ``op``."""
-  geometry_rules.check_mask(type(module).__name__, module.mask, kernel_shape)
+  check_mask(type(module).__name__, module.mask, kernel_shape)
   kernel = module.param("kernel", module.kernel_init, kernel_shape, module.param_dtype)
   if module.mask is not None:
     kernel *= module.mask

@@ -99,7 +99,7 @@ def blocked_tiles():
   # Auto mesh, rows or columns sharded, tiled into spatial blocks (convmm._engine.blocks):
   # values and gradients equal lax's at HIGHEST for paddings, strides, dilations,
   # groups and 1-3 spatial dims, and neither the forward nor the gradient gathers.
-  from convmm._engine.tiling import tile_plan
+  from convmm._engine.plans import tile_plan
   from convmm._rules.shapes import conv_spec
 
   mesh = jax.make_mesh((2,), ("x",), axis_types=(AxisType.Auto,))

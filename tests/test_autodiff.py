@@ -20,7 +20,7 @@ from jax.test_util import check_grads
 from tolerances import assert_close
 
 import convmm
-from convmm._engine.tiling import tile_plan
+from convmm._engine.plans import tile_plan
 from convmm._rules.shapes import conv_spec
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -372,6 +372,7 @@ def test_kernel_gradient_layout_follows_the_forward(
   # (T, C, N, *out), and the GEMM gives (T, C, O) with no operand transposed.
   # Both against lax at HIGHEST. One device's plans (with several, as earlier
   # tests in the same process may leave, the tiles are vmapped over blocks).
+  monkeypatch.setattr(convmm._engine.plans, "unknown_split", lambda x: 1)
   monkeypatch.setattr(convmm._engine.tiling, "unknown_split", lambda x: 1)
   monkeypatch.setattr(convmm._engine.autodiff, "unknown_split", lambda x: 1)
   dn = channels_last(len(x_shape) - 2)
@@ -416,6 +417,7 @@ def test_kernel_gradient_shares_the_input_gradients_cotangent_patches(
   # so both gradients compile to the patches of the input gradient alone (the
   # forward's patches are not kept for the backward pass). The "reversed-taps"
   # case is a deep layer, whose input gradient reverses the patches' taps.
+  monkeypatch.setattr(convmm._engine.plans, "unknown_split", lambda x: 1)
   monkeypatch.setattr(convmm._engine.tiling, "unknown_split", lambda x: 1)
   kw, rng, x, w = unit_stride_case(x_shape, w_shape, padding, dilation, dtype, seed=41)
   f = lambda x, w: convmm.conv_general_dilated(x, w, **kw)
@@ -465,6 +467,7 @@ def test_tiled_kernel_gradient_walks_the_input_gradients_tiles(
   # patches of the cotangent (channels-last, as the input gradient builds
   # them), instead of transposed patches of the input (T, C, N, *out), which
   # fewer features keep.
+  monkeypatch.setattr(convmm._engine.plans, "unknown_split", lambda x: 1)
   monkeypatch.setattr(convmm._engine.tiling, "unknown_split", lambda x: 1)
   monkeypatch.setattr(convmm._engine.autodiff, "unknown_split", lambda x: 1)
   kw, rng, x, w = unit_stride_case(x_shape, w_shape, padding, dilation, dtype, seed=43)

@@ -10,10 +10,11 @@ from tolerances import assert_close
 
 import convmm
 import convmm._engine.autodiff
+import convmm._engine.plans
 import convmm._engine.tiling
 from convmm._engine.blocks import spatial_blocks
 from convmm._engine.budget import current_memory_budget
-from convmm._engine.tiling import tile_cost, tile_plan
+from convmm._engine.plans import tile_cost, tile_plan
 from convmm._rules.shapes import conv_spec
 
 HIGHEST = lax.Precision.HIGHEST
@@ -194,6 +195,7 @@ def test_layers_pick_up_a_new_budget():
 def test_spatial_blocks_match_lax(monkeypatch, x_shape, w_shape, strides, padding, budget):
   # The blocked tile layout used on Auto meshes with several devices (convmm._engine.blocks),
   # forced here on one device with 4 blocks per tiled dimension.
+  monkeypatch.setattr(convmm._engine.plans, "unknown_split", lambda x: 4)
   monkeypatch.setattr(convmm._engine.tiling, "unknown_split", lambda x: 4)
   monkeypatch.setattr(convmm._engine.autodiff, "unknown_split", lambda x: 4)
   nsp = len(x_shape) - 2

@@ -12,16 +12,17 @@ and its two transposes are
 
 * the input gradient: for unit strides, the convolution of the cotangent with
   the flipped, I/O-swapped kernel (lax's ``_conv_general_dilated_transpose_lhs``,
-  itself an im2col + GEMM through ``conv_p``; for deep layers, whose kernel
-  outweighs the cotangent's patches, the patches take their taps reversed and
-  the GEMM reads the kernel unflipped, see :func:`input_grad_gemm`); for
-  strided convolutions, where that would multiply the zeros inserted between
-  cotangent entries,
-  ``cotangent @ kernel^T`` summed back into place (col2im);
-* the kernel gradient: for unit strides without groups, ``x^T @`` the input
-  gradient's own patches of the cotangent (built once for both, in the
-  backward pass); otherwise one GEMM ``patches^T @ cotangent`` (whichever
-  operand is cheaper to transpose goes first), with the patches of the input.
+  itself an im2col + GEMM through ``conv_p``, or the same product with the
+  patches' taps reversed and the kernel read unflipped, :func:`input_grad_gemm`);
+  for strided convolutions, where that would multiply the zeros inserted between
+  cotangent entries, ``cotangent @ kernel^T`` summed back into place (col2im);
+* the kernel gradient: one GEMM ``patches^T @ cotangent`` with the patches of the
+  input or, for unit strides without groups, ``x^T @`` the input gradient's own
+  patches of the cotangent (:func:`kernel_grad_from_cotangent_patches`).
+
+Where several of these are correct, :mod:`convmm._engine.policy` chooses (the
+reversed taps, the cotangent's patches, the patches' layout and the GEMM's operand
+order), with the measurements behind each; the rules here say what each form is.
 
 The depthwise multiply-accumulate (``method='depthwise'``) has its own: the
 input gradient of a unit-stride one without a channel multiplier is again the
@@ -37,7 +38,6 @@ derivatives of any order compose. Operands are canonical: input
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any
@@ -49,6 +49,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from convmm._engine import blocks as _blocks
+from convmm._engine import policy
 from convmm._engine.budget import budget_or_current
 from convmm._engine.chunks import map_batch_chunks
 from convmm._engine.gradients import (
@@ -56,43 +57,19 @@ from convmm._engine.gradients import (
   grad_batch_chunk,
   input_grad_col2im,
   input_grad_gemm,
+  input_grad_spec,
   kernel_grad,
   kernel_grad_from_cotangent_patches,
   split_axis,
 )
+from convmm._engine.kernels import conv_channels_last
+from convmm._engine.plans import TilePlan, plan_for, tile_cost
 from convmm._engine.sharding import conv_out_sharding, unknown_split
-from convmm._engine.tiling import (
-  FORWARD_PATCH_COPIES,
-  TilePlan,
-  plan_for,
-  tile_conv,
-  tile_cost,
-  tiled,
-)
-from convmm._rules.canonical import ConvDimensionNumbers, dilate_dim
-from convmm._rules.shapes import ConvSpec, accumulator_dtype, conv_spec
-
-
-def channels_last_dimension_numbers(num_spatial: int) -> ConvDimensionNumbers:
-  """``(N, *spatial, C)``, ``(*window, I, O)``, ``(N, *spatial, C)`` as lax specs."""
-  spatial = tuple(range(1, num_spatial + 1))
-  channels_last = (0, num_spatial + 1, *spatial)
-  return ConvDimensionNumbers(
-    channels_last, (num_spatial + 1, num_spatial, *range(num_spatial)), channels_last
-  )
-
-
-def channels_last_spec(spec: ConvSpec) -> ConvSpec:
-  """``spec`` with canonical (channels-last) dimension numbers."""
-  dnums = channels_last_dimension_numbers(spec.geometry.num_spatial)
-  return dataclasses.replace(
-    spec, geometry=dataclasses.replace(spec.geometry, dimension_numbers=dnums)
-  )
+from convmm._engine.tiling import tile_conv, tiled_sum
+from convmm._rules.shapes import ConvSpec, accumulator_dtype, channels_last_spec, conv_spec
 
 
 def _forward(x, w, *, spec, precision, preferred_element_type, method, memory_budget):
-  from convmm._conv import conv_channels_last  # _conv imports this module
-
   w_tio = w.reshape(spec.geometry.num_taps, *w.shape[-2:])
   return conv_channels_last(
     x, w_tio, spec, precision, preferred_element_type, method, memory_budget
@@ -161,66 +138,9 @@ def _rebind(x, w, spec, params):
 # ------------------------------------------------------------------ transposes
 
 
-def _lhs_transpose_padding(spec: ConvSpec) -> tuple[tuple[int, int], ...]:
-  # lax's _conv_general_vjp_lhs_padding: the input gradient is a conv of the
-  # cotangent dilated by the strides; its low pad is k_eff - 1 - lo, and the high
-  # pad restores the input rows the forward windows never reached.
-  g = spec.geometry
-  pads = []
-  for size, k_eff, s, out, (lo, _), d in zip(
-    g.in_spatial,
-    g.effective_filter_shape,
-    g.window_strides,
-    g.out_spatial,
-    g.padding,
-    g.lhs_dilation,
-  ):
-    in_dilated, out_dilated = dilate_dim(size, d), dilate_dim(out, s)
-    before = k_eff - 1 - lo
-    pads.append((before, in_dilated + k_eff - 1 - out_dilated - before))
-  return tuple(pads)
-
-
-def _input_grad_spec(spec: ConvSpec, ct_shape, w_shape) -> ConvSpec:
-  """The input gradient's convolution of the cotangent (lax's), for the forward kernel's shape.
-
-  Its kernel is the forward's flipped, with the groups moved from the output
-  features into the input features: ``(*k, cg, O)`` -> ``(*k, O // G, G * cg)``.
-  """
-  g = spec.geometry
-  groups = spec.feature_group_count * spec.batch_group_count
-  *window, cg, o = w_shape
-  return conv_spec(
-    "conv_general_dilated",
-    ct_shape,
-    (*window, o // groups, groups * cg),
-    g.lhs_dilation,
-    _lhs_transpose_padding(spec),
-    g.window_strides,
-    g.rhs_dilation,
-    channels_last_dimension_numbers(g.num_spatial),
-    groups,
-    1,
-  )
-
-
-def _reversed_taps(spec: ConvSpec) -> bool:
-  """Whether a unit-stride input gradient reverses its patches' taps (see :func:`input_grad_gemm`).
-
-  A kernel as large as the cotangent's patches (deep layers): its taps are
-  reversed in the patches instead of flipped, and the GEMM reads it with the
-  contraction minor, so it is never transposed element by element. Measured
-  per layer (8x4x4x512 3x3: 0.86x the time in float32, 0.70x in bfloat16);
-  where the patches dominate, the plain GEMM was 3-6% faster.
-  """
-  g = spec.geometry
-  groups = spec.feature_group_count * spec.batch_group_count
-  return groups == 1 and 2 * g.in_features >= g.batch * math.prod(g.in_spatial)
-
-
 def _input_grad_dtype(spec: ConvSpec, ct_dtype: Any) -> Any:
   """The dtype a unit-stride input gradient's GEMM (and its tiling) produces."""
-  acc_dtype = accumulator_dtype(ct_dtype) if _reversed_taps(spec) else None
+  acc_dtype = accumulator_dtype(ct_dtype) if policy.input_grad_reverses_taps(spec) else None
   return acc_dtype or ct_dtype
 
 
@@ -228,8 +148,8 @@ def _input_grad_conv(ct, w, spec, params):
   """Input gradient as lax computes it: conv(ct, flip(w)^T, lhs_dilation=strides)."""
   nsp = spec.geometry.num_spatial
   groups = spec.feature_group_count * spec.batch_group_count
-  t_spec = _input_grad_spec(spec, ct.shape, w.shape)
-  if _reversed_taps(spec):
+  t_spec = input_grad_spec(spec, ct.shape, w.shape)
+  if policy.input_grad_reverses_taps(spec):
     w_cto = jnp.moveaxis(w.reshape(-1, *w.shape[-2:]), 1, 0).reshape(w.shape[-2], -1)
     acc_dtype = accumulator_dtype(ct.dtype)
     return tile_conv(
@@ -253,55 +173,34 @@ def _input_grad_conv(ct, w, spec, params):
   return dx
 
 
-# A tiled kernel gradient uses the cotangent's patches only with this many input
-# features at least: the rows of its GEMM x^T @ patches (see _cotangent_patches_plan).
-_MIN_GEMM_ROWS = 128
-
-
 def _cotangent_patches_plan(
   spec: ConvSpec, ct: jax.Array, x_plan: TilePlan | None, params
 ) -> tuple[ConvSpec, TilePlan] | None:
   """The input gradient's spec and tiling when the kernel gradient uses its cotangent patches.
 
-  For a unit-stride convolution without groups, the kernel gradient is
-  ``x^T @`` the input gradient's own patches of the cotangent
-  (:func:`kernel_grad_from_cotangent_patches`). Untiled, XLA builds them once
-  for both, in the backward pass. The alternative, patches of the input, would
-  be the forward's (which XLA then keeps from the forward pass to the backward)
-  or rebuilt, and the scheduler builds them as soon as the input exists, in the
-  forward pass too.
-
-  Tiled, the kernel gradient walks the input gradient's tiles (same plan, so
-  both loops unfold the same tiles of the cotangent), each tile's ``x`` against
-  that tile's cotangent patches, where the kernel gradient's own plan
-  ``x_plan`` is tiled too and the GEMM has rows enough (``C >= 128``): it
-  replaces the input's patches built transposed for the GEMM (an 8x28x28x128
-  3x3 layer's: 3.2 ms to unfold against 0.75 for the cotangent's; its input
-  and kernel gradients in 0.90-0.94x the time in float32, 0.97-0.99x in
-  bfloat16). With 64 features the kernel gradient was slower (8x28x28x64 in
-  bfloat16: 4.75 ms against 3.29; 2x8x28x28x64 3x3x3 in float32: 1.08x).
-
-  None for strides, input dilation, groups, 1x1 kernels (whose patches are the
-  input itself), where the patches of the cotangent would be larger than the
-  input's (more output features than input ones), and for tilings other than
-  the above.
+  For a unit-stride convolution without groups or input dilation, the kernel
+  gradient is also ``x^T @`` the input gradient's own patches of the cotangent
+  (:func:`kernel_grad_from_cotangent_patches`). Tiled, it walks the input
+  gradient's tiles (the same plan, so both loops unfold the same tiles of the
+  cotangent), each tile's ``x`` against that tile's cotangent patches. Whether it
+  does is the policy's choice
+  (:func:`convmm._engine.policy.kernel_grad_uses_cotangent_patches`, given whether
+  the input gradient's plan and the kernel gradient's own ``x_plan`` are tiled);
+  None where it does not, and for the convolutions this form does not compute.
   """
   g = spec.geometry
   if (
     params["method"] != "im2col"
     or spec.feature_group_count * spec.batch_group_count > 1
-    or g.num_taps == 1
     or any(s > 1 for s in g.window_strides)
     or any(d > 1 for d in g.lhs_dilation)
-    or spec.out_features * math.prod(g.in_spatial) > g.in_features * math.prod(g.out_spatial)
   ):
     return None
-  t_spec = _input_grad_spec(spec, ct.shape, (*g.filter_shape, g.in_features, spec.out_features))
+  t_spec = input_grad_spec(spec, ct.shape, (*g.filter_shape, g.in_features, spec.out_features))
   itemsize = jnp.dtype(_input_grad_dtype(spec, ct.dtype)).itemsize
-  t_plan = plan_for(t_spec, ct, params["memory_budget"], FORWARD_PATCH_COPIES, itemsize)
-  if t_plan.is_whole(len(ct)) or (
-    x_plan is not None and not x_plan.is_whole(g.batch) and g.in_features >= _MIN_GEMM_ROWS
-  ):
+  t_plan = plan_for(t_spec, ct, params["memory_budget"], policy.FORWARD_PATCH_COPIES, itemsize)
+  kernel_grad_tiled = x_plan is not None and not x_plan.is_whole(g.batch)
+  if policy.kernel_grad_uses_cotangent_patches(spec, t_plan.is_whole(len(ct)), kernel_grad_tiled):
     return t_spec, t_plan
   return None
 
@@ -319,12 +218,12 @@ def _wider_grad_blocks(spec: ConvSpec, ct: jax.Array, w: jax.Array, params) -> t
   if devices < 2 or params["method"] != "im2col":
     return ()
   forward = _blocks.spatial_blocks(spec, devices)
-  t_spec = _input_grad_spec(spec, ct.shape, w.shape)
+  t_spec = input_grad_spec(spec, ct.shape, w.shape)
   if not any(f > 1 and t == 1 for f, t in zip(forward, _blocks.spatial_blocks(t_spec, devices))):
     return ()
   size = ct.dtype.itemsize
   whole = tile_cost(
-    t_spec, size, ct.shape[0], t_spec.geometry.out_spatial, FORWARD_PATCH_COPIES, size
+    t_spec, size, ct.shape[0], t_spec.geometry.out_spatial, policy.FORWARD_PATCH_COPIES, size
   )
   return forward if whole > budget_or_current(params["memory_budget"]) else ()
 
@@ -383,36 +282,34 @@ def _rhs_rule(ct, x, w, **params):
     return depthwise_kernel_grad(x, ct, spec, acc_dtype).astype(w_aval.dtype)
   budget = params["memory_budget"]
   unit_dilation = all(d == 1 for d in spec.geometry.lhs_dilation)
-  # Tiles like the forward's (output rows, then batch chunks), summed; a tile is
-  # costed at two patch matrices (channels-last patches need a GEMM operand copy).
-  plan = plan_for(spec, x, budget, 2, ct.dtype.itemsize) if unit_dilation else None
+  # Tiles like the forward's (output rows, then batch chunks), summed.
+  copies = policy.KERNEL_GRAD_PATCH_COPIES
+  plan = plan_for(spec, x, budget, copies, ct.dtype.itemsize) if unit_dilation else None
   if (ct_patches := _cotangent_patches_plan(spec, ct, plan, params)) is not None:
     t_spec, t_plan = ct_patches
     grad_ct = functools.partial(
       kernel_grad_from_cotangent_patches,
       spec=spec,
-      reverse_taps=_reversed_taps(spec),
+      reverse_taps=policy.input_grad_reverses_taps(spec),
       precision=precision,
       acc_dtype=acc_dtype,
     )
     # The input gradient's tiles: ct is their input, x has their output's shape.
-    dw = tiled(lambda c, xt, s: grad_ct(xt, c, t_spec=s), ct, t_spec, t_plan, cotangent=x)
+    dw = tiled_sum(lambda c, xt, s: grad_ct(xt, c, t_spec=s), ct, x, t_spec, t_plan)
     return dw.astype(w_aval.dtype)
   # Where neither this gradient nor the forward is tiled, both build the same
-  # patches, which XLA computes once: the gradient keeps their layout. Elsewhere
-  # it builds its own transposed, which spares the GEMM's operand transposes
-  # (ResNet-18's tiled 7x7 stem and 3x3x64 layers: 0.8-0.9x the time of their
-  # forward and backward).
+  # channels-last patches (which XLA computes once).
   shared = (
     plan is not None
     and plan.is_whole(len(x))
-    and plan_for(spec, x, budget, FORWARD_PATCH_COPIES, ct.dtype.itemsize).is_whole(len(x))
+    and plan_for(spec, x, budget, policy.FORWARD_PATCH_COPIES, ct.dtype.itemsize).is_whole(len(x))
   )
-  grad_w = lambda xc, cc, s: kernel_grad(xc, cc, s, precision, acc_dtype, not shared)  # noqa: E731
+  taps_first = policy.kernel_grad_taps_first(shared)
+  grad_w = lambda xc, cc, s: kernel_grad(xc, cc, s, precision, acc_dtype, taps_first)  # noqa: E731
   if spec.batch_group_count > 1:
     dw = grad_w(x, ct, spec)
   elif plan is not None:
-    dw = tiled(grad_w, x, spec, plan, cotangent=ct)
+    dw = tiled_sum(grad_w, x, ct, spec, plan)
   elif (chunk := grad_batch_chunk(spec, x, ct.dtype.itemsize, budget)) < len(x):
     dw = map_batch_chunks(grad_w, [x, ct], chunk, reduce=True, spec=spec)
   else:

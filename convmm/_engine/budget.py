@@ -6,16 +6,10 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 
+from convmm._engine.policy import DEFAULT_MEMORY_BUDGET
 from convmm._rules.canonical import positive_count
 
-# A tile's working set larger than this is never materialised whole. On CPU the
-# budget is also a speed setting: XLA temporaries above glibc's 32 MiB mmap
-# threshold are mapped afresh and page-faulted on every call, which can cost
-# more than the GEMM, and smaller tiles stay in cache. 16 MiB against 32 (one
-# process, three interleaved runs each): ResNet-18's bfloat16 training step
-# 0.635x Flax's time instead of 0.675x, float32 0.911x instead of 0.926x, the
-# layer suite's step 0.43x lax's instead of 0.45x; the step compiles ~15% slower.
-_DEFAULT_MEMORY_BUDGET = 16 * 2**20
+_DEFAULT_MEMORY_BUDGET = DEFAULT_MEMORY_BUDGET  # 16 MiB, measured (see policy); settable
 _budget_override: contextvars.ContextVar[int | None] = contextvars.ContextVar(
   "convmm_memory_budget", default=None
 )

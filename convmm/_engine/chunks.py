@@ -44,7 +44,7 @@ def map_batch_chunks(
 
   Chunk ``k`` holds samples ``k, k + num, ...`` (``x.reshape(chunk, num, ...)``),
   so that a batch sharded over devices stays sharded inside every chunk, as in
-  :func:`tiled`. With ``reduce`` the chunk results are summed (a kernel
+  :func:`convmm._engine.tiling.tiled`. With ``reduce`` the chunk results are summed (a kernel
   gradient); otherwise they are the per-sample results, put back in order.
   Samples padded to fill the last chunk are zeros and are dropped.
   """

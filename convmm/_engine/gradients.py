@@ -1,11 +1,14 @@
-"""The GEMMs of the convolution's backward pass on canonical operands.
+"""The convolutions and GEMMs of the convolution's backward pass on canonical operands.
 
-The input gradient of a strided convolution as ``cotangent @ kernel^T``
-summed back into place (col2im, the transpose of im2col), and the kernel
-gradient as one GEMM ``patches^T @ cotangent`` per group, with the patches
-rebuilt from the input. :mod:`convmm._engine.autodiff` decides when each is used and
-how the work is tiled. Operands are canonical: input ``(N, *spatial, C)``,
-kernel ``(*window, C // groups, O)``, cotangent ``(N // batch_groups, *out, O)``.
+The input gradient as lax's convolution of the cotangent (:func:`input_grad_spec`)
+or, unit-stride, im2col of the cotangent + one GEMM (:func:`input_grad_gemm`); of a
+strided convolution as ``cotangent @ kernel^T`` summed back into place (col2im, the
+transpose of im2col). The kernel gradient as one GEMM ``patches^T @ cotangent`` per
+group, with the patches rebuilt from the input, or ``x^T @`` the cotangent's patches;
+depthwise, as per-tap sums. :mod:`convmm._engine.autodiff` decides when each is used
+and how the work is tiled, asking :mod:`convmm._engine.policy` where a choice was
+measured. Operands are canonical: input ``(N, *spatial, C)``, kernel
+``(*window, C // groups, O)``, cotangent ``(N // batch_groups, *out, O)``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from convmm._engine import policy
 from convmm._engine.budget import budget_or_current
 from convmm._engine.chunks import batch_chunk
 from convmm._engine.im2col import (
@@ -28,9 +32,11 @@ from convmm._engine.im2col import (
   patches_taps_first,
   tap_offsets,
 )
+from convmm._engine.plans import tile_cost
 from convmm._engine.sharding import sharding_of
-from convmm._engine.tiling import tile_cost
-from convmm._rules.shapes import ConvSpec
+from convmm._rules.canonical import dilate_dim
+from convmm._rules.dimension_numbers import channels_last_dimension_numbers
+from convmm._rules.shapes import ConvSpec, conv_spec
 
 
 def split_axis(a: jax.Array, axis: int, parts: int) -> jax.Array:
@@ -64,6 +70,49 @@ def _patch_cotangent(ct, w, spec, precision, acc_dtype):
     return dp.reshape(-1, *dp.shape[2:])
   dp = jnp.moveaxis(dp, 0, -2)
   return dp.reshape(*dp.shape[:-2], -1)
+
+
+def _lhs_transpose_padding(spec: ConvSpec) -> tuple[tuple[int, int], ...]:
+  # lax's _conv_general_vjp_lhs_padding: the input gradient is a conv of the
+  # cotangent dilated by the strides; its low pad is k_eff - 1 - lo, and the high
+  # pad restores the input rows the forward windows never reached.
+  g = spec.geometry
+  pads = []
+  for size, k_eff, s, out, (lo, _), d in zip(
+    g.in_spatial,
+    g.effective_filter_shape,
+    g.window_strides,
+    g.out_spatial,
+    g.padding,
+    g.lhs_dilation,
+  ):
+    in_dilated, out_dilated = dilate_dim(size, d), dilate_dim(out, s)
+    before = k_eff - 1 - lo
+    pads.append((before, in_dilated + k_eff - 1 - out_dilated - before))
+  return tuple(pads)
+
+
+def input_grad_spec(spec: ConvSpec, ct_shape, w_shape) -> ConvSpec:
+  """The input gradient's convolution of the cotangent (lax's), for the forward kernel's shape.
+
+  Its kernel is the forward's flipped, with the groups moved from the output
+  features into the input features: ``(*k, cg, O)`` -> ``(*k, O // G, G * cg)``.
+  """
+  g = spec.geometry
+  groups = spec.feature_group_count * spec.batch_group_count
+  *window, cg, o = w_shape
+  return conv_spec(
+    "conv_general_dilated",
+    ct_shape,
+    (*window, o // groups, groups * cg),
+    g.lhs_dilation,
+    _lhs_transpose_padding(spec),
+    g.window_strides,
+    g.rhs_dilation,
+    channels_last_dimension_numbers(g.num_spatial),
+    groups,
+    1,
+  )
 
 
 def input_grad_col2im(
@@ -104,7 +153,8 @@ def input_grad_gemm(
 def grad_batch_chunk(spec: ConvSpec, x: jax.Array, itemsize: int, budget: int | None) -> int:
   """Samples per chunk so that a chunk's working set (two patch copies) fits the budget."""
   g = spec.geometry
-  sample = tile_cost(spec, itemsize, 1, g.out_spatial, patch_copies=2, out_itemsize=itemsize)
+  copies = policy.KERNEL_GRAD_PATCH_COPIES
+  sample = tile_cost(spec, itemsize, 1, g.out_spatial, patch_copies=copies, out_itemsize=itemsize)
   return batch_chunk(g.batch, budget_or_current(budget) // max(sample, 1), sharding_of(x)[0])
 
 
@@ -167,9 +217,10 @@ def kernel_grad(
 
   With ``taps_first`` (no feature or batch groups), the patches are built
   transposed, ``(T, C, N, *out)`` (:func:`convmm._engine.im2col.patches_taps_first`):
-  the GEMM then needs no operand transposed and gives the kernel's layout. The
-  plain channels-last patches are kept where they are the forward pass's own
-  (an untiled convolution, whose patches XLA computes once for both).
+  the GEMM then needs no operand transposed and gives the kernel's layout.
+  Otherwise they are the forward's channels-last patches (which XLA computes once
+  for both where neither is tiled); the policy chooses
+  (:func:`convmm._engine.policy.kernel_grad_taps_first`).
   """
   g = spec.geometry
   nsp, t = g.num_spatial, g.num_taps
@@ -190,17 +241,11 @@ def kernel_grad(
   )  # (G*N or N, *out, T, cg)
   m = math.prod(ct.shape[:-1])
   k = t * patches.shape[-1]
-  # XLA's CPU GEMM wants the contraction on its left operand's minor axis and
-  # transposes the left operand to get it. Patches first, the gradient comes out
-  # in the kernel's (T * cg, O) layout, at the price of transposing the patches;
-  # cotangent first, only the cotangent is transposed, but the gradient comes out
-  # as (O, T * cg) and every consumer (an optimizer's update) reads it
-  # transposed. Whichever moves fewer elements goes first (groups: the cotangent;
-  # XLA's fallback for a batched GEMM's transposed output lacks bf16 x bf16 -> f32).
+  # Either operand may go first (:func:`convmm._engine.policy.kernel_grad_patches_first`).
   if groups == 1:
     patches = patches.reshape(*patches.shape[:-2], -1)
     dims = (axes, axes), ((), ())
-    if m * k <= k * o + m * o:  # patches first
+    if policy.kernel_grad_patches_first(m, k, o):
       return gemm(patches, ct, dims).reshape(*g.filter_shape, -1, o)
     # (O, K) -> (T, cg, O) through a reshape: XLA then keeps the GEMM's own output
     # layout (a transposed output layout falls back to a GEMM without bf16 x bf16 -> f32).
@@ -223,8 +268,8 @@ def depthwise_kernel_grad(x: jax.Array, ct: jax.Array, spec: ConvSpec, acc_dtype
   One loop over the taps (``lax.map``), whose step cuts its tap's operand at a
   dynamic offset: one tap's product exists at a time, and the taps share one
   compiled step (with static slices XLA's scheduler made every tap's slice in
-  the forward pass and kept them for this one: MobileNetV2's float32 training
-  step, 218 MiB of temporaries against 129). With unit strides the input is
+  the forward pass and kept them for this one; measured in
+  :mod:`convmm._engine.policy`). With unit strides the input is
   read in place and the cotangent is the one sliced
   (:func:`_flat_depthwise_kernel_grad`); otherwise each step cuts a strided
   window of the padded input, which XLA copies before summing.
@@ -264,8 +309,8 @@ def _flat_depthwise_kernel_grad(x: jax.Array, ct: jax.Array, spec: ConvSpec) -> 
   read in place, with a contiguous run of the cotangent, and selects the
   pairs whose output exists (the others, which a shift wraps across rows,
   are never multiplied into the sum, so an infinite input stays out of taps
-  that never read it, as in lax). The 8x56x56x96 3x3 layer's kernel gradient
-  ran in 0.29x the time of strided windows of the padded input.
+  that never read it, as in lax). Faster than strided windows of the padded
+  input (see :mod:`convmm._engine.policy`).
   """
   g = spec.geometry
   n, *size, c = x.shape

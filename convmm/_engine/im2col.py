@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from convmm._engine.policy import MAX_FUSED_TAPS, two_stage_unfold
 from convmm._rules.canonical import ConvGeometry, canonical_shape, conv_geometry
 from convmm._rules.shapes import layout_shape, preferred_dtype, shape_of
 
@@ -72,17 +73,12 @@ def tap_slice(x_padded: jax.Array, geometry: ConvGeometry, offset: tuple[int, ..
   return lax.slice(x_padded, start, limit, strides)
 
 
-# XLA's CPU backend fuses a concatenation of at most 8 operands into one loop;
-# a wider one is copied slice by slice and then concatenated. In two or more
-# spatial dims, wider windows are unfolded in two fused stages instead (measured
-# per layer against the wide concatenation: 9x9, 3x9 and 10x10 kernels' forward in
-# 0.70-0.98x the time); a 1-D signal keeps the wide one, which ran faster there
-# (the fused stages: 1.3-1.7x its time).
-MAX_FUSED_TAPS = 8
-
-
 def tap_split(k: int) -> tuple[int, int] | None:
-  """``(a, b)`` with ``a * b == k``, both at most 8 (``b`` largest), for ``k > 8``; else None."""
+  """``(a, b)`` with ``a * b == k``, both at most 8 (``b`` largest), for ``k > 8``; else None.
+
+  XLA fuses a concatenation of at most 8 operands into one loop
+  (:data:`convmm._engine.policy.MAX_FUSED_TAPS`): ``k`` taps as ``a`` stacks of ``b``.
+  """
   if k <= MAX_FUSED_TAPS:
     return None
   for b in range(MAX_FUSED_TAPS, 1, -1):
@@ -96,7 +92,8 @@ def _unfold_dim(
 ) -> jax.Array:
   """``k`` strided slices along ``axis`` (spatial dimension ``d``), stacked at axis ``at``.
 
-  Over 8 taps in 2-D and up, ``k = a * b`` is unfolded in two fused stages (taps ``q * b + r``):
+  Over 8 taps where the policy says so (2-D and up), ``k = a * b`` is unfolded in two
+  fused stages (taps ``q * b + r``):
   ``b`` unit-stride slices (offsets ``r``), then ``a`` strided slices of those
   (offsets ``q * b``), on two tap axes that merge in row-major order.
   """
@@ -112,7 +109,7 @@ def _unfold_dim(
   if not out:
     return stack(y, [0] * k, stride, 0, axis)
   span = (out - 1) * stride + 1
-  if nsp == 1 or (split := tap_split(k)) is None:
+  if not two_stage_unfold(nsp) or (split := tap_split(k)) is None:
     return stack(y, [t * dil for t in range(k)], stride, span, axis)
   a, b = split
   inner = stack(y, [r * dil for r in range(b)], 1, span + (a - 1) * b * dil, axis)

@@ -1,29 +1,25 @@
-"""The tiling of a convolution that exceeds the memory budget (see :mod:`convmm._engine.budget`).
+"""The tile loops: a convolution beyond the memory budget, computed tile by tile.
 
-A convolution whose working set (patch matrices and their companions, see
-:func:`tile_cost`) exceeds the budget is computed tile by tile: one
-``lax.scan`` body, shared by all tiles, cuts its input window out of the padded
-input with ``lax.dynamic_slice`` and convolves it. Only one tile's window and
-patches exist at a time, tracing and compiling do not grow with the number of
-tiles, and output sizes need not divide evenly (the padded input is extended
-so that the last tile has a full window; the surplus outputs are dropped).
+A plan (:mod:`convmm._engine.plans`) says how large a tile is; here one
+``lax.scan`` body, shared by all tiles, cuts a tile's input window out of the
+unpadded input with ``lax.dynamic_slice`` and convolves it. Only one tile's window
+and patches exist at a time, tracing and compiling do not grow with the number of
+tiles, and output sizes need not divide evenly (the last tile along a dimension is
+moved back to end at the edge). Batch chunks take every ``nb``-th sample
+(``x.reshape(b, nb, ...)``) so that a batch sharded over devices stays sharded
+inside every tile; spatial blocks (:mod:`convmm._engine.blocks`) do the same for
+spatially sharded inputs on Auto meshes.
 
-Tiles cover the whole batch and split the first output spatial dimension
-(then the second, for kernels so large that one output row does not fit). The
-batch is split only when one row of the whole batch does not fit; its chunks
-take every ``nb``-th sample (``x.reshape(b, nb, ...)``) so that a batch
-sharded over devices stays sharded inside every tile. With several devices and
-no explicit sharding to read (Auto meshes), the split spatial dimensions are
-first cut into contiguous blocks that line up with the devices, so that a
-spatially sharded input stays sharded too (:mod:`convmm._engine.blocks`).
+Two forms share the loop: :func:`tiled` writes each tile's output in place (a
+forward convolution), :func:`tiled_sum` sums what each tile gives (a kernel
+gradient).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -31,151 +27,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from convmm._engine import blocks as _blocks
-from convmm._engine.budget import budget_or_current
-from convmm._engine.im2col import tap_split
-from convmm._engine.sharding import explicit_spec, sharding_of, unknown_split
+from convmm._engine.plans import TilePlan, plan_for, window_extent
+from convmm._engine.policy import FORWARD_PATCH_COPIES
+from convmm._engine.sharding import explicit_spec, unknown_split
 from convmm._rules.shapes import ConvSpec
-
-
-@dataclasses.dataclass(frozen=True)
-class TilePlan:
-  """``batch`` samples (of ``n``) by ``tile_out`` output positions per tile.
-
-  A dimension with ``blocks[d]`` > 1 is cut into that many contiguous blocks
-  (see :mod:`convmm._engine.blocks`); ``tile_out[d]`` and ``counts[d]`` are then per
-  block, and a tile covers all blocks at once.
-  """
-
-  batch: int
-  tile_out: tuple[int, ...]
-  counts: tuple[int, ...]  # tiles along each output spatial dimension
-  blocks: tuple[int, ...] = ()  # blocks along each spatial dimension (): none
-
-  @property
-  def num_tiles(self) -> int:
-    return math.prod(self.counts)
-
-  def is_whole(self, n: int) -> bool:
-    """One tile: all ``n`` samples, every output position, no blocks."""
-    return self.batch == n and self.num_tiles == 1 and not self.blocks
-
-  @property
-  def samples(self) -> int:
-    """Samples a tile convolves: the batch times the blocks."""
-    return self.batch * math.prod(self.blocks)
-
-
-def _window(spec: ConvSpec, tile_out: tuple[int, ...]) -> tuple[int, ...]:
-  """Padded-input extent that ``tile_out`` outputs read along each dimension."""
-  g = spec.geometry
-  return tuple(
-    (t - 1) * s + k if t else 0
-    for t, s, k in zip(tile_out, g.window_strides, g.effective_filter_shape)
-  )
-
-
-def tile_cost(
-  spec: ConvSpec,
-  itemsize: int,
-  b: int,
-  tile_out: tuple[int, ...],
-  patch_copies: int,
-  out_itemsize: int,
-) -> int:
-  """Bytes a tile of ``b`` samples by ``tile_out`` outputs holds at once.
-
-  ``patch_copies`` patch matrices (three for a forward convolution, a speed
-  setting, see :func:`convmm._conv.conv_channels_last`; two for a kernel
-  gradient, the patches and their GEMM operand copy), the input window, the
-  first stage of the unfolding and the tile's output.
-  """
-  g = spec.geometry
-  c = g.in_features * itemsize
-  window = _window(spec, tile_out)
-  positions = b * math.prod(tile_out)
-  cost = patch_copies * positions * g.num_taps * c + b * math.prod(window) * c
-  if len(tile_out) > 1:  # unfold_padded's first stage: the last dim unfolded only
-    cost += b * math.prod(window[:-1]) * tile_out[-1] * g.filter_shape[-1] * c
-    if split := tap_split(g.filter_shape[-1]):  # and its inner stage (see _unfold_dim)
-      cost += b * math.prod(window) * split[1] * c
-  return cost + positions * spec.out_features * out_itemsize
-
-
-def tile_plan(
-  spec: ConvSpec,
-  itemsize: int,
-  budget: int,
-  patch_copies: int = 3,
-  out_itemsize: int | None = None,
-  batch_shards: int = 1,
-  sharded_spatial: frozenset[int] = frozenset(),
-  devices: int = 1,
-) -> TilePlan:
-  """The largest tiles whose :func:`tile_cost` fits ``budget``.
-
-  Whole batch first, splitting output rows, then (row tiles of one) columns;
-  the batch is split only when one row of every sample does not fit, into
-  chunks that keep ``batch_shards`` whole (a sharded batch stays sharded), or
-  a split over a divisor of ``devices``.
-  Spatial dimensions in ``sharded_spatial`` are never split. Tile sizes need not
-  divide the output: tiles are balanced, the last one padded. With several
-  ``devices``, split dimensions are cut into :func:`convmm._engine.blocks.spatial_blocks`
-  first, the blocks counted as samples of the tile.
-  """
-  g = spec.geometry
-  n, out = g.batch, g.out_spatial
-  cost = functools.partial(
-    tile_cost,
-    spec,
-    itemsize,
-    patch_copies=patch_copies,
-    out_itemsize=itemsize if out_itemsize is None else out_itemsize,
-  )
-  whole = TilePlan(n, out, (1,) * len(out))
-  if n == 0 or 0 in out or cost(n, out) <= budget:
-    return whole
-  all_blocks = (1,) * len(out) if sharded_spatial else _blocks.spatial_blocks(spec, devices)
-
-  def levels(b: int) -> Iterator[TilePlan]:
-    """Coarsest first: whole spatial, then tiles of dim j (dims before j of size 1)."""
-    yield TilePlan(b, out, (1,) * len(out))
-    for j in range(min(2, len(out))):
-      if any(d in sharded_spatial for d in range(j + 1)):
-        return
-      ones = (1,) * j
-      # The tiled dimensions are blocked; a tile loop walks the outputs of one block.
-      blocks = (*all_blocks[: j + 1], *(1,) * (len(out) - j - 1))
-      blocks = blocks if max(blocks) > 1 else ()
-      extent = _blocks.extent(spec, blocks or (1,) * len(out))
-      samples = b * math.prod(blocks)
-      fits = lambda r: cost(samples, (*ones, r, *extent[j + 1 :])) <= budget  # noqa: B023
-      if not fits(1) and j + 1 < min(2, len(out)):
-        continue
-      lo, hi = 1, extent[j]  # largest r that fits (1 if none does)
-      while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-      count = -(-extent[j] // lo)
-      r = -(-extent[j] // count)  # balanced tiles, the last one padded by < count outputs
-      counts = (*extent[:j], count, *(1,) * (len(out) - j - 1))
-      yield TilePlan(b, (*ones, r, *extent[j + 1 :]), counts, blocks)
-      return
-
-  # Batch groups are kept whole; otherwise chunks are divisors of n that keep
-  # the shards whole, largest first (with several devices, a split over any
-  # divisor of them: an Auto mesh's batch may be sharded unseen).
-  shards = max(batch_shards, math.gcd(n, devices))
-  chunks = (
-    [n]
-    if spec.batch_group_count > 1
-    else [d for d in range(n, 0, -1) if n % d == 0 and d % shards == 0] or [n]
-  )
-  plan = whole
-  for b in chunks:
-    for plan in levels(b):
-      if cost(plan.samples, plan.tile_out) <= budget:
-        return plan
-  return plan  # nothing fits: the finest tiling
 
 
 def _zero_extended_window(x: jax.Array, axis: int, start: jax.Array, size: int) -> jax.Array:
@@ -200,12 +55,120 @@ def _zero_extended_window(x: jax.Array, axis: int, start: jax.Array, size: int) 
   return lax.dynamic_slice_in_dim(part, size + start - clamped, size, axis)
 
 
+@dataclasses.dataclass(frozen=True)
+class _TileLoop:
+  """A plan's tile loop: where a step's window and output are, shared by both forms.
+
+  A step's operands are views ``(N, [blocks, window] or size..., C)`` (:mod:`.blocks`),
+  cut into batch chunks: chunk ``k`` holds samples ``k, k + nb, ...``, so the major
+  (possibly sharded) batch axis stays whole and the chunk index is a minor axis. One
+  chunk is the whole batch, not reshaped (XLA would copy it for the layout).
+  """
+
+  spec: ConvSpec
+  plan: TilePlan
+  tile_spec: ConvSpec  # a tile's convolution: its window, padded by compute where not tiled
+  blocks: tuple[int, ...]  # blocks along each spatial dimension, 1 where not blocked
+  blocked: list[int]  # the blocked dimensions
+  tiles: list[int]  # the dimensions cut into windows (split or blocked)
+  extent: tuple[int, ...]  # outputs a tile loop walks along each dimension (per block)
+  pos: list[int]  # axis of each spatial dimension in a step's operands
+  nb: int  # batch chunks
+
+  def chunks_of(self, a: jax.Array) -> jax.Array:
+    return a if self.nb == 1 else a.reshape(self.plan.batch, self.nb, *a.shape[1:])
+
+  def chunk_of(self, a: jax.Array, chunk: jax.Array) -> jax.Array:
+    return a if self.nb == 1 else lax.dynamic_index_in_dim(a, chunk, axis=1, keepdims=False)
+
+  def input_chunks(self, x_cl: jax.Array) -> jax.Array:
+    """The input's view, chunked; blocked, every block with its padded window."""
+    # The block axes stay separate (and sharded): compute is vmapped over them.
+    x_view = _blocks.padded_view(x_cl, self.spec, self.blocks) if self.blocked else x_cl
+    return self.chunks_of(x_view)
+
+  def over_blocks(self, compute: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """``compute(*operands, tile_spec)``, vmapped over the block axes where blocked."""
+    if not self.blocked:
+      return compute
+    blocks, tile_spec = self.blocks, self.tile_spec
+    return lambda *a: _blocks.over_blocks(lambda *ops: compute(*ops, tile_spec), blocks)(
+      *(_blocks.leading(op, blocks) for op in a[:-1])
+    )
+
+  def out_starts(self, position: jax.Array) -> tuple[list[jax.Array], list[jax.Array]]:
+    """Tile ``position``'s first output and index along each dimension.
+
+    The last tile along a dimension is moved back to end at the edge.
+    """
+    counts, tile_out = self.plan.counts, self.plan.tile_out
+    starts, indices = [], []
+    for d in reversed(range(len(counts))):
+      position, i = jnp.divmod(position, counts[d])
+      starts.append(jnp.minimum(i * tile_out[d], self.extent[d] - tile_out[d]))
+      indices.append(i)
+    return starts[::-1], indices[::-1]
+
+  def window_of(self, x_chunks: jax.Array, chunk: jax.Array, starts: list[jax.Array]) -> jax.Array:
+    """The padded input window of the tile at ``starts`` in batch chunk ``chunk``."""
+    g, window = self.spec.geometry, self.tile_spec.geometry.in_spatial
+    x = self.chunk_of(x_chunks, chunk)
+    for d in self.tiles:
+      if d in self.blocked:  # a block's window is padded already
+        x = lax.dynamic_slice_in_dim(x, starts[d] * g.window_strides[d], window[d], self.pos[d])
+      else:
+        start = starts[d] * g.window_strides[d] - g.padding[d][0]
+        x = _zero_extended_window(x, self.pos[d], start, window[d])
+    return x
+
+  def at(self, starts: list[jax.Array], zero: jax.Array) -> list[jax.Array]:
+    """A tile's offsets in the output view: every block, ``starts`` within."""
+    return [
+      s
+      for d in range(len(starts))
+      for s in ([zero, starts[d]] if d in self.blocked else [starts[d]])
+    ]
+
+  def view_shape(self, sizes: tuple[int, ...]) -> list[int]:
+    """Spatial shape of an output view whose dimensions hold ``sizes`` per block."""
+    blocks = self.blocks
+    return [
+      s for d, m in enumerate(sizes) for s in ([blocks[d]] if d in self.blocked else []) + [m]
+    ]
+
+
+def _tile_loop(spec: ConvSpec, plan: TilePlan) -> _TileLoop:
+  g = spec.geometry
+  nsp, tile_out = g.num_spatial, plan.tile_out
+  blocks = plan.blocks or (1,) * nsp
+  blocked = [d for d in range(nsp) if blocks[d] > 1]
+  tiles = [d for d in range(nsp) if plan.counts[d] > 1 or d in blocked]
+  # Tiled dimensions: a tile's window, cut out of the input with its padding.
+  # The others: the whole input, padded by compute (fused into the unfolding).
+  window_dims = window_extent(spec, tile_out)
+  window = tuple(window_dims[d] if d in tiles else g.in_spatial[d] for d in range(nsp))
+  padding = tuple((0, 0) if d in tiles else g.padding[d] for d in range(nsp))
+  tile_geometry = dataclasses.replace(
+    g, batch=plan.batch, padding=padding, in_spatial=window, out_spatial=tile_out
+  )
+  return _TileLoop(
+    spec=spec,
+    plan=plan,
+    tile_spec=dataclasses.replace(spec, geometry=tile_geometry),
+    blocks=blocks,
+    blocked=blocked,
+    tiles=tiles,
+    extent=_blocks.extent(spec, blocks),
+    pos=_blocks.axes(blocks),
+    nb=g.batch // plan.batch if plan.batch else 1,
+  )
+
+
 def tiled(
-  compute: Callable[..., jax.Array],
+  compute: Callable[[jax.Array, ConvSpec], jax.Array],
   x_cl: jax.Array,
   spec: ConvSpec,
   plan: TilePlan,
-  cotangent: jax.Array | None = None,
 ) -> jax.Array:
   """``compute(window, window_spec)`` over the tiles of ``plan``, through one ``lax.scan``.
 
@@ -226,111 +189,26 @@ def tiled(
   is vmapped over the block axes, which stay whole, so sharded ones stay
   sharded. The output comes out as ``(N, blocks, per_block, ...)`` and is cut
   to the output size.
-
-  With a ``cotangent`` (output-shaped), each step calls
-  ``compute(window, cotangent_tile, window_spec)`` instead and the results are
-  summed (a kernel gradient); the outputs a moved-back last tile shares with
-  its neighbour are zeroed in its cotangent tile, so each is counted once (and
-  outputs past the end, computed by the last blocks, get zero cotangents).
   """
-  g = spec.geometry
-  n, out, nsp = g.batch, g.out_spatial, g.num_spatial
-  b, tile_out, counts = plan.batch, plan.tile_out, plan.counts
-  blocks = plan.blocks or (1,) * nsp
-  nb = n // b if b else 1
-  blocked = [d for d in range(nsp) if blocks[d] > 1]
-  extent = _blocks.extent(spec, blocks)  # outputs a tile loop walks (per block)
-  tiles = [d for d in range(nsp) if counts[d] > 1 or d in blocked]
-  # Tiled dimensions: a tile's window, cut out of the input with its padding.
-  # The others: the whole input, padded by compute (fused into the unfolding).
-  window = tuple(_window(spec, tile_out)[d] if d in tiles else g.in_spatial[d] for d in range(nsp))
-  padding = tuple((0, 0) if d in tiles else g.padding[d] for d in range(nsp))
-  tile_spec = dataclasses.replace(
-    spec,
-    geometry=dataclasses.replace(
-      g, batch=b, padding=padding, in_spatial=window, out_spatial=tile_out
-    ),
-  )
-  if plan.is_whole(n):
-    return compute(x_cl, spec) if cotangent is None else compute(x_cl, cotangent, spec)
-  pos = _blocks.axes(blocks)  # axis of each spatial dimension in a step's operands
-  x_view = x_cl
-  if blocked:  # the block axes stay separate (and sharded): compute is vmapped over them
-    x_view = _blocks.padded_view(x_cl, spec, blocks)
-    per_tile = compute
-    compute = lambda *a: _blocks.over_blocks(lambda *ops: per_tile(*ops, tile_spec), blocks)(
-      *(_blocks.leading(op, blocks) for op in a[:-1])
-    )
-  # Chunk k holds samples k, k + nb, ...: the major (possibly sharded) batch axis
-  # stays whole and the chunk index is a minor axis.
-  # One chunk: the whole batch, not reshaped (XLA would copy it for the layout).
-  chunks_of = lambda a: a if nb == 1 else a.reshape(b, nb, *a.shape[1:])
-  chunk_of = lambda a, chunk: (
-    a if nb == 1 else lax.dynamic_index_in_dim(a, chunk, axis=1, keepdims=False)
-  )
-  x_chunks = chunks_of(x_view)
-
-  def out_starts(position):
-    starts, indices = [], []
-    for d in reversed(range(nsp)):
-      position, i = jnp.divmod(position, counts[d])
-      starts.append(jnp.minimum(i * tile_out[d], extent[d] - tile_out[d]))
-      indices.append(i)
-    return starts[::-1], indices[::-1]
-
-  def window_of(chunk, starts):
-    x = chunk_of(x_chunks, chunk)
-    for d in tiles:
-      if d in blocked:  # a block's window is padded already
-        x = lax.dynamic_slice_in_dim(x, starts[d] * g.window_strides[d], window[d], pos[d])
-      else:
-        start = starts[d] * g.window_strides[d] - g.padding[d][0]
-        x = _zero_extended_window(x, pos[d], start, window[d])
-    return x
-
+  if plan.is_whole(spec.geometry.batch):
+    return compute(x_cl, spec)
+  loop = _tile_loop(spec, plan)
+  out, nsp, nb = spec.geometry.out_spatial, spec.geometry.num_spatial, loop.nb
+  blocks, blocked, extent = loop.blocks, loop.blocked, loop.extent
+  compute = loop.over_blocks(compute)
+  x_chunks = loop.input_chunks(x_cl)
   zero = jnp.zeros((), jnp.int32)
-
-  def at(starts):  # a tile's offsets in the output view: every block, ``starts`` within
-    return [s for d in range(nsp) for s in ([zero, starts[d]] if d in blocked else [starts[d]])]
-
   steps = jnp.arange(nb * plan.num_tiles, dtype=jnp.int32)
-  if cotangent is not None:
-    ct_view = cotangent
-    if blocked:  # outputs past the end (computed by the last blocks) count zero
-      sizes = tuple(m * e if m > 1 else o for m, e, o in zip(blocks, extent, out))
-      ct_view = _blocks.view(ct_view, blocks, sizes)
-    ct_chunks = chunks_of(ct_view)
-    size = [m for d in range(nsp) for m in ([blocks[d]] if d in blocked else []) + [tile_out[d]]]
-
-    def ct_tile(chunk, starts, indices):
-      ct = chunk_of(ct_chunks, chunk)
-      ct = lax.dynamic_slice(ct, [zero, *at(starts), zero], (b, *size, ct.shape[-1]))
-      for d in tiles:  # outputs the previous tile already counted
-        if counts[d] > 1:
-          fresh = starts[d] + jnp.arange(tile_out[d]) >= indices[d] * tile_out[d]
-          fresh = lax.broadcast_in_dim(fresh, ct.shape, (pos[d],))
-          ct = jnp.where(fresh, ct, jnp.zeros((), ct.dtype))
-      return ct
-
-    def summand(index):
-      chunk, position = jnp.divmod(index, plan.num_tiles)
-      starts, indices = out_starts(position)
-      return compute(window_of(chunk, starts), ct_tile(chunk, starts, indices), tile_spec)
-
-    total = jax.eval_shape(summand, zero)
-    init = jnp.zeros(total.shape, total.dtype)
-    total, _ = lax.scan(lambda acc, i: (acc + summand(i), None), init, steps)
-    return total.sum(tuple(range(len(blocked)))) if blocked else total  # the blocks lead
 
   @functools.partial(jax.checkpoint, prevent_cse=False)
   def tile(chunk, starts):
-    y = compute(window_of(chunk, starts), tile_spec)
+    y = compute(loop.window_of(x_chunks, chunk, starts), loop.tile_spec)
     return _blocks.back(y, blocks) if blocked else y
 
   y_tile = jax.eval_shape(tile, zero, [zero] * nsp)
   bo, o = y_tile.shape[0], y_tile.shape[-1]
   x_spec = explicit_spec(x_cl)
-  view = [s for d in range(nsp) for s in ([blocks[d]] if d in blocked else []) + [extent[d]]]
+  view = loop.view_shape(extent)
   if x_spec is None and not blocked and unknown_split(x_cl) == 1:
     # Every output is written by a tile, so the initial values are never read. A
     # value of the input rather than zeros: XLA gives loops of one output shape one
@@ -349,9 +227,9 @@ def tiled(
 
   def step(y, index):
     chunk, position = jnp.divmod(index, plan.num_tiles)
-    starts, _ = out_starts(position)
+    starts, _ = loop.out_starts(position)
     update = tile(chunk, starts)[:, None]
-    return lax.dynamic_update_slice(y, update, [zero, chunk, *at(starts), zero]), None
+    return lax.dynamic_update_slice(y, update, [zero, chunk, *loop.at(starts, zero), zero]), None
 
   y, _ = lax.scan(step, init, steps)
   if x_spec is None:
@@ -363,35 +241,59 @@ def tiled(
   )
 
 
-# A forward tile is costed at three patch matrices' worth, though it holds one:
-# smaller tiles stay under glibc's mmap threshold and ran faster (a 1-D k=9 layer:
-# 1.9x lax's time with three, 3.7x with one). Kernel gradients count two.
-FORWARD_PATCH_COPIES = 3
-
-
-def plan_for(
-  spec: ConvSpec,
+def tiled_sum(
+  compute: Callable[[jax.Array, jax.Array, ConvSpec], jax.Array],
   x_cl: jax.Array,
-  memory_budget: int | None,
-  patch_copies: int,
-  out_itemsize: int,
-) -> TilePlan:
-  """:func:`tile_plan` for input ``x_cl``: its sharding, the devices, the budget in force.
+  cotangent: jax.Array,
+  spec: ConvSpec,
+  plan: TilePlan,
+) -> jax.Array:
+  """``compute(window, cotangent_tile, window_spec)`` summed over the tiles of ``plan``.
 
-  Tiles keep a sharded batch whole and never split a sharded spatial
-  dimension (on Auto meshes, spatial blocks).
+  A kernel gradient, tiled as :func:`tiled` tiles the forward (windows, blocks,
+  batch chunks, one ``lax.scan``), with ``cotangent`` output-shaped. The outputs a
+  moved-back last tile shares with its neighbour are zeroed in its cotangent tile,
+  so each is counted once (and outputs past the end, computed by the last blocks,
+  get zero cotangents).
   """
-  batch_shards, sharded_spatial = sharding_of(x_cl)
-  return tile_plan(
-    spec,
-    jnp.dtype(x_cl.dtype).itemsize,
-    budget_or_current(memory_budget),
-    patch_copies=patch_copies,
-    out_itemsize=out_itemsize,
-    batch_shards=batch_shards,
-    sharded_spatial=sharded_spatial,
-    devices=unknown_split(x_cl),
-  )
+  if plan.is_whole(spec.geometry.batch):
+    return compute(x_cl, cotangent, spec)
+  loop = _tile_loop(spec, plan)
+  out, tile_out, counts = spec.geometry.out_spatial, plan.tile_out, plan.counts
+  blocks, blocked, extent, pos = loop.blocks, loop.blocked, loop.extent, loop.pos
+  compute = loop.over_blocks(compute)
+  x_chunks = loop.input_chunks(x_cl)
+  zero = jnp.zeros((), jnp.int32)
+  steps = jnp.arange(loop.nb * plan.num_tiles, dtype=jnp.int32)
+  ct_view = cotangent
+  if blocked:  # outputs past the end (computed by the last blocks) count zero
+    sizes = tuple(m * e if m > 1 else o for m, e, o in zip(blocks, extent, out))
+    ct_view = _blocks.view(ct_view, blocks, sizes)
+  ct_chunks = loop.chunks_of(ct_view)
+  size = loop.view_shape(tile_out)
+
+  def ct_tile(chunk, starts, indices):
+    ct = loop.chunk_of(ct_chunks, chunk)
+    ct = lax.dynamic_slice(
+      ct, [zero, *loop.at(starts, zero), zero], (plan.batch, *size, ct.shape[-1])
+    )
+    for d in loop.tiles:  # outputs the previous tile already counted
+      if counts[d] > 1:
+        fresh = starts[d] + jnp.arange(tile_out[d]) >= indices[d] * tile_out[d]
+        fresh = lax.broadcast_in_dim(fresh, ct.shape, (pos[d],))
+        ct = jnp.where(fresh, ct, jnp.zeros((), ct.dtype))
+    return ct
+
+  def summand(index):
+    chunk, position = jnp.divmod(index, plan.num_tiles)
+    starts, indices = loop.out_starts(position)
+    x_window = loop.window_of(x_chunks, chunk, starts)
+    return compute(x_window, ct_tile(chunk, starts, indices), loop.tile_spec)
+
+  total = jax.eval_shape(summand, zero)
+  init = jnp.zeros(total.shape, total.dtype)
+  total, _ = lax.scan(lambda acc, i: (acc + summand(i), None), init, steps)
+  return total.sum(tuple(range(len(blocked)))) if blocked else total  # the blocks lead
 
 
 def tile_conv(

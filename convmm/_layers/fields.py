@@ -1,4 +1,4 @@
-"""Reading the fields of Flax conv layers: kernel sizes, broadcast ints and padding.
+"""Reading the fields of Flax conv layers: kernel sizes, broadcast ints, padding, the mask.
 
 Flax's conventions (an int for a 1-D kernel, ``maybe_broadcast`` of strides
 and dilations, ``canonicalize_padding``), with ints and pairs read by the
@@ -88,3 +88,12 @@ def layer_padding(layer: str, padding: Any, rank: int, modes: Sequence[str]) -> 
       f"padding={padding!r}"
     )
   return tuple(pair for pair in pairs if pair is not None)
+
+
+def check_mask(layer: str, mask: Any, kernel_shape: Sequence[int]) -> None:
+  """Raises a ValueError if ``mask`` is given and is not shaped like the kernel."""
+  if mask is not None and tuple(np.shape(mask)) != tuple(kernel_shape):
+    raise ValueError(
+      f"{layer}: `mask` must have the kernel's shape {tuple(kernel_shape)}, got "
+      f"mask.shape={tuple(np.shape(mask))}"
+    )

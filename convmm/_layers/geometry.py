@@ -319,15 +319,6 @@ def local_shapes(
   return (*out_spatial, patch_size, out_features), (*out_spatial, out_features)
 
 
-def check_mask(layer: str, mask: Any, kernel_shape: Sequence[int]) -> None:
-  """Raises a ValueError if ``mask`` is given and is not shaped like the kernel."""
-  if mask is not None and tuple(np.shape(mask)) != tuple(kernel_shape):
-    raise ValueError(
-      f"{layer}: `mask` must have the kernel's shape {tuple(kernel_shape)}, got "
-      f"mask.shape={tuple(np.shape(mask))}"
-    )
-
-
 def in_features_of(
   geometry: LayerGeometry,
   inputs: Any,

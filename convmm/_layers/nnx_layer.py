@@ -17,6 +17,7 @@ from flax.typing import Dtype, PrecisionLike
 
 from convmm._layers import geometry as geometry_rules
 from convmm._layers import ops as _layer_ops
+from convmm._layers.fields import check_mask
 
 Array = jax.Array
 
@@ -50,7 +51,7 @@ class Layer(nnx.Module):
 
   def _apply(self, op: Callable[..., Array], inputs: Array, **options: Any) -> Array:
     """Masks the kernel, promotes ``(inputs, kernel, bias)`` as flax.nnx does, runs ``op``."""
-    geometry_rules.check_mask(type(self).__name__, self.mask, self.kernel_shape)
+    check_mask(type(self).__name__, self.mask, self.kernel_shape)
     kernel = self.kernel[...]
     if self.mask is not None:
       kernel *= self.mask
@@ -76,7 +77,7 @@ class Layer(nnx.Module):
     arguments: Mapping[str, Any],
   ) -> None:
     """Keeps the geometry and arguments; draws ``kernel`` then ``bias`` as flax.nnx does."""
-    geometry_rules.check_mask(geometry.layer, arguments["mask"], kernel_shape)
+    check_mask(geometry.layer, arguments["mask"], kernel_shape)
     self.geometry = geometry
     for name in Layer.__annotations__:
       if name in arguments:

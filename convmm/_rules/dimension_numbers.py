@@ -82,3 +82,12 @@ def canonical_dimension_numbers(
       f"specs, got {tuple(dimension_numbers)!r}"
     )
   return lax.conv_dimension_numbers((0,) * ndim, (0,) * ndim, tuple(dimension_numbers))
+
+
+def channels_last_dimension_numbers(num_spatial: int) -> ConvDimensionNumbers:
+  """``(N, *spatial, C)``, ``(*window, I, O)``, ``(N, *spatial, C)`` as lax specs."""
+  spatial = tuple(range(1, num_spatial + 1))
+  channels_last = (0, num_spatial + 1, *spatial)
+  return ConvDimensionNumbers(
+    channels_last, (num_spatial + 1, num_spatial, *range(num_spatial)), channels_last
+  )

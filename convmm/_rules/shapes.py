@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convmm._rules.canonical import ConvGeometry, canonical_shape, conv_geometry, positive_count
+from convmm._rules.dimension_numbers import channels_last_dimension_numbers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,3 +201,11 @@ def accumulator_dtype(dtype: Any) -> np.dtype | None:
   if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
     return np.dtype(np.float32)
   return None
+
+
+def channels_last_spec(spec: ConvSpec) -> ConvSpec:
+  """``spec`` with canonical (channels-last) dimension numbers."""
+  dnums = channels_last_dimension_numbers(spec.geometry.num_spatial)
+  return dataclasses.replace(
+    spec, geometry=dataclasses.replace(spec.geometry, dimension_numbers=dnums)
+  )
