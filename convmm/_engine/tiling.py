@@ -46,13 +46,18 @@ def _zero_extended_window(x: jax.Array, axis: int, start: jax.Array, size: int) 
     length = size
   clamped = jnp.clip(start, 0, length - size)
   part = lax.dynamic_slice_in_dim(x, clamped, size, axis)
-  # Shift by start - clamped (in (-size, size)), filling with zeros.
+  # Shift by start - clamped, filling with zeros. A window wholly outside ``x``
+  # (a tile of outputs that read only padding) shifts by ``size`` or more: the
+  # shift is clipped to [-size, size], a slice of zeros only. (Unclipped, a
+  # negative index would wrap around: dynamic_slice reads index ``i < 0`` as
+  # ``i + len``, and the tile would read data from the far end.)
   part = lax.pad(
     part,
     jnp.zeros((), x.dtype),
     [(size, size, 0) if a == axis else (0, 0, 0) for a in range(x.ndim)],
   )
-  return lax.dynamic_slice_in_dim(part, size + start - clamped, size, axis)
+  shift = jnp.clip(start - clamped, -size, size)
+  return lax.dynamic_slice_in_dim(part, size + shift, size, axis)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +214,7 @@ def tiled(
   bo, o = y_tile.shape[0], y_tile.shape[-1]
   x_spec = explicit_spec(x_cl)
   view = loop.view_shape(extent)
-  if x_spec is None and not blocked and unknown_split(x_cl) == 1:
+  if x_spec is None and not blocked and unknown_split(x_cl) == 1 and x_cl.size:
     # Every output is written by a tile, so the initial values are never read. A
     # value of the input rather than zeros: XLA gives loops of one output shape one
     # shared zero buffer and copies it into each (ResNet-18's float32 step: seven
