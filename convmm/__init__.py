@@ -11,7 +11,10 @@ import jax
 
 from convmm._adjoint import conv_adjoint as conv_adjoint
 from convmm._adjoint import conv_transpose as conv_transpose
+from convmm._conv import algorithms as algorithms
 from convmm._conv import conv_general_dilated as conv_general_dilated
+from convmm._engine.autotune import clear as clear_autotune_cache
+from convmm._engine.autotune import report as autotune_report
 from convmm._engine.budget import memory_budget as memory_budget
 from convmm._engine.budget import set_memory_budget as set_memory_budget
 from convmm._engine.im2col import col2im as col2im
@@ -58,6 +61,9 @@ __all__ = [
   "col2im",
   "memory_budget",
   "set_memory_budget",
+  "algorithms",
+  "autotune_report",
+  "clear_autotune_cache",
   "replace_convs",
   "conv_matrix",
   "convolve",

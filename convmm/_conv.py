@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from convmm._engine import autodiff as _autodiff
+from convmm._engine import directions as _directions
 from convmm._engine import sharding as _sharding
 from convmm._engine.budget import current_memory_budget
 from convmm._engine.im2col import from_channels_last, to_channels_last
@@ -81,10 +82,22 @@ def conv_general_dilated(
       and kernel input features sharded alike over explicit axes (lax's
       kernel gradient of a batch-sharded input) are convolved slice by slice
       on each device and summed (one all-reduce, as lax's partitioner does).
-    method: keyword-only, how to compute it: 'im2col' (patches + one GEMM),
-      'shift' (a sum of one GEMM per kernel tap, never building patches),
-      'depthwise' (multiply-accumulate when each group has one input feature) or
-      'auto' (default: depthwise where it applies, else im2col).
+    method: keyword-only, who computes each direction (forward, input
+      gradient, kernel gradient; :func:`convmm.algorithms` tells).
+      'auto' (default): a rule table per backend, from shapes, dtypes and
+      parameters, when traced (on CPU: XLA's own convolution for the forward
+      and unit-stride input gradient of dense float32 1-D/2-D convolutions,
+      where it runs at GEMM speed; convmm's engine for every kernel gradient
+      and for grouped, depthwise, input-dilated, 3-D and 16-bit ones; on
+      GPU/TPU XLA's except depthwise; see the design page of the docs).
+      'autotune': both timed on this exact convolution when first traced, the
+      faster kept (remembered in memory and in a cache file; see
+      :func:`convmm.autotune_report`). 'xla': XLA's convolution in every
+      direction. Pure convmm, never XLA's convolution: 'convmm' (its engine
+      chosen by shape: depthwise where each group has one input feature,
+      else im2col), 'im2col' (patches + one GEMM), 'shift' (a sum of one
+      GEMM per kernel tap, never building patches), 'depthwise'
+      (multiply-accumulate, one input feature per group).
     memory_budget: keyword-only, bytes a tile's whole working set may hold
       (its input window, its patches counted three times, twice in a kernel
       gradient, the unfolding's first stage and its output; default 16 MiB, see
@@ -164,6 +177,9 @@ def conv_with_spec(
   if (chosen := choose_method(spec, method)) != "shift":
     # The primitive carries convmm's own derivatives (see convmm._engine.autodiff).
     w = jnp.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))  # (*window, I, O)
+    directions = _directions.choose(
+      method, spec, x_cl, w, chosen, precision, preferred_element_type, memory_budget
+    )
     y = _autodiff.conv(
       x_cl,
       w,
@@ -172,6 +188,7 @@ def conv_with_spec(
       preferred_element_type=preferred_element_type,
       method=chosen,
       memory_budget=memory_budget,
+      directions=directions,
     )
   else:
     y = conv_channels_last(
@@ -184,3 +201,69 @@ def conv_with_spec(
       memory_budget,
     )
   return from_channels_last(y, out_spec)
+
+
+def algorithms(
+  lhs: Any,
+  rhs: Any,
+  window_strides: Sequence[int],
+  padding: str | Sequence[tuple[int, int]],
+  lhs_dilation: Sequence[int] | None = None,
+  rhs_dilation: Sequence[int] | None = None,
+  dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
+  feature_group_count: int = 1,
+  batch_group_count: int = 1,
+  precision: lax.PrecisionLike = None,
+  preferred_element_type: jax.typing.DTypeLike | None = None,
+  *,
+  method: str = "auto",
+  memory_budget: int | None = None,
+) -> dict[str, str]:
+  """Which algorithm computes each direction of a :func:`conv_general_dilated` call.
+
+  Takes the same arguments (arrays or ``jax.ShapeDtypeStruct``) and computes
+  nothing but the choice (with ``method='autotune'``, the measurement on first
+  use). 'xla' is XLA's own convolution; 'im2col', 'depthwise' and 'shift'
+  are convmm's engines.
+
+  Returns:
+    ``{'forward': ..., 'input_grad': ..., 'kernel_grad': ...}``.
+
+  Example:
+    >>> import jax, convmm
+    >>> x = jax.ShapeDtypeStruct((8, 28, 28, 128), 'float32')
+    >>> w = jax.ShapeDtypeStruct((3, 3, 128, 128), 'float32')
+    >>> convmm.algorithms(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    ...                   method='im2col')
+    {'forward': 'im2col', 'input_grad': 'im2col', 'kernel_grad': 'im2col'}
+  """
+  fn = "algorithms"
+  lhs_shape, lhs_dtype = shape_of(fn, "lhs", lhs)
+  rhs_shape, rhs_dtype = shape_of(fn, "rhs", rhs)
+  lax_args = (
+    window_strides,
+    padding,
+    lhs_dilation,
+    rhs_dilation,
+    dimension_numbers,
+    feature_group_count,
+    batch_group_count,
+  )
+  spec = conv_spec(fn, lhs_shape, rhs_shape, *lax_args)
+  preferred_element_type = check_dtypes(fn, lhs_dtype, rhs_dtype, preferred_element_type)
+  method, memory_budget = check_method(fn, method, memory_budget)
+  engine = choose_method(spec, method, fn)
+  if engine == "shift":
+    return dict.fromkeys(_directions.DIRECTION_NAMES, engine)
+  g = spec.geometry
+  x = jax.ShapeDtypeStruct((g.batch, *g.in_spatial, g.in_features), lhs_dtype)
+  w = jax.ShapeDtypeStruct(
+    (*g.filter_shape, g.in_features // spec.feature_group_count, spec.out_features), rhs_dtype
+  )
+  chosen = _directions.choose(
+    method, spec, x, w, engine, precision, preferred_element_type, memory_budget
+  )
+  return {
+    name: engine if who == "convmm" else who
+    for name, who in zip(_directions.DIRECTION_NAMES, chosen)
+  }

@@ -44,7 +44,7 @@ def output_shardings():
         specs, gathers = {}, {}
         for name, conv, kw in [
           ("lax", lax.conv_general_dilated, {}),
-          ("convmm", convmm.conv_general_dilated, {"memory_budget": budget}),
+          ("convmm", convmm.conv_general_dilated, {"memory_budget": budget, "method": "convmm"}),
         ]:
           f = jax.jit(
             lambda x, w, conv=conv, kw=kw: conv(
@@ -80,7 +80,7 @@ def data_parallel_grad():
   w = jax.device_put(rng.standard_normal((3, 3, 4, 8)).astype(np.float32), NamedSharding(mesh, P()))
   for name, conv, kw in [
     ("lax", lax.conv_general_dilated, {}),
-    ("convmm", convmm.conv_general_dilated, {"memory_budget": 64 * 1024}),
+    ("convmm", convmm.conv_general_dilated, {"memory_budget": 64 * 1024, "method": "convmm"}),
   ]:
     step = jax.jit(
       jax.value_and_grad(
@@ -136,7 +136,7 @@ def blocked_tiles():
       )
       for name, conv, kw in [
         ("lax", lax.conv_general_dilated, {}),
-        ("convmm", convmm.conv_general_dilated, {"memory_budget": budget}),
+        ("convmm", convmm.conv_general_dilated, {"memory_budget": budget, "method": "convmm"}),
       ]:
         fwd = functools.partial(conv, **args, **kw)
         grad = jax.grad(lambda x, w, fwd=fwd: jnp.sum(jnp.sin(fwd(x, w))), (0, 1))
@@ -275,8 +275,53 @@ def depthwise_training():
       )
 
 
+def mixed_directions_training():
+  # method='auto' on CPU: XLA's convolution for the forward and input gradient of
+  # a dense float32 conv, convmm's kernel gradient; batch- and row-sharded inputs
+  # on Auto and Explicit meshes: lax's values, output shardings and no more
+  # all-gathers than lax.
+  x_np = rng.standard_normal((4, 12, 10, 3)).astype(np.float32)
+  w_np = rng.standard_normal((3, 3, 3, 5)).astype(np.float32)
+  for axis_type in ["Auto", "Explicit"]:
+    mesh = jax.make_mesh((2,), ("x",), axis_types=(getattr(AxisType, axis_type),))
+    for x_spec in [P("x"), P(None, "x")]:
+      x = jax.device_put(x_np, NamedSharding(mesh, x_spec))
+      w = jax.device_put(w_np, NamedSharding(mesh, P()))
+      out = {}
+      for name, conv in [
+        ("lax", lax.conv_general_dilated),
+        ("convmm", convmm.conv_general_dilated),
+      ]:
+        step = jax.jit(
+          jax.value_and_grad(
+            lambda x, w, conv=conv: jnp.sum(
+              jnp.sin(conv(x, w, (1, 1), "SAME", dimension_numbers=DN, precision=HIGHEST))
+            ),
+            argnums=(0, 1),
+          )
+        )
+        with jax.set_mesh(mesh):
+          value, (dx, dw) = step(x, w)
+          hlo = step.lower(x, w).compile().as_text()
+        out[name] = (value, dx, dw, str(dx.sharding.spec), hlo.count("all-gather("))
+      report(
+        "mixed_directions",
+        axis_type=axis_type,
+        x_spec=str(x_spec),
+        algorithms=convmm.algorithms(x, w, (1, 1), "SAME", dimension_numbers=DN),
+        error=max(
+          float(jnp.max(jnp.abs(a - b))) for a, b in zip(out["convmm"][:3], out["lax"][:3])
+        ),
+        lax=out["lax"][3],
+        convmm=out["convmm"][3],
+        lax_all_gathers=out["lax"][4],
+        all_gathers=out["convmm"][4],
+      )
+
+
 if __name__ == "__main__":
   depthwise_training()
+  mixed_directions_training()
   output_shardings()
   data_parallel_grad()
   blocked_tiles()

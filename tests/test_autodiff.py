@@ -20,10 +20,20 @@ from jax.test_util import check_grads
 from tolerances import assert_close
 
 import convmm
+import convmm._engine.policy
 from convmm._engine.plans import tile_plan
 from convmm._rules.shapes import conv_spec
 
 NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.fixture(autouse=True)
+def _convmm_in_every_direction(monkeypatch):
+  # These tests are about convmm's own derivatives: 'auto' must not hand a
+  # direction to XLA's convolution (tests/test_directions.py covers that).
+  monkeypatch.setattr(
+    convmm._engine.policy, "direction_rule", lambda *args: convmm._engine.policy.CONVMM
+  )
 
 CASES = {
   "stride1_same": case((2, 3, 5, 4), (4, 3, 3, 3), (1, 1), "SAME", dimension_numbers=NHWC),

@@ -1,5 +1,8 @@
 """``convmm.replace_convs`` inside primitives that carry jaxprs.
 
+Every call asks for convmm's engine in every direction (``method="convmm"``), so that
+no XLA convolution may remain at any depth.
+
 Each function hides its convolutions in a different construct (jit, scan,
 while_loop, cond, checkpoint, custom_jvp, custom_vjp, shard_map); the replaced
 function must have no XLA convolution at any depth, keep the construct, and
@@ -113,11 +116,11 @@ def test_values_and_gradients_both_ways(name):
   fn, primitive = CASES[name]
   loss = lambda x, w: jnp.sum(fn(x, w) ** 2)
   grad = jax.value_and_grad(loss, argnums=(0, 1))
-  replaced = convmm.replace_convs(fn)
+  replaced = convmm.replace_convs(fn, method="convmm")
   assert convs_in(fn, X, W) > 0 and convs_in(replaced, X, W) == 0
   assert primitive in str(jax.make_jaxpr(replaced)(X, W))  # the construct is kept
   grad_of_replaced = jax.value_and_grad(lambda x, w: jnp.sum(replaced(x, w) ** 2), argnums=(0, 1))
-  replaced_grad = convmm.replace_convs(grad)
+  replaced_grad = convmm.replace_convs(grad, method="convmm")
   assert convs_in(grad_of_replaced, X, W) == 0
   assert convs_in(replaced_grad, X, W) == 0
   # For custom_jvp/vjp, rules off by 2x and 3x make dropping them visible.
@@ -131,7 +134,7 @@ def test_while_loop_forward_and_jvp():
     cond = lambda s: (s[0] < 3) & (jnp.max(jnp.abs(s[1])) < 1e3)
     return lax.while_loop(cond, lambda s: (s[0] + 1, conv(s[1], w)), (0, x))[1]
 
-  replaced = convmm.replace_convs(fn)
+  replaced = convmm.replace_convs(fn, method="convmm")
   assert convs_in(replaced, X, W) == 0 and "while" in str(jax.make_jaxpr(replaced)(X, W))
   jvp = jax.jit(lambda f: jax.jvp(f, (X, W), (X, W)), static_argnums=0)
   assert_trees_close(jvp(replaced), jvp(fn), 3 * K, grad=True)
@@ -141,7 +144,9 @@ def test_nested_jit_and_closed_over_tracers():
   """Weights closed over from an outer grad reach the replaced convs as tracers."""
 
   def loss(w):
-    inner = convmm.replace_convs(lambda x: jax.jit(jax.checkpoint(lambda x: conv(x, w)))(x))
+    inner = convmm.replace_convs(
+      lambda x: jax.jit(jax.checkpoint(lambda x: conv(x, w)))(x), method="convmm"
+    )
     return jnp.sum(jnp.sin(inner(X)))
 
   expected = jax.grad(lambda w: jnp.sum(jnp.sin(conv(X, w))))(W)
@@ -166,10 +171,10 @@ def _custom_vmap_rule(axis_size, in_batched, x, w):
 def test_custom_vmap():
   xs = jnp.stack([X, -X])
   batched = jax.vmap(custom_vmap_conv, in_axes=(0, None))
-  replaced = convmm.replace_convs(custom_vmap_conv)
+  replaced = convmm.replace_convs(custom_vmap_conv, method="convmm")
   assert convs_in(replaced, X, W) == 0 and "custom_vmap_call" in str(jax.make_jaxpr(replaced)(X, W))
   assert_trees_close(jax.jit(replaced)(X, W), conv(X, W), K)
-  for fn in (jax.vmap(replaced, in_axes=(0, None)), convmm.replace_convs(batched)):
+  for fn in (jax.vmap(replaced, in_axes=(0, None)), convmm.replace_convs(batched, method="convmm")):
     assert convs_in(fn, xs, W) == 0
     assert_trees_close(jax.jit(fn)(xs, W), batched(xs, W), K)
   assert_trees_close(batched(xs, W)[0], 2 * conv(X, W), K)
@@ -177,7 +182,7 @@ def test_custom_vmap():
 
 def test_composite():  # lax.composite has no JVP rule: forward only
   fn = lax.composite(lambda x, w: jnp.tanh(conv(x, w)), name="test.conv_tanh")
-  replaced = convmm.replace_convs(fn)
+  replaced = convmm.replace_convs(fn, method="convmm")
   assert convs_in(fn, X, W) == 1 and convs_in(replaced, X, W) == 0
   assert "composite" in str(jax.make_jaxpr(replaced)(X, W))
   assert_trees_close(jax.jit(replaced)(X, W), fn(X, W), K)

@@ -107,3 +107,18 @@ def test_depthwise_training_on_meshes_equals_lax(results):
     assert row["convmm"] == row["lax"], row
     if row["x_spec"] == "P('x',)":  # column-sharded: convmm gathers once (lax: none)
       assert row["all_gathers"] <= row["lax_all_gathers"], row
+
+
+def test_directions_split_between_xla_and_convmm_keep_shardings(results):
+  # method='auto': XLA's forward and input gradient, convmm's kernel gradient.
+  rows = results["mixed_directions"]
+  assert len(rows) == 4
+  for row in rows:
+    assert row["algorithms"] == {
+      "forward": "xla",
+      "input_grad": "xla",
+      "kernel_grad": "im2col",
+    }, row
+    assert row["error"] < 1e-3, row
+    assert row["convmm"] == row["lax"], row
+    assert row["all_gathers"] <= row["lax_all_gathers"], row

@@ -49,7 +49,8 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from convmm._engine import blocks as _blocks
-from convmm._engine import policy
+from convmm._engine import native, policy
+from convmm._engine.policy import CONVMM
 from convmm._engine.budget import budget_or_current
 from convmm._engine.chunks import map_batch_chunks
 from convmm._engine.gradients import (
@@ -69,7 +70,9 @@ from convmm._engine.tiling import tile_conv, tiled_sum
 from convmm._rules.shapes import ConvSpec, accumulator_dtype, channels_last_spec, conv_spec
 
 
-def _forward(x, w, *, spec, precision, preferred_element_type, method, memory_budget):
+def _forward(x, w, *, spec, precision, preferred_element_type, method, memory_budget, directions):
+  if directions[0] == "xla":
+    return native.forward(x, w, spec, precision, preferred_element_type)
   w_tio = w.reshape(spec.geometry.num_taps, *w.shape[-2:])
   return conv_channels_last(
     x, w_tio, spec, precision, preferred_element_type, method, memory_budget
@@ -80,7 +83,9 @@ conv_p = Primitive("convmm_conv")
 conv_p.def_impl(
   jax.jit(
     _forward,
-    static_argnames=("spec", "precision", "preferred_element_type", "method", "memory_budget"),
+    static_argnames=(
+      "spec", "precision", "preferred_element_type", "method", "memory_budget", "directions"
+    ),
   )
 )
 mlir.register_lowering(conv_p, mlir.lower_fun(_forward, multiple_results=False))
@@ -110,7 +115,9 @@ def conv(x: jax.Array, w: jax.Array, spec: ConvSpec, **params: Any) -> jax.Array
     spec: the validated convolution (any dimension numbers; made canonical).
     **params: ``precision`` and ``preferred_element_type`` (passed to the GEMM),
       ``method`` (the forward method, see :func:`convmm.conv_general_dilated`) and
-      ``memory_budget`` (the tile budget in bytes; None: the default at trace time).
+      ``memory_budget`` (the tile budget in bytes; None: the default at trace time)
+      and ``directions``: who computes the forward, the input gradient and the
+      kernel gradient, 'convmm' or 'xla' (:mod:`convmm._engine.directions`).
 
   Returns:
     ``(N // batch_group_count, *out_spatial, O)``.
@@ -128,6 +135,7 @@ def conv(x: jax.Array, w: jax.Array, spec: ConvSpec, **params: Any) -> jax.Array
     preferred_element_type=preferred_element_type,
     method=params["method"],
     memory_budget=params["memory_budget"],
+    directions=tuple(params.get("directions", CONVMM)),
   )
 
 
@@ -165,7 +173,7 @@ def _input_grad_conv(ct, w, spec, params):
   w = jnp.moveaxis(w, nsp + 1, nsp)  # (*k, G, cg, og)
   w = w.reshape(*w.shape[:nsp], -1, w.shape[-1])
   w = jnp.swapaxes(jnp.flip(w, tuple(range(nsp))), nsp, nsp + 1)  # (*k, og, G*cg)
-  dx = _rebind(ct, w, t_spec, params)  # (N', *in, G*cg)
+  dx = _rebind(ct, w, t_spec, {**params, "directions": CONVMM})  # (N', *in, G*cg)
   if spec.batch_group_count > 1:  # the groups go back into the batch, group-major
     dx = split_axis(dx, nsp + 1, spec.batch_group_count)
     dx = jnp.moveaxis(dx, nsp + 1, 0)
@@ -231,6 +239,9 @@ def _wider_grad_blocks(spec: ConvSpec, ct: jax.Array, w: jax.Array, params) -> t
 def _lhs_rule(ct, x, w, **params):
   spec, precision = params["spec"], params["precision"]
   x_aval = x.aval
+  if params["directions"][1] == "xla":
+    return native.input_grad(ct, x_aval, w, spec, precision, params["preferred_element_type"])
+  params = {**params, "directions": CONVMM}
   unit_strides = all(s == 1 for s in spec.geometry.window_strides)
   multiplier = spec.out_features != spec.geometry.in_features
   if params["method"] == "depthwise" and (multiplier or not unit_strides):
@@ -273,6 +284,9 @@ def _lhs_rule(ct, x, w, **params):
 def _rhs_rule(ct, x, w, **params):
   spec, precision = params["spec"], params["precision"]
   w_aval = w.aval
+  if params["directions"][2] == "xla":
+    return native.kernel_grad(ct, x, w_aval, spec, precision, params["preferred_element_type"])
+  params = {**params, "directions": CONVMM}
   if ct.dtype != x.dtype:
     x = x.astype(ct.dtype)
   if ct.size == 0 or x.size == 0:

@@ -38,14 +38,17 @@ def kernel_taps_last(rhs: jax.Array, spec: ConvSpec) -> jax.Array:
   return w.reshape(spec.geometry.num_taps, w.shape[-2], w.shape[-1])
 
 
-METHODS = ("auto", "im2col", "shift", "depthwise")
+METHODS = ("auto", "autotune", "xla", "convmm", "im2col", "shift", "depthwise")
 
 
 def choose_method(spec: ConvSpec, method: str, fn: str = "conv_general_dilated") -> str:
   """``method``, checked against ``spec``, with ``"auto"`` resolved by the policy.
 
   'depthwise' computes only convolutions whose groups have a single input feature
-  each; ``"auto"`` is :func:`convmm._engine.policy.forward_method`'s choice.
+  each; for the methods that leave the engine to convmm ('auto', 'autotune',
+  'xla', 'convmm') it is :func:`convmm._engine.policy.forward_method`'s choice.
+  (Which directions the engine computes, and which XLA's convolution does, is
+  :func:`convmm._engine.directions.choose`'s decision.)
   """
   geometry = spec.geometry
   cg = geometry.in_features // spec.feature_group_count
@@ -56,7 +59,9 @@ def choose_method(spec: ConvSpec, method: str, fn: str = "conv_general_dilated")
       f"(feature_group_count == lhs features); got feature_group_count="
       f"{spec.feature_group_count} for {geometry.in_features} features"
     )
-  return policy.forward_method(spec) if method == "auto" else method
+  if method in ("auto", "autotune", "xla", "convmm"):
+    return policy.forward_method(spec)
+  return method
 
 
 def _group_gemm(

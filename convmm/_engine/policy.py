@@ -18,6 +18,9 @@ with their measurements.
 from __future__ import annotations
 
 import math
+from typing import Any
+
+import numpy as np
 
 from convmm._rules.shapes import ConvSpec
 
@@ -163,6 +166,68 @@ def kernel_grad_patches_first(rows: int, depth: int, out_features: int) -> bool:
   transposed output lacks bfloat16 x bfloat16 -> float32.)
   """
   return rows * depth <= depth * out_features + rows * out_features
+
+
+# ------------------------------------------------- who computes each direction
+#
+# Each direction of a convolution (forward, input gradient, kernel gradient) is
+# computed by convmm's engine ("convmm") or by XLA's own convolution ("xla",
+# convmm._engine.native); method="auto" takes this table's choice, deterministic,
+# from shapes, dtypes and parameters (convmm._engine.directions applies it, and
+# times both instead under method="autotune"). MEASUREMENTS: see direction_rule.
+
+Directions = tuple[str, str, str]  # forward, input gradient, kernel gradient
+CONVMM: Directions = ("convmm", "convmm", "convmm")
+XLA: Directions = ("xla", "xla", "xla")
+
+# Windows with more taps than this are unfolded by XLA's convolution, not im2col.
+MAX_UNFOLDED_TAPS = 64
+
+
+def direction_rule(spec: ConvSpec, dtype: Any, engine: str, backend: str) -> Directions:
+  """``method='auto'``'s choice for each direction of ``spec`` on ``backend``.
+
+  CPU (2-core x86-64, jax 0.10.2; ``benchmarks/directions.py``, interleaved
+  medians of each direction alone, both candidates in one process):
+
+  * The forward of a dense (no groups), undilated-input 1-D or 2-D float32
+    convolution is XLA's: its convolution is one library kernel at the GEMM's
+    speed, where im2col adds the unfolding (8x28x28x128 3x3 and 4x64x64x64 3x3
+    forwards took 1.5-1.65x lax's time with im2col, a 7x7/2 stem 2.0x).
+  * Its input gradient with unit strides is again such a convolution: XLA's.
+    Strided input gradients are input-dilated convolutions, where XLA's CPU
+    convolution is slow: convmm's.
+  * The kernel gradient is always convmm's: XLA computes it as a convolution
+    whose window is the whole image, far from GEMM speed (an 8x28x28x128 3x3
+    training step: lax 80 ms, XLA's forward and input gradient with convmm's
+    kernel gradient 51 ms).
+  * Grouped, depthwise, input-dilated and 3-D convolutions, where XLA's CPU
+    convolution is weak (convmm 4-50x faster), and other dtypes: convmm's.
+  * Windows of more than :data:`MAX_UNFOLDED_TAPS` taps (lax's own
+    kernel-gradient convolutions, met by ``replace_convs(jax.grad(f))``) are
+    XLA's forward: im2col unfolds them tap by tap and compile time grows with
+    the taps.
+
+  Other backends have no measurements here: XLA's convolution in every
+  direction, except the depthwise multiply-accumulate, which stays convmm's.
+  """
+  if backend != "cpu":
+    return CONVMM if engine == "depthwise" else XLA
+  g = spec.geometry
+  if engine == "im2col" and g.num_taps > MAX_UNFOLDED_TAPS:
+    return ("xla", "convmm", "convmm")
+  dense = (
+    engine == "im2col"
+    and spec.feature_group_count == 1
+    and spec.batch_group_count == 1
+    and all(d == 1 for d in g.lhs_dilation)
+    and g.num_spatial in (1, 2)
+    and np.dtype(dtype) == np.float32
+  )
+  if not dense:
+    return CONVMM
+  unit_strides = all(s == 1 for s in g.window_strides)
+  return ("xla", "xla" if unit_strides else "convmm", "convmm")
 
 
 # --------------------------------------------------------------- fixed choices

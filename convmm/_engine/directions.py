@@ -1,0 +1,112 @@
+"""Who computes each direction of a convolution: by rule, by measurement, or as asked.
+
+A convolution has three directions, the forward pass, the input gradient and
+the kernel gradient, and each is computed by convmm's engine (``'convmm'``) or
+by XLA's own convolution (``'xla'``, :mod:`convmm._engine.native`). The
+``method`` argument decides, when the convolution is traced:
+
+* ``'convmm'``, ``'im2col'``, ``'shift'``, ``'depthwise'``: convmm's engine in
+  every direction; the program has no XLA convolution (pure paths);
+* ``'xla'``: XLA's convolution in every direction;
+* ``'auto'``: the rule table of :func:`convmm._engine.policy.direction_rule`;
+* ``'autotune'``: both candidates of each direction timed on the exact
+  convolution when first traced, the faster kept by a clear margin (else the
+  rule's choice), remembered by :mod:`convmm._engine.autotune` in memory and
+  in a cache file.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from convmm._engine import autodiff, autotune, policy
+from convmm._engine.policy import CONVMM, XLA, Directions
+from convmm._rules.shapes import ConvSpec
+
+DIRECTION_NAMES = ("forward", "input_grad", "kernel_grad")
+PURE_METHODS = ("convmm", "im2col", "shift", "depthwise")
+
+
+def problem(spec: ConvSpec, dtype: Any, engine: str, precision: Any, preferred: Any) -> dict:
+  """A JSON-able description of ``spec`` for the autotuning store (every parameter)."""
+  g = spec.geometry
+  return {
+    "lhs": [g.batch, *g.in_spatial, g.in_features],
+    "rhs": [*g.filter_shape, g.in_features // spec.feature_group_count, spec.out_features],
+    "dtype": np.dtype(dtype).name,
+    "window_strides": list(g.window_strides),
+    "padding": [list(p) for p in g.padding],
+    "lhs_dilation": list(g.lhs_dilation),
+    "rhs_dilation": list(g.rhs_dilation),
+    "feature_group_count": spec.feature_group_count,
+    "batch_group_count": spec.batch_group_count,
+    "precision": str(precision),
+    "preferred_element_type": None if preferred is None else np.dtype(preferred).name,
+    "engine": engine,
+    "taps": math.prod(g.filter_shape),
+  }
+
+
+def _candidate(direction: int, name: str, x_aval: Any, w_aval: Any, spec: ConvSpec, params):
+  """A builder for :func:`convmm._engine.autotune.decide`: ``direction`` computed by ``name``."""
+  directions = tuple(name if d == direction else "convmm" for d in range(3))
+
+  def build():
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], x_aval.shape).astype(x_aval.dtype)
+    w = jax.random.normal(keys[1], w_aval.shape).astype(w_aval.dtype)
+    conv = lambda x, w: autodiff.conv(x, w, spec, directions=directions, **params)
+    if direction == 0:
+      forward = jax.jit(conv).lower(x, w).compile()
+      return lambda: forward(x, w)
+    y = jax.eval_shape(conv, x, w)
+    ct = jax.random.normal(keys[2], y.shape).astype(y.dtype)
+    grad = lambda x, w, ct: jax.vjp(conv, x, w)[1](ct)[direction - 1]
+    gradient = jax.jit(grad).lower(x, w, ct).compile()
+    return lambda: gradient(x, w, ct)
+
+  return build
+
+
+def choose(
+  method: str,
+  spec: ConvSpec,
+  x: Any,
+  w: Any,
+  engine: str,
+  precision: Any,
+  preferred: Any,
+  memory_budget: int | None,
+) -> Directions:
+  """Who computes each direction of the convolution of ``x (N, *sp, C)`` with ``w (*k, I, O)``.
+
+  ``method`` as given to :func:`convmm.conv_general_dilated`; ``engine`` is
+  convmm's engine for it (:func:`convmm._engine.kernels.choose_method`).
+  """
+  if method == "xla":
+    return XLA
+  if method in PURE_METHODS:
+    return CONVMM
+  by_rule = policy.direction_rule(spec, x.dtype, engine, jax.default_backend())
+  if method == "auto" or math.prod(x.shape) == 0 or math.prod(w.shape) == 0:
+    return by_rule
+  params = dict(
+    precision=precision,
+    preferred_element_type=preferred,
+    method=engine,
+    memory_budget=memory_budget,
+  )
+  description = problem(spec, x.dtype, engine, precision, preferred)
+  chosen = [
+    autotune.decide(
+      {**description, "direction": name},
+      {c: _candidate(d, c, x, w, spec, params) for c in ("convmm", "xla")},
+      default=by_rule[d],
+    )
+    for d, name in enumerate(DIRECTION_NAMES)
+  ]
+  return (chosen[0], chosen[1], chosen[2])
