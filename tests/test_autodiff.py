@@ -35,6 +35,7 @@ def _convmm_in_every_direction(monkeypatch):
     convmm._engine.policy, "direction_rule", lambda *args: convmm._engine.policy.CONVMM
   )
 
+
 CASES = {
   "stride1_same": case((2, 3, 5, 4), (4, 3, 3, 3), (1, 1), "SAME", dimension_numbers=NHWC),
   "strided_negative_pads": case((2, 3, 7, 6), (4, 3, 3, 2), (2, 3), ((1, -1), (-1, 2))),

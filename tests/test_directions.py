@@ -185,9 +185,7 @@ def test_autotune_measures_once_and_reports(monkeypatch, tmp_path):
   lhs, rhs, kw = _operands("dense-3x3")
   f = jax.jit(
     lambda a, b: _training_step(
-      lambda a, b: convmm.conv_general_dilated(
-        a, b, precision=HIGHEST, method="autotune", **kw
-      ),
+      lambda a, b: convmm.conv_general_dilated(a, b, precision=HIGHEST, method="autotune", **kw),
       a,
       b,
     )

@@ -50,7 +50,6 @@ from jax.interpreters import ad, batching, mlir
 
 from convmm._engine import blocks as _blocks
 from convmm._engine import native, policy
-from convmm._engine.policy import CONVMM
 from convmm._engine.budget import budget_or_current
 from convmm._engine.chunks import map_batch_chunks
 from convmm._engine.gradients import (
@@ -65,6 +64,7 @@ from convmm._engine.gradients import (
 )
 from convmm._engine.kernels import conv_channels_last
 from convmm._engine.plans import TilePlan, plan_for, tile_cost
+from convmm._engine.policy import CONVMM
 from convmm._engine.sharding import conv_out_sharding, unknown_split
 from convmm._engine.tiling import tile_conv, tiled_sum
 from convmm._rules.shapes import ConvSpec, accumulator_dtype, channels_last_spec, conv_spec
@@ -84,7 +84,12 @@ conv_p.def_impl(
   jax.jit(
     _forward,
     static_argnames=(
-      "spec", "precision", "preferred_element_type", "method", "memory_budget", "directions"
+      "spec",
+      "precision",
+      "preferred_element_type",
+      "method",
+      "memory_budget",
+      "directions",
     ),
   )
 )

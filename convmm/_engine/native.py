@@ -26,7 +26,9 @@ from convmm._rules.shapes import ConvSpec
 _lax_conv = _lax_convolution.conv_general_dilated  # not lax's attribute, which may be patched
 
 
-def forward(x: jax.Array, w: jax.Array, spec: ConvSpec, precision: Any, preferred: Any) -> jax.Array:
+def forward(
+  x: jax.Array, w: jax.Array, spec: ConvSpec, precision: Any, preferred: Any
+) -> jax.Array:
   """``x (N, *spatial, C)`` convolved with ``w (*window, I, O)`` by XLA, channels-last out."""
   g = spec.geometry
   nsp = g.num_spatial
@@ -64,15 +66,15 @@ def _aval(a: Any) -> jax.ShapeDtypeStruct:
 
 def input_grad(ct: jax.Array, x_aval: Any, w: jax.Array, spec, precision, preferred) -> jax.Array:
   """lax's input gradient: the transpose of :func:`forward` in ``x``."""
-  (dx,) = jax.linear_transpose(
-    lambda x: forward(x, w, spec, precision, preferred), _aval(x_aval)
-  )(ct)
+  (dx,) = jax.linear_transpose(lambda x: forward(x, w, spec, precision, preferred), _aval(x_aval))(
+    ct
+  )
   return dx
 
 
 def kernel_grad(ct: jax.Array, x: jax.Array, w_aval: Any, spec, precision, preferred) -> jax.Array:
   """lax's kernel gradient: the transpose of :func:`forward` in ``w``."""
-  (dw,) = jax.linear_transpose(
-    lambda w: forward(x, w, spec, precision, preferred), _aval(w_aval)
-  )(ct)
+  (dw,) = jax.linear_transpose(lambda w: forward(x, w, spec, precision, preferred), _aval(w_aval))(
+    ct
+  )
   return dw
