@@ -64,6 +64,7 @@ class Setting(Generic[T]):
   def __init__(self, name: str, default: T):
     self.name = name
     self._context = _user_context(default)
+    # Older jax only (no user context): the global default and the per-thread override.
     self._default = default
     self._override: contextvars.ContextVar[T] = contextvars.ContextVar(name, default=_UNSET)
     if self._context is None:
