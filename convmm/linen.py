@@ -29,12 +29,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
-from flax.linen.dtypes import promote_dtype as default_promote_dtype
-from flax.typing import Array, Dtype, Initializer, PaddingLike, PrecisionLike
 
 from convmm import _layer_geometry as geometry_rules
 from convmm import _layer_ops
+from convmm._extras import missing_extra
+
+try:
+  from flax import linen as nn
+  from flax.linen.dtypes import promote_dtype as default_promote_dtype
+  from flax.typing import Array, Dtype, Initializer, PaddingLike, PrecisionLike
+except ModuleNotFoundError as error:
+  raise missing_extra("convmm.linen", "flax", error) from error
 
 default_kernel_init = nn.initializers.lecun_normal()
 default_bias_init = nn.initializers.zeros_init()
