@@ -5,10 +5,6 @@ The functional core mirrors ``jax.lax``: swap ``lax.conv_general_dilated`` for
 convolution is the exact adjoint of the forward one (``conv_adjoint``).
 """
 
-import typing
-
-import jax
-
 from convmm._adjoint import conv_adjoint as conv_adjoint
 from convmm._adjoint import conv_transpose as conv_transpose
 from convmm._conv import algorithms as algorithms
@@ -21,33 +17,13 @@ from convmm._engine.im2col import col2im as col2im
 from convmm._engine.im2col import im2col as im2col
 from convmm._local import conv_general_dilated_local as conv_general_dilated_local
 from convmm._matrix import conv_matrix as conv_matrix
+from convmm._replace import replace_convs as replace_convs
 from convmm._signal import convolve as convolve
 from convmm._signal import correlate as correlate
 from convmm._spectral import circular_singular_values as circular_singular_values
 from convmm._spectral import operator_norm as operator_norm
 
 conv_general_dilated_patches = im2col
-
-if typing.TYPE_CHECKING:
-  from convmm._replace import replace_convs as replace_convs
-
-
-def __getattr__(name: str):
-  # replace_convs interprets jaxprs with JAX's private internals, which change between
-  # releases (it needs jax >= 0.10.2). Importing it on first use keeps the rest of convmm
-  # working on every jax from the floor in pyproject.toml, and says why when it cannot.
-  if name == "replace_convs":
-    try:
-      from convmm._replace import replace_convs
-    except ImportError as error:
-      raise ImportError(
-        f"convmm.replace_convs: needs JAX internals that jax {jax.__version__} lacks "
-        f"(it needs jax >= 0.10.2): {error}"
-      ) from error
-    globals()["replace_convs"] = replace_convs
-    return replace_convs
-  raise AttributeError(f"module 'convmm' has no attribute {name!r}")
-
 
 # The public API, in the order the reference site shows it (tests/test_api.py checks that
 # every public name is listed here and documented).

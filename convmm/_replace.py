@@ -19,24 +19,27 @@ from typing import Any, cast
 import jax
 import numpy as np
 from jax import lax
-from jax._src import (
+
+from convmm._conv import check_method, conv_general_dilated
+from convmm._jax_internals import (
   ad_checkpoint,
+  check,
   compute_on,
+  conditionals,
   core,
   custom_batching,
   custom_derivatives,
+  lax_eval_jaxpr,
+  lax_internal,
+  loops,
+  lu,
+  pe,
   pjit,
   shard_map,
+  solves,
   source_info_util,
+  tree_util,
 )
-from jax._src import linear_util as lu
-from jax._src.interpreters import partial_eval as pe
-from jax._src.lax import eval_jaxpr as lax_eval_jaxpr
-from jax._src.lax import lax as lax_internal
-from jax._src.lax.control_flow import conditionals, loops, solves
-from jax._src.tree_util import FlatTree
-
-from convmm._conv import check_method, conv_general_dilated
 
 _CONV = lax.conv_general_dilated_p
 # The parameters of lax's conv primitive that `where` receives (and convmm takes).
@@ -107,6 +110,9 @@ def replace_convs(
       (the original exception is chained).
     NotImplementedError: ``fn`` contains a primitive carrying a jaxpr with a
       convolution that replace_convs cannot rewrite (named in the message).
+    ImportError: the installed jax lacks a JAX internal replace_convs is built
+      on (the message names every missing one and the jax replace_convs is
+      tested with). Raised here, before ``fn`` is traced.
 
   Example:
     >>> import jax, jax.numpy as jnp, convmm
@@ -121,6 +127,7 @@ def replace_convs(
     False
   """
   name = "replace_convs"
+  check(name)
   if not callable(fn):
     raise TypeError(f"{name}: `fn` must be callable, got {type(fn).__name__} {fn!r}")
   if where is not None and not callable(where):
@@ -206,14 +213,14 @@ def _eval_eqn(eqn: core.JaxprEqn, invals: Sequence[Any], config: _Config) -> Any
   prim = eqn.primitive
   if prim is _CONV:
     return _conv(eqn, invals, config)
-  rule = _RULES.get(prim)
+  rule = _rules().get(prim)
   if rule is not None:
     return rule(eqn, invals, config)
   if any(_has_conv(j, opaque=False) for j in core.jaxprs_in_params(eqn.params)):
     raise NotImplementedError(
       f"replace_convs: primitive `{prim.name}` carries a jaxpr containing a convolution, "
       f"and replace_convs does not know how to rewrite `{prim.name}`; the convolution would "
-      f"stay XLA's. Handled primitives: {sorted(p.name for p in _RULES)}"
+      f"stay XLA's. Handled primitives: {sorted(p.name for p in _rules())}"
     )
   return _bind(eqn, invals)
 
@@ -223,7 +230,7 @@ def _has_conv(jaxpr: core.Jaxpr, opaque: bool = True) -> bool:
   rules of custom_jvp/vjp/vmap are Python functions whose convolutions cannot be seen)."""
   return any(
     eqn.primitive is _CONV
-    or (opaque and eqn.primitive in _OPAQUE_RULES)
+    or (opaque and eqn.primitive in _opaque_rules())
     or any(_has_conv(j, opaque) for j in core.jaxprs_in_params(eqn.params))
     for eqn in jaxpr.eqns
   )
@@ -310,7 +317,7 @@ def _shard_map(eqn, invals, config):
   jaxpr, out_specs = params.pop("jaxpr"), params.pop("out_specs")
 
   def body(*args):
-    return FlatTree.flatten(_eval_jaxpr(jaxpr, (), args, config)).with_aux(out_specs)
+    return tree_util.FlatTree.flatten(_eval_jaxpr(jaxpr, (), args, config)).with_aux(out_specs)
 
   return eqn.primitive.bind(*invals, subfuns=(body,), debug_info=jaxpr.debug_info, **params)
 
@@ -373,24 +380,31 @@ def _custom_vmap(eqn, invals, config):
   return _bind(eqn, invals, params)
 
 
-_RULES: dict[core.Primitive, Callable[..., Any]] = {
-  pjit.jit_p: _closed_jaxpr_params,
-  core.closed_call_p: _closed_jaxpr_params,
-  loops.scan_p: _closed_jaxpr_params,
-  loops.while_p: _closed_jaxpr_params,
-  conditionals.cond_p: _closed_jaxpr_params,
-  solves.linear_solve_p: _closed_jaxpr_params,
-  compute_on.compute_on_p: _closed_jaxpr_params,
-  lax_eval_jaxpr.eval_jaxpr_p: _closed_jaxpr_params,
-  lax_internal.composite_p: _closed_jaxpr_params,
-  ad_checkpoint.remat_p: _remat,
-  shard_map.shard_map_p: _shard_map,
-  custom_derivatives.custom_jvp_call_p: _custom_jvp,
-  custom_derivatives.custom_vjp_call_p: _custom_vjp,
-  custom_batching.custom_vmap_p: _custom_vmap,
-}
-_OPAQUE_RULES = (
-  custom_derivatives.custom_jvp_call_p,
-  custom_derivatives.custom_vjp_call_p,
-  custom_batching.custom_vmap_p,
-)
+@functools.cache
+def _rules() -> dict[core.Primitive, Callable[..., Any]]:
+  # Built on first use, after check(): on another jax these attributes may not exist.
+  return {
+    pjit.jit_p: _closed_jaxpr_params,
+    core.closed_call_p: _closed_jaxpr_params,
+    loops.scan_p: _closed_jaxpr_params,
+    loops.while_p: _closed_jaxpr_params,
+    conditionals.cond_p: _closed_jaxpr_params,
+    solves.linear_solve_p: _closed_jaxpr_params,
+    compute_on.compute_on_p: _closed_jaxpr_params,
+    lax_eval_jaxpr.eval_jaxpr_p: _closed_jaxpr_params,
+    lax_internal.composite_p: _closed_jaxpr_params,
+    ad_checkpoint.remat_p: _remat,
+    shard_map.shard_map_p: _shard_map,
+    custom_derivatives.custom_jvp_call_p: _custom_jvp,
+    custom_derivatives.custom_vjp_call_p: _custom_vjp,
+    custom_batching.custom_vmap_p: _custom_vmap,
+  }
+
+
+@functools.cache
+def _opaque_rules() -> tuple[core.Primitive, ...]:
+  return (
+    custom_derivatives.custom_jvp_call_p,
+    custom_derivatives.custom_vjp_call_p,
+    custom_batching.custom_vmap_p,
+  )

@@ -29,13 +29,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
-from flax.linen.dtypes import promote_dtype as default_promote_dtype
-from flax.typing import Array, Dtype, Initializer, PaddingLike, PrecisionLike
 
 from convmm._layers import geometry as geometry_rules
 from convmm._layers import ops as _layer_ops
+from convmm._layers.extras import missing_extra
 from convmm._layers.fields import check_mask
+
+try:
+  from flax import linen as nn
+  from flax.linen.dtypes import promote_dtype as default_promote_dtype
+  from flax.typing import Array, Dtype, Initializer, PaddingLike, PrecisionLike
+except ModuleNotFoundError as error:
+  raise missing_extra("convmm.linen", "flax", error) from error
 
 default_kernel_init = nn.initializers.lecun_normal()
 default_bias_init = nn.initializers.zeros_init()

@@ -27,14 +27,20 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
-from flax.nnx.nn.dtypes import promote_dtype as default_promote_dtype
-from flax.typing import Dtype, Initializer, PaddingLike, PrecisionLike
 
 from convmm._conv import conv_general_dilated as default_conv_general_dilated
 from convmm._layers import geometry as geometry_rules
 from convmm._layers import ops as _layer_ops
-from convmm._layers.nnx_layer import Layer as _Layer
+from convmm._layers.extras import missing_extra
+
+try:
+  from flax import nnx
+  from flax.nnx.nn.dtypes import promote_dtype as default_promote_dtype
+  from flax.typing import Dtype, Initializer, PaddingLike, PrecisionLike
+
+  from convmm._layers.nnx_layer import Layer as _Layer
+except ModuleNotFoundError as error:
+  raise missing_extra("convmm.nnx", "flax", error) from error
 
 Array = jax.Array
 default_kernel_init = nnx.initializers.lecun_normal()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import pathlib
-import sys
 import tomllib
 
 import pytest
@@ -20,8 +19,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_all_lists_every_public_name():
-  for name in convmm.__all__:
-    getattr(convmm, name)  # replace_convs is imported on first use
   public = {
     name
     for name, value in vars(convmm).items()
@@ -46,12 +43,3 @@ def test_version_has_one_source():
   except importlib.metadata.PackageNotFoundError:
     pytest.skip("convmm is not installed (imported from the source tree)")
   assert installed == convmm.__version__
-
-
-def test_replace_convs_says_which_jax_it_needs(monkeypatch):
-  # replace_convs is built on JAX internals and imported on first use; where they are
-  # missing (an older jax), the error names the function and the jax it needs.
-  monkeypatch.delitem(vars(convmm), "replace_convs", raising=False)
-  monkeypatch.setitem(sys.modules, "convmm._replace", None)
-  with pytest.raises(ImportError, match=r"convmm.replace_convs: .*it needs jax >= 0.10.2"):
-    convmm.replace_convs  # noqa: B018

@@ -64,10 +64,11 @@ def _zero_extended_window(x: jax.Array, axis: int, start: jax.Array, size: int) 
 class _TileLoop:
   """A plan's tile loop: where a step's window and output are, shared by both forms.
 
-  A step's operands are views ``(N, [blocks, window] or size..., C)`` (:mod:`.blocks`),
-  cut into batch chunks: chunk ``k`` holds samples ``k, k + nb, ...``, so the major
-  (possibly sharded) batch axis stays whole and the chunk index is a minor axis. One
-  chunk is the whole batch, not reshaped (XLA would copy it for the layout).
+  A step's operands are views ``(N, [blocks, window] or size..., C)``
+  (:mod:`convmm._engine.blocks`), cut into batch chunks: chunk ``k`` holds samples
+  ``k, k + nb, ...``, so the major (possibly sharded) batch axis stays whole and the
+  chunk index is a minor axis. One chunk is the whole batch, not reshaped (XLA would
+  copy it for the layout).
   """
 
   spec: ConvSpec

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from convmm import _adjoint, _conv, _local
-from convmm._engine.budget import current_memory_budget
+from convmm._engine.settings import unkeyed_values
 from convmm._layers.geometry import LayerGeometry, adjoint_input_spatial, in_features_of
 
 Array = jax.Array
@@ -89,14 +89,14 @@ def apply(
       f"(={tuple(input_spatial_shape)}), the one the kernel was built for, got "
       f"inputs.shape={shape}"
     )
-  # The budget in force is part of the cache key (it is read while tracing).
-  budget = current_memory_budget()
-  return _compiled(op, geometry, Options(**options), budget, inputs, kernel, bias)
+  # Settings jax does not key on (older jax) are keyed here, since they are read while tracing.
+  settings = unkeyed_values()
+  return _compiled(op, geometry, Options(**options), settings, inputs, kernel, bias)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _compiled(op, geometry, options, memory_budget_key, inputs, kernel, bias) -> jax.Array:
-  del memory_budget_key
+def _compiled(op, geometry, options, settings_key, inputs, kernel, bias) -> jax.Array:
+  del settings_key
   batch_shape = inputs.shape[: inputs.ndim - geometry.rank - 1]
   x = inputs.reshape(math.prod(batch_shape), *inputs.shape[len(batch_shape) :])
   y = op(geometry, x, kernel, options)
