@@ -163,7 +163,9 @@ def select_layers(suite: list[Layer], patterns: str | None) -> list[Layer]:
   chosen = [layer for layer in suite if any(fnmatch.fnmatch(layer.name, p) for p in wanted)]
   if not chosen:
     names = ", ".join(layer.name for layer in suite)
-    raise SystemExit(f"bench.py: --layers {patterns!r} matches no layer; layers are: {names}")
+    raise SystemExit(
+      f"benchmarks.bench: --layers {patterns!r} matches no layer; layers are: {names}"
+    )
   return chosen
 
 
