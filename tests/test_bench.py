@@ -9,12 +9,15 @@ speed.
 import json
 import math
 import pathlib
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from tolerances import tol
+
+from benchmarks.report import fmt
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 QUICK_LAYERS = ["tiny3x3_s2", "tiny_adjoint"]
@@ -90,10 +93,17 @@ def is_positive(value) -> bool:
   return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
-def test_quick_run_writes_json_and_convmm_matches_lax(tmp_path):
-  path = tmp_path / "quick.json"
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+  """``(process, path of its JSON)`` of one ``--quick`` run, shared by the tests below."""
+  path = tmp_path_factory.mktemp("bench") / "quick.json"
   proc = run_bench("--quick", "--reps", "2", "--json", str(path))
   assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc, path
+
+
+def test_quick_run_writes_json_and_convmm_matches_lax(quick_run):
+  proc, path = quick_run
   report = json.loads(path.read_text())
 
   assert set(report) == {"meta", "variants", "layers", "summary", "memory_target"}
@@ -179,3 +189,30 @@ def test_results_go_to_the_ignored_out_folder():
   assert bench.parse_args(["--quick"]).json == str(REPO / "benchmarks/out/layers-quick.json")
   assert bench.parse_args([]).json == str(REPO / "benchmarks/out/layers.json")
   assert "benchmarks/out/" in (REPO / ".gitignore").read_text().splitlines()
+
+
+def test_performance_page_is_generated_from_the_json(quick_run, tmp_path):
+  from benchmarks import performance_page
+
+  _, path = quick_run
+  report = json.loads(path.read_text())
+  readme = tmp_path / "README.md"
+  readme.write_text(
+    f"# x\n\n{performance_page.README_START}\nold table\n{performance_page.README_END}\n\nend\n"
+  )
+  page = tmp_path / "performance.md"
+  argv = ["--layers", str(path), "--models", "none", "--out", str(page), "--readme", str(readme)]
+  assert performance_page.main(argv) == 0
+  text = page.read_text()
+  gemm = report["meta"]["rates"]["gemm"][0]
+  assert f"| XLA float32 GEMM | {gemm['gflops']:.0f} GFLOP/s (6272x1152x128)," in text, text
+  assert report["meta"]["date"][:10] in text
+  for layer in report["layers"]:
+    step_ms = layer["impls"]["convmm"]["step_ms"]
+    assert re.search(rf"\n\| {layer['name']} \| [^|]+ \|.* \| {fmt(step_ms)} \|", text), text
+  assert "No whole-network run on this page yet" in text
+  new_readme = readme.read_text()
+  assert new_readme.startswith("# x\n\n") and new_readme.endswith("\n\nend\n")
+  assert "old table" not in new_readme and "all 2 suite layers (geometric mean)" in new_readme
+  geomean = report["summary"]["convmm"]["geomean_step_vs_lax"]
+  assert f"| all 2 suite layers (geometric mean) | {performance_page._x(geomean)} |" in new_readme
