@@ -57,7 +57,6 @@ README_MODELS = (
   ("ResNet-18, float32", "resnet18", "float32"),
   ("ResNet-18, bfloat16", "resnet18", "bfloat16"),
   ("MobileNetV2, float32", "mobilenetv2", "float32"),
-  ("U-Net, float32", "unet", "float32"),
 )
 
 
@@ -226,7 +225,8 @@ def readme_table(layers: dict[str, Any] | None, models: dict[str, Any] | None) -
   return "\n".join([
     README_START,
     f"Training-step time of convmm over that of `jax.lax`, Flax's own layers and PyTorch (CPU; "
-    f"below 1, convmm is faster), measured on {where}:",
+    f"below 1, convmm is faster), measured on {where}; all the tables, with compile times, "
+    "memory and the machine's GEMM rates: [docs/performance.md](docs/performance.md).",
     "",
     markdown(["layer or network", "vs lax", "vs Flax", "vs PyTorch"], rows),
     README_END,
