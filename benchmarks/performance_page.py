@@ -251,7 +251,12 @@ def main(argv=None) -> int:
   )
   parser.add_argument("--layers", metavar="PATH", help="python -m benchmarks.bench's JSON")
   parser.add_argument("--models", metavar="PATH", help="python -m benchmarks.models's JSON")
-  parser.add_argument("--out", default=str(REPO / "docs" / "performance.md"), metavar="PATH")
+  parser.add_argument(
+    "--out",
+    default=str(REPO / "docs" / "performance.md"),
+    metavar="PATH",
+    help="the page to write (default docs/performance.md)",
+  )
   parser.add_argument(
     "--readme",
     default=str(REPO / "README.md"),
