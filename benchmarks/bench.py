@@ -13,11 +13,11 @@ ceiling of im2col + GEMM), compile time (``lower`` + ``compile``), and the tempo
 memory XLA reserves (``compiled.memory_analysis().temp_size_in_bytes``). It also checks
 once per layer that convmm's output and gradients match lax's and records the errors.
 
-Examples:
-  python benchmarks/bench.py                          # full suite (a few minutes)
-  python benchmarks/bench.py --quick --json out.json  # CI smoke test (seconds)
-  python benchmarks/bench.py --layers 'depthwise*,unet*' --reps 11
-  python benchmarks/bench.py --variant method=shift   # add a convmm variant to compare
+Examples (from the repository root; the JSON goes to benchmarks/out/, which git ignores):
+  python -m benchmarks.bench                          # full suite (a few minutes)
+  python -m benchmarks.bench --quick                  # smoke test (seconds)
+  python -m benchmarks.bench --layers 'depthwise*,unet*' --reps 11
+  python -m benchmarks.bench --variant method=shift   # add a convmm variant to compare
 
 Extra convmm variants (keyword arguments passed to every convmm call) go in
 ``CONVMM_VARIANTS`` (``impls.py``) or on the command line with ``--variant``, e.g.
@@ -33,74 +33,26 @@ On a busy machine prefer ``--stat min``.
 
 The code: ``suite.py`` (the layers and their FLOP model), ``impls.py`` (convmm, lax and
 the PyTorch translation), ``measure.py`` (compiling, timing, agreement), ``report.py``
-(the tables); this file is the command line.
+(the tables), ``machine.py`` (the machine and its GEMM rates); this file is the command line.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
 import os
-import platform
+import pathlib
 import sys
 import time
-from typing import Any
 
-import jax
-from impls import CONVMM_VARIANTS, LAX, convmm_impl, parse_variant, torch
-from measure import STATISTICS, measure_layer, memory_target, summarize, warm_up_compiler
-from report import fmt, markdown_tables, memory_lines, shape_str
-from suite import MEMORY_CASE, QUICK_SUITE, SUITE, select_layers
+from benchmarks.impls import CONVMM_VARIANTS, LAX, convmm_impl, parse_variant, torch
+from benchmarks.machine import machine_info, measure_rates
+from benchmarks.measure import STATISTICS, measure_layer, memory_target, summarize, warm_up_compiler
+from benchmarks.report import fmt, markdown_tables, memory_lines, rates_line, shape_str
+from benchmarks.suite import MEMORY_CASE, QUICK_SUITE, SUITE, select_layers
 
-import convmm
-
-# Settings that change what is measured; recorded with the results.
-ENVIRONMENT = (
-  "XLA_FLAGS",
-  "GLIBC_TUNABLES",
-  "OMP_WAIT_POLICY",
-  "OMP_NUM_THREADS",
-  "JAX_PLATFORMS",
-  "LD_PRELOAD",
-)
-
-
-def machine_info(args) -> dict[str, Any]:
-  cpu = platform.processor()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(
-        (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu
-      )
-  except OSError:
-    pass
-  return dict(
-    date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    argv=sys.argv,
-    python=platform.python_version(),
-    platform=platform.platform(),
-    cpu=cpu,
-    cores=len(os.sched_getaffinity(0)),
-    jax=jax.__version__,
-    jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
-    backend=jax.default_backend(),
-    convmm=convmm.__version__,
-    torch=None if torch is None or args.no_torch else torch.__version__,
-    torch_threads=None if torch is None or args.no_torch else torch.get_num_threads(),
-    torch_layout="NC* contiguous (PyTorch's default)",
-    reps=args.reps,
-    min_reps=args.min_reps,
-    max_seconds=args.max_seconds,
-    stat=args.stat,
-    seed=args.seed,
-    environment={
-      key: value
-      for key, value in os.environ.items()
-      if key in ENVIRONMENT or key.startswith("MALLOC_")
-    },
-  )
+OUT_DIR = pathlib.Path(__file__).resolve().parent / "out"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -165,7 +117,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     help="PyTorch threads (default: the cores this process may use)",
   )
   parser.add_argument("--seed", type=int, default=0, help="seed of the random operands")
-  parser.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
+  parser.add_argument(
+    "--json",
+    metavar="PATH",
+    help=f"write every number to this JSON file (default {OUT_DIR.name}/layers.json in "
+    f"benchmarks/, {OUT_DIR.name}/layers-quick.json with --quick)",
+  )
   parser.add_argument("--list", action="store_true", help="list the layers and exit")
   args = parser.parse_args(argv)
   if args.reps is None:
@@ -173,6 +130,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.reps < 1 or args.min_reps < 1:
     parser.error("--reps and --min-reps must be >= 1")
   args.min_reps = min(args.min_reps, args.reps)
+  if args.json is None:
+    args.json = str(OUT_DIR / ("layers-quick.json" if args.quick else "layers.json"))
   return args
 
 
@@ -194,12 +153,24 @@ def main(argv=None) -> int:
   variants.update(parse_variant(text) for text in args.variant)
   jax_impls = {"lax": LAX, **{name: convmm_impl(**kw) for name, kw in variants.items()}}
   log = functools.partial(print, file=sys.stderr, flush=True)
-  info = machine_info(args)
+  use_torch = torch is not None and not args.no_torch
+  info = machine_info(
+    rates=measure_rates(repeats=3 if args.quick else 5),
+    torch_used=use_torch,
+    torch_layout="NC* contiguous (PyTorch's default)" if use_torch else None,
+    reps=args.reps,
+    min_reps=args.min_reps,
+    max_seconds=args.max_seconds,
+    stat=args.stat,
+    seed=args.seed,
+    quick=args.quick,
+  )
   warm_up_compiler(jax_impls)
   log(
     f"convmm {info['convmm']}, jax {info['jax']} on {info['cpu']} ({info['cores']} cores), "
-    f"torch {info['torch'] or 'not used'}; {len(suite)} layers, {args.reps} reps"
+    f"torch {info['torch'] if use_torch else 'not used'}; {len(suite)} layers, {args.reps} reps"
   )
+  log(rates_line(info))
 
   results = []
   start = time.perf_counter()
@@ -225,14 +196,14 @@ def main(argv=None) -> int:
   print(markdown_tables(results, list(variants), summary, info))
   if memory is not None:
     print("\n".join(memory_lines(memory)))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(
-        dict(meta=info, variants=variants, layers=results, summary=summary, memory_target=memory),
-        f,
-        indent=1,
-      )
-    log(f"wrote {args.json}")
+  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+  with open(args.json, "w") as f:
+    json.dump(
+      dict(meta=info, variants=variants, layers=results, summary=summary, memory_target=memory),
+      f,
+      indent=1,
+    )
+  log(f"wrote {args.json}")
   return 0
 
 

@@ -18,9 +18,9 @@ from typing import Any
 import jax
 import numpy as np
 from jax import lax
-from suite import Layer
 
 import convmm
+from benchmarks.suite import Layer
 from convmm._rules.canonical import conv_transpose_padding, dilate_dim
 
 # PyTorch's OpenMP threads otherwise busy-wait after each call: in the interleaved loop they

@@ -2,8 +2,8 @@
 
 The helpers at the top (:func:`compile_timed`, :func:`time_interleaved`,
 :func:`training_step`, :func:`max_error`, :func:`geomean`) know nothing about
-convolutions and can be shared by other benchmarks; :func:`measure_layer` and
-:func:`memory_target` are this suite's measurements.
+convolutions and are shared with the whole-network benchmark (``models.py``);
+:func:`measure_layer` and :func:`memory_target` are the layer suite's measurements.
 """
 
 from __future__ import annotations
@@ -21,14 +21,23 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from impls import LAX, JaxImpl, torch, torch_ops
-from suite import MEMORY_ALLOWANCE, MEMORY_CASE, Layer, conv_layer, gemm_of
+
+from benchmarks.impls import LAX, JaxImpl, torch, torch_ops
+from benchmarks.suite import MEMORY_ALLOWANCE, MEMORY_CASE, Layer, conv_layer, gemm_of
 
 
-def compile_timed(fn: Callable, *args) -> tuple[Any, dict[str, Any]]:
-  """``jax.jit(fn)`` compiled for ``args``, with lower/compile seconds and temporary bytes."""
+def compile_timed(
+  fn: Callable, *args, donate_argnums: tuple[int, ...] = (), fresh: bool = False
+) -> tuple[Any, dict[str, Any]]:
+  """``jax.jit(fn)`` compiled for ``args``, with lower/compile seconds and temporary bytes.
+
+  ``fresh``: clear JAX's caches first, so that tracing, lowering and compiling all happen
+  again (a repeated compile time measurement).
+  """
+  if fresh:
+    jax.clear_caches()
   start = time.perf_counter()
-  lowered = jax.jit(fn).lower(*args)
+  lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(*args)
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
   end = time.perf_counter()

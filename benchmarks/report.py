@@ -34,6 +34,36 @@ def shape_str(shape) -> str:
   return "x".join(map(str, shape))
 
 
+def rates_line(meta: dict[str, Any]) -> str:
+  """One line: the machine and XLA's GEMM and convolution rates on it (``machine.py``)."""
+  head = (
+    f"{meta.get('cpu', '?')}, {meta.get('cores', '?')} cores, jax {meta.get('jax', '?')}, "
+    f"{str(meta.get('date', '?'))[:10]}"
+  )
+  rates = meta.get("rates")
+  if not rates:
+    return f"{head}; XLA's GEMM and convolution rates were not recorded with this run."
+  parts = []
+  for operands, label in (
+    ("float32", "float32 GEMM"),
+    ("bfloat16", "bfloat16 x bfloat16 -> float32 GEMM"),
+  ):
+    cells = [
+      f"{g['gflops']:.0f} ({shape_str(g['shape'])})"
+      for g in rates["gemm"]
+      if g["operands"] == operands
+    ]
+    parts.append(f"{label} {', '.join(cells)}")
+  for c in rates["conv"]:
+    parts.append(
+      f"lax's {c['dtype']} convolution {c['gflops']:.0f} ({shape_str(c['lhs_shape'])} input, "
+      f"{shape_str(c['rhs_shape'])} kernel, forward)"
+    )
+  return f"{head}. XLA's GFLOP/s on this machine (median of {rates['repeats']}): " + "; ".join(
+    parts
+  )
+
+
 def markdown(headers: list[str], rows: list[list[Any]]) -> str:
   """A markdown (pipe) table with unpadded cells."""
   return tabulate(
@@ -129,7 +159,7 @@ def markdown_tables(
     "GEMM of the same M, K, N (x3 for a step) over convmm's."
   )
   return "\n".join([
-    caption, "",
+    caption, "", rates_line(meta), "",
     markdown(TIME_HEADERS, time_rows(results, variants)), "",
     markdown(RESOURCE_HEADERS, resource_rows(results, variants)), "",
     *summary_lines(summary),
@@ -157,3 +187,94 @@ def memory_lines(memory: dict[str, Any]) -> list[str]:
     "",
     markdown(["implementation", "fwd", "step", "fwd ok", "step ok"], rows),
   ]
+
+
+# ------------------------------------------------------------------ whole networks
+
+
+def fmt_sig(value: float | None, digits: int = 3) -> str:
+  """``value`` with ``digits`` significant digits (no exponent below 10**digits)."""
+  if value is None or not math.isfinite(value):
+    return "-"
+  return f"{value:.{max(0, digits - 1 - math.floor(math.log10(abs(value))))}f}" if value else "0"
+
+
+MODEL_TIME_HEADERS = [
+  "model dtype", "fwd ms convmm", "flax", "torch", "/flax", "/torch",
+  "step ms convmm", "flax", "torch", "/flax", "/torch",
+  "err fwd / grad", "grad err vs f32 convmm / flax",
+]  # fmt: skip
+
+MODEL_RESOURCE_HEADERS = [
+  "model dtype", "compile fwd s convmm / flax", "/flax", "compile step s", "/flax",
+  "temp MiB fwd", "/flax", "temp MiB step", "/flax",
+]  # fmt: skip
+
+
+def model_time_rows(results: list[dict[str, Any]]) -> list[list[str]]:
+  """Forward and step times of convmm, Flax and PyTorch, and agreement, per network and dtype."""
+  rows = []
+  for r in results:
+    label = f"{r['model']} {r['dtype']}"
+    if "error" in r:
+      rows.append([label, f"error: {r['error'][:80]}"] + [""] * (len(MODEL_TIME_HEADERS) - 2))
+      continue
+    c, f, t, q = r["impls"]["convmm"], r["impls"]["flax"], r["impls"].get("torch", {}), r["ratios"]
+    vs_f32 = r["errors"].get("vs_float32")
+    rows.append([
+      label, fmt_sig(c["fwd_ms"]), fmt_sig(f["fwd_ms"]), fmt_sig(t.get("fwd_ms")),
+      _times(q["fwd"]), _times(q.get("fwd_vs_torch")),
+      fmt_sig(c["step_ms"]), fmt_sig(f["step_ms"]), fmt_sig(t.get("step_ms")),
+      _times(q["step"]), _times(q.get("step_vs_torch")),
+      f"{r['errors']['fwd']:.1e} / {r['errors']['grads']:.1e}",
+      "-" if vs_f32 is None
+      else f"{vs_f32['convmm']['grads']:.1e} / {vs_f32['flax']['grads']:.1e}",
+    ])  # fmt: skip
+  return rows
+
+
+def model_resource_rows(results: list[dict[str, Any]]) -> list[list[str]]:
+  """Compile seconds and compiled temporary memory of convmm and Flax, per network and dtype."""
+  mib = lambda b: None if b is None else b / 2**20
+  rows = []
+  for r in results:
+    if "error" in r:
+      continue
+    c, f, q = r["impls"]["convmm"], r["impls"]["flax"], r["ratios"]
+    rows.append([
+      f"{r['model']} {r['dtype']}",
+      f"{fmt_sig(c['compile_fwd_s'])} / {fmt_sig(f['compile_fwd_s'])}",
+      _times(q["compile_fwd"]),
+      f"{fmt_sig(c['compile_step_s'])} / {fmt_sig(f['compile_step_s'])}",
+      _times(q["compile_step"]),
+      f"{fmt_sig(mib(c['temp_fwd_bytes']))} / {fmt_sig(mib(f['temp_fwd_bytes']))}",
+      _times(q["temp_fwd"]),
+      f"{fmt_sig(mib(c['temp_step_bytes']))} / {fmt_sig(mib(f['temp_step_bytes']))}",
+      _times(q["temp_step"]),
+    ])  # fmt: skip
+  return rows
+
+
+def _times(ratio: float | None) -> str:
+  return "-" if ratio is None else fmt_sig(ratio) + "x"
+
+
+def models_report(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+  """The whole-network tables with their caption and the machine's rates, as markdown."""
+  isolated = " (each network and dtype in its own process)" if meta.get("isolated") else ""
+  return "\n".join([
+    f"convmm / Flax layers; times are medians of {meta['repeats']} interleaved "
+    f"repetitions{isolated}, compile times medians of {meta['compile_repeats']} (trace + lower "
+    f"+ compile); load average {meta['load_average'][0]:.1f} at the start. /flax and /torch are "
+    "convmm's time over theirs.",
+    "",
+    rates_line(meta),
+    "",
+    markdown(MODEL_TIME_HEADERS, model_time_rows(results)),
+    "",
+    markdown(MODEL_RESOURCE_HEADERS, model_resource_rows(results)),
+    "",
+    "err: max |convmm - flax| / max |flax| over the output, and over all parameters' "
+    "gradients; for 16-bit runs also each network's gradient error against Flax's "
+    "network in float32.",
+  ])  # fmt: skip

@@ -51,16 +51,14 @@ def conv_layer(name, source, lhs, rhs, strides, padding, dn=NHWC, groups=1, dila
 
 
 SUITE = [
-  conv_layer(
-    "resnet3x3", "ResNet-18 conv3_x (issue table)", (8, 28, 28, 128), (3, 3, 128, 128), 1, 1
-  ),
+  conv_layer("resnet3x3", "ResNet-18 conv3_x", (8, 28, 28, 128), (3, 3, 128, 128), 1, 1),
   conv_layer("resnet3x3_s2", "ResNet-18 conv3_1, stride 2", (8, 56, 56, 64), (3, 3, 64, 128), 2, 1),
   conv_layer("stem7x7_s2", "ResNet stem 7x7/2, 224x224 RGB", (4, 224, 224, 3), (7, 7, 3, 64), 2, 3),
   conv_layer("proj1x1", "ResNet-50 bottleneck expand 1x1", (8, 56, 56, 64), (1, 1, 64, 256), 1, 0),
   conv_layer("proj1x1_s2", "ResNet-50 shortcut 1x1/2", (8, 56, 56, 256), (1, 1, 256, 512), 2, 0),
   conv_layer(
     "depthwise3x3",
-    "MobileNetV2 depthwise (issue table)",
+    "MobileNetV2 depthwise",
     (8, 56, 56, 96),
     (3, 3, 1, 96),
     1,
@@ -69,7 +67,7 @@ SUITE = [
   ),
   conv_layer(
     "grouped3x3",
-    "ResNeXt 8 groups (issue table)",
+    "ResNeXt 8 groups",
     (8, 28, 28, 128),
     (3, 3, 16, 128),
     1,
@@ -99,7 +97,7 @@ SUITE = [
   ),
   Layer(
     "unet_transpose",
-    "U-Net up-conv 4x4/2 via conv_transpose (issue table)",
+    "U-Net up-conv 4x4/2 via conv_transpose",
     "transpose",
     (16, 28, 28, 128),
     (4, 4, 128, 64),
@@ -146,7 +144,7 @@ QUICK_SUITE = [
   ),
 ]
 
-# The issue's memory target: a 32x112x112x64 input with a 3x3 kernel (a ~900 MiB patch
+# The memory target: a 32x112x112x64 input with a 3x3 kernel (a ~900 MiB patch
 # matrix if built whole) must compile to <= 160 MiB of temporary memory for the forward, and
 # a training step to <= lax's + 160 MiB. Only compiled, never run.
 MEMORY_CASE = conv_layer(
@@ -163,7 +161,9 @@ def select_layers(suite: list[Layer], patterns: str | None) -> list[Layer]:
   chosen = [layer for layer in suite if any(fnmatch.fnmatch(layer.name, p) for p in wanted)]
   if not chosen:
     names = ", ".join(layer.name for layer in suite)
-    raise SystemExit(f"bench.py: --layers {patterns!r} matches no layer; layers are: {names}")
+    raise SystemExit(
+      f"benchmarks.bench: --layers {patterns!r} matches no layer; layers are: {names}"
+    )
   return chosen
 
 

@@ -267,7 +267,7 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ## 4. Stride and `output_padding`
+# ## 4. Stride and output_padding
 #
 # With stride 2, a 3x3 kernel and no padding, a 5x5 input and a 6x6 input **both** give a 2x2
 # output: `(5 - 3) // 2 + 1 == (6 - 3) // 2 + 1 == 2` (the 6th row and column are never read). So

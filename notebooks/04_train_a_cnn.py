@@ -15,7 +15,9 @@
 # `python -m examples.cnn.main --help`.
 
 # %%
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +26,12 @@ import numpy as np
 from jax import lax
 
 import convmm
-from examples.cnn import input_pipeline, models, train
+
+# `examples/` is a folder of the repository, not an installed package: import it from the
+# repository root, whichever folder Jupyter started in.
+root = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "examples" / "cnn").is_dir())
+sys.path.insert(0, str(root))
+from examples.cnn import input_pipeline, models, train  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
 print("the example's modules:", ", ".join(m.__name__ for m in (input_pipeline, models, train)))

@@ -1,12 +1,15 @@
-"""benchmarks/bench.py runs end to end, writes well-formed JSON, and convmm agrees with lax.
+"""``python -m benchmarks.bench`` runs end to end, writes well-formed JSON, and convmm agrees
+with lax.
 
-The quick suite runs as a subprocess, as CI and users run it. Timings are only checked to
-be positive numbers: these machines are too noisy to assert anything about speed.
+The quick suite runs as a subprocess from the repository root, as CI and users run it. Timings
+are only checked to be positive numbers: these machines are too noisy to assert anything about
+speed.
 """
 
 import json
 import math
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -14,7 +17,9 @@ import numpy as np
 import pytest
 from tolerances import tol
 
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+from benchmarks.report import fmt
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 QUICK_LAYERS = ["tiny3x3_s2", "tiny_adjoint"]
 IMPL_KEYS = [
   "fwd_ms",
@@ -61,24 +66,51 @@ SUMMARY_KEYS = [
 
 def run_bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
   return subprocess.run(
-    [sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=timeout
+    [sys.executable, "-m", "benchmarks.bench", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
   )
+
+
+def check_rates(meta) -> None:
+  """The machine's GEMM and convolution rates are recorded with every run."""
+  rates = meta["rates"]
+  assert [(g["operands"], g["shape"]) for g in rates["gemm"]] == [
+    (operands, shape)
+    for operands in ("float32", "bfloat16")
+    for shape in ([6272, 1152, 128], [2048, 2048, 2048])
+  ]
+  assert all(is_positive(g["gflops"]) and g["result"] == "float32" for g in rates["gemm"])
+  (conv,) = rates["conv"]
+  assert conv["lhs_shape"] == [8, 28, 28, 128] and conv["rhs_shape"] == [3, 3, 128, 128]
+  # 2 * 8*28*28 outputs * 3*3*128*128 multiply-adds, in the time measured
+  assert conv["gflops"] == pytest.approx(2 * 8 * 28 * 28 * 9 * 128 * 128 / conv["ms"] / 1e6)
 
 
 def is_positive(value) -> bool:
   return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
-def test_quick_run_writes_json_and_convmm_matches_lax(tmp_path):
-  path = tmp_path / "quick.json"
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+  """``(process, path of its JSON)`` of one ``--quick`` run, shared by the tests below."""
+  path = tmp_path_factory.mktemp("bench") / "quick.json"
   proc = run_bench("--quick", "--reps", "2", "--json", str(path))
   assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc, path
+
+
+def test_quick_run_writes_json_and_convmm_matches_lax(quick_run):
+  proc, path = quick_run
   report = json.loads(path.read_text())
 
   assert set(report) == {"meta", "variants", "layers", "summary", "memory_target"}
   assert report["memory_target"] is None  # compiled by full runs only
   assert report["meta"]["cores"] >= 1 and report["meta"]["reps"] == 2
-  torch_used = report["meta"]["torch"] is not None
+  check_rates(report["meta"])
+  torch_used = report["meta"]["torch_used"]
   assert [layer["name"] for layer in report["layers"]] == QUICK_LAYERS
   assert set(report["summary"]) == {"convmm"}
   assert set(report["summary"]["convmm"]) == set(SUMMARY_KEYS)
@@ -115,6 +147,7 @@ def test_quick_run_writes_json_and_convmm_matches_lax(tmp_path):
 
   table = proc.stdout
   assert "\n| layer | fwd ms | lax | torch |" in table, table[:500]
+  assert "XLA's GFLOP/s on this machine (median of 3): float32 GEMM " in table, table[:800]
   assert all(f"| {name} |" in table for name in QUICK_LAYERS), table
   assert "**convmm** over 2 layers (geometric means): step vs lax" in table
 
@@ -148,3 +181,38 @@ def test_bad_arguments_fail_with_a_message(args, message):
   proc = run_bench(*args, timeout=120)
   assert proc.returncode != 0
   assert message in proc.stderr
+
+
+def test_results_go_to_the_ignored_out_folder():
+  from benchmarks import bench
+
+  assert bench.parse_args(["--quick"]).json == str(REPO / "benchmarks/out/layers-quick.json")
+  assert bench.parse_args([]).json == str(REPO / "benchmarks/out/layers.json")
+  assert "benchmarks/out/" in (REPO / ".gitignore").read_text().splitlines()
+
+
+def test_performance_page_is_generated_from_the_json(quick_run, tmp_path):
+  from benchmarks import performance_page
+
+  _, path = quick_run
+  report = json.loads(path.read_text())
+  readme = tmp_path / "README.md"
+  readme.write_text(
+    f"# x\n\n{performance_page.README_START}\nold table\n{performance_page.README_END}\n\nend\n"
+  )
+  page = tmp_path / "performance.md"
+  argv = ["--layers", str(path), "--models", "none", "--out", str(page), "--readme", str(readme)]
+  assert performance_page.main(argv) == 0
+  text = page.read_text()
+  gemm = report["meta"]["rates"]["gemm"][0]
+  assert f"| XLA float32 GEMM | {gemm['gflops']:.0f} GFLOP/s (6272x1152x128)," in text, text
+  assert report["meta"]["date"][:10] in text
+  for layer in report["layers"]:
+    step_ms = layer["impls"]["convmm"]["step_ms"]
+    assert re.search(rf"\n\| {layer['name']} \| [^|]+ \|.* \| {fmt(step_ms)} \|", text), text
+  assert "No whole-network run on this page yet" in text
+  new_readme = readme.read_text()
+  assert new_readme.startswith("# x\n\n") and new_readme.endswith("\n\nend\n")
+  assert "old table" not in new_readme and "all 2 suite layers (geometric mean)" in new_readme
+  geomean = report["summary"]["convmm"]["geomean_step_vs_lax"]
+  assert f"| all 2 suite layers (geometric mean) | {performance_page._x(geomean)} |" in new_readme

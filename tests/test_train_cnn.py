@@ -33,7 +33,7 @@ from tolerances import assert_close, tol
 import convmm.linen
 import convmm.nnx
 from examples.cnn import checkpoints, input_pipeline, models, train
-from examples.cnn.main import main, parse_args
+from examples.cnn.main import build_parser, main, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 # The example as a program, exactly as the README runs it (from the repository root).
@@ -372,10 +372,56 @@ def test_load_mnist_errors(tmp_path):
   (tmp_path / "t10k-labels-idx1-ubyte").unlink()
   with pytest.raises(FileNotFoundError, match=r"no t10k labels file in `data_dir`"):
     input_pipeline.load_mnist(tmp_path)
-  with pytest.raises(FileNotFoundError, match=r"no train images file"):
-    run_main(
-      ["--data", "mnist", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]
-    )
+  with pytest.raises(ValueError, match=r"`--data-dir`: load_mnist: .*should hold uint8 images"):
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(4, np.uint8))
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((6, 7, 7), np.int32), 0x0C)
+    run_main(["--data", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")])
+  assert not (tmp_path / "out").exists()
+
+
+def test_mnist_without_idx_files_is_a_usage_error(tmp_path, capsys):
+  """No IDX files in --data-dir: one usage line and exit status 2, before JAX starts."""
+  (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"")  # present; the other three are not
+  with pytest.raises(SystemExit) as exit_info:
+    parse_args(["--data", "mnist", "--data-dir", str(tmp_path)])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  error_lines = [line for line in err.splitlines() if "error:" in line]
+  assert len(error_lines) == 1 and "Traceback" not in err, err
+  assert re_search(
+    r"`--data-dir` '.*' holds no IDX file of the MNIST train images, train labels, "
+    r"t10k images \(e\.g\. train-images-idx3-ubyte, plain or \.gz\)$",
+    error_lines[0],
+  )
+
+
+def test_corrupt_idx_file_is_a_one_line_error(tmp_path):
+  write_mnist(tmp_path, gz=True)
+  raw = (tmp_path / "train-images-idx3-ubyte.gz").read_bytes()
+  (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(raw[: len(raw) // 2])  # cut download
+  proc = subprocess.run(
+    [*COMMAND, "--data", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")],
+    cwd=REPO,
+    env=script_env(),
+    capture_output=True,
+    text=True,
+    timeout=SUBPROCESS_TIMEOUT,
+  )
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+  assert proc.stderr.count("\n") == 1, proc.stderr
+  assert re_search(r"^train_cnn: `--data-dir`: read_idx: '.*' is not a readable gzip", proc.stderr)
+
+
+def test_help_shows_each_default_once():
+  entries = re.split(r"\n  (?=-)", build_parser().format_help())
+  by_flag = {
+    entry.split()[0]: " ".join(entry.split()) for entry in entries if entry.startswith("-")
+  }
+  assert all(text.count("default") <= 1 for text in by_flag.values()), by_flag
+  assert "(default: None)" not in by_flag["--lr"] and "1e-3 for adam" in by_flag["--lr"]
+  assert by_flag["--out"].endswith("(default: runs/<timestamp>)"), by_flag["--out"]
+  assert by_flag["--epochs"].endswith("(default: 12)"), by_flag["--epochs"]
+  assert "default" not in by_flag["--resume"]
 
 
 def test_digits_split_is_fixed():
@@ -529,6 +575,20 @@ def test_wrote_line_lists_the_checkpoints_saved(one_device_run):
   out, _, stdout = one_device_run
   assert f"checkpoints of epochs 1-2 in {out.absolute() / 'checkpoints'}" in stdout
   assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1", "2"]
+
+
+def test_wrote_line_lists_only_the_checkpoints_kept(tmp_path):
+  """Orbax keeps the newest two: after 3 epochs the line names epochs 2-3, not 1-3."""
+  flags = ["--train-limit", "64", "--test-limit", "20", "--epochs", "3", "--no-progress"]
+  _, stdout = run_main([*flags, "--out", str(tmp_path)])
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "3"]
+  assert f"checkpoints of epochs 2-3 in {tmp_path.absolute() / 'checkpoints'}" in stdout
+
+
+def test_epoch_ranges():
+  assert train.epoch_ranges([12]) == "epoch 12"
+  assert train.epoch_ranges([11, 12]) == "epochs 11-12"
+  assert train.epoch_ranges([1, 3, 4, 5, 9]) == "epochs 1, 3-5, 9"
 
 
 @pytest.mark.parametrize(

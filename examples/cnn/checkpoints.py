@@ -28,6 +28,9 @@ from examples.cnn.errors import FlagError, NoCheckpointError, OutDirInUseError
 # Flags that fix the sequence of batches and updates: resuming with other values would not
 # continue the same run.
 RESUME_FLAGS = ("data", "batch_size", "seed", "optimizer", "lr", "momentum", "train_limit")
+# Checkpoints kept in <out>/checkpoints: the newest two (older ones are deleted as new ones land),
+# so that a damaged newest checkpoint still leaves one to resume from.
+MAX_TO_KEEP = 2
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -43,7 +46,7 @@ def checkpoint_manager(out: Path):
   # Synchronous saves: the run is short and a finished epoch should be on disk when it says so.
   # active_processes={0}: no other process takes part (or needs to see this directory).
   options = ocp.CheckpointManagerOptions(
-    max_to_keep=2,
+    max_to_keep=MAX_TO_KEEP,
     enable_async_checkpointing=False,
     create=False,
     multiprocessing_options=ocp.options.MultiprocessingOptions(

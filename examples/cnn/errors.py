@@ -14,6 +14,10 @@ class FlagError(UsageError, ValueError):
   """A flag's value cannot work with the data or the run being resumed."""
 
 
+class DataError(UsageError, ValueError):
+  """The files in ``--data-dir`` are not valid MNIST-format IDX files."""
+
+
 class NoCheckpointError(UsageError, FileNotFoundError):
   """``--resume`` found no complete, readable, finite checkpoint."""
 

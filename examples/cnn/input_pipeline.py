@@ -101,10 +101,29 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
   return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
+MNIST_FILES = (("train", "images"), ("train", "labels"), ("t10k", "images"), ("t10k", "labels"))
+
+
+def idx_names(split: str, kind: str) -> list[str]:
+  """The file names an IDX file of ``split`` ('train' or 't10k') and ``kind`` ('images' or
+  'labels') may have, e.g. ``train-images-idx3-ubyte`` or ``t10k-labels.idx1-ubyte.gz``."""
+  rank = 3 if kind == "images" else 1
+  return [f"{split}-{kind}{sep}idx{rank}-ubyte{gz}" for sep in ("-", ".") for gz in ("", ".gz")]
+
+
+def missing_mnist_files(data_dir: str | os.PathLike) -> list[str]:
+  """The MNIST files (``"train images"``, ...) of which ``data_dir`` holds no IDX file."""
+  data_dir = Path(data_dir).expanduser()
+  return [
+    f"{split} {kind}"
+    for split, kind in MNIST_FILES
+    if not any((data_dir / name).is_file() for name in idx_names(split, kind))
+  ]
+
+
 def find_idx(data_dir: Path, split: str, kind: str) -> Path:
   """The IDX file of ``split`` ('train' or 't10k') and ``kind`` ('images' or 'labels')."""
-  rank = 3 if kind == "images" else 1
-  names = [f"{split}-{kind}{sep}idx{rank}-ubyte{gz}" for sep in ("-", ".") for gz in ("", ".gz")]
+  names = idx_names(split, kind)
   for name in names:
     if (data_dir / name).is_file():
       return data_dir / name

@@ -44,9 +44,19 @@ from pathlib import Path
 
 import jax
 
-from examples.cnn import models, parallel, train
+from examples.cnn import input_pipeline, models, parallel, train
 from examples.cnn.errors import UsageError
 from examples.cnn.train import DEFAULT_LR
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Shows a flag's default in ``--help`` unless it has none to show (None, or False for a
+  switch); a flag whose default depends on others says so in its own help."""
+
+  def _get_help_string(self, action: argparse.Action) -> str | None:
+    if action.default is None or action.default is False:
+      return action.help
+    return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog="python -m examples.cnn.main",
     description=__doc__.split("\n\n")[0],
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    formatter_class=HelpFormatter,
   )
   add = parser.add_argument
   add("--epochs", type=int, default=12, help="total number of epochs (counting resumed ones)")
@@ -170,6 +180,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
   if args.data == "mnist" and args.data_dir is None:
     parser.error("`--data mnist` needs `--data-dir DIR` (nothing is downloaded)")
+  if args.data == "mnist" and (missing := input_pipeline.missing_mnist_files(args.data_dir)):
+    parser.error(
+      f"`--data-dir` {str(args.data_dir)!r} holds no IDX file of the MNIST {', '.join(missing)} "
+      f"(e.g. {input_pipeline.idx_names(*missing[0].split())[0]}, plain or .gz)"
+    )
   if args.resume and args.out is None:
     parser.error("`--resume` continues the run in `--out DIR`; give --out")
   if args.out is not None and args.out.exists() and not args.out.is_dir():

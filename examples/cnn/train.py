@@ -22,7 +22,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding
 
 from examples.cnn import checkpoints, input_pipeline, models, parallel
-from examples.cnn.errors import FlagError, NoCheckpointError, OutDirInUseError
+from examples.cnn.errors import DataError, FlagError, NoCheckpointError, OutDirInUseError
 from examples.cnn.input_pipeline import Dataset
 from examples.cnn.parallel import DataParallel, host_value
 
@@ -298,7 +298,10 @@ def train_and_evaluate(args: argparse.Namespace, wall_start: float) -> dict:
   default_out = parallel.default_out_dir()  # a collective: every process calls it
   out = args.out if args.out is not None else default_out
 
-  data = input_pipeline.load_data(args)
+  try:
+    data = input_pipeline.load_data(args)
+  except ValueError as error:  # read_idx and load_mnist name the file and what is wrong with it
+    raise DataError(f"train_cnn: `--data-dir`: {error}") from None
   steps_per_epoch = len(data.train_labels) // args.batch_size  # the last partial batch is dropped
   if steps_per_epoch == 0:
     raise FlagError(
@@ -395,6 +398,8 @@ def train_and_evaluate(args: argparse.Namespace, wall_start: float) -> dict:
           f"{str(checkpoints.checkpoint_dir(out))!r}"
         )
       saved_epochs.append(epoch)
+  # The manager keeps the newest checkpoints only (checkpoints.MAX_TO_KEEP): list those.
+  kept_epochs = sorted(set(manager.all_steps()) & set(saved_epochs)) if manager else []
   if manager is not None:
     manager.close()
   if test_accuracy is None:  # nothing left to train (e.g. resumed at --epochs)
@@ -429,13 +434,32 @@ def train_and_evaluate(args: argparse.Namespace, wall_start: float) -> dict:
   }
   metrics = checkpoints.json_safe(metrics)
   if is_main:
-    write_outputs(metrics, history, out, saved_epochs)
+    write_outputs(metrics, history, out, kept_epochs)
   print(f"test_accuracy={test_accuracy:.4f}", flush=True)
   return metrics
 
 
-def write_outputs(metrics: dict, history: dict, out: Path, saved_epochs: Sequence[int]) -> None:
-  """metrics.json, the plot, the summary table and a list of what was written, on stdout."""
+def epoch_ranges(epochs: Sequence[int]) -> str:
+  """``"epoch 3"``, ``"epochs 11-12"`` or ``"epochs 1, 4-5"`` for sorted epoch numbers.
+
+  >>> epoch_ranges([3]), epoch_ranges([11, 12]), epoch_ranges([1, 4, 5])
+  ('epoch 3', 'epochs 11-12', 'epochs 1, 4-5')
+  """
+  runs: list[list[int]] = []
+  for epoch in epochs:
+    if runs and epoch == runs[-1][-1] + 1:
+      runs[-1].append(epoch)
+    else:
+      runs.append([epoch])
+  text = ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+  return f"epoch{'s' if len(epochs) > 1 else ''} {text}"
+
+
+def write_outputs(metrics: dict, history: dict, out: Path, kept_epochs: Sequence[int]) -> None:
+  """metrics.json, the plot, the summary table and a list of what was written, on stdout.
+
+  ``kept_epochs``: the epochs of this run whose checkpoints are on disk at the end.
+  """
   written = [out / "metrics.json"]
   # allow_nan=False: a diverged run's NaN losses are already null, and must stay valid JSON.
   (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
@@ -451,11 +475,6 @@ def write_outputs(metrics: dict, history: dict, out: Path, saved_epochs: Sequenc
     f"wall={metrics['wall_seconds']:.1f}s"
   )
   saved = ""
-  if saved_epochs:
-    epochs = (
-      f"epoch {saved_epochs[0]}"
-      if len(saved_epochs) == 1
-      else f"epochs {saved_epochs[0]}-{saved_epochs[-1]}"
-    )
-    saved = f", checkpoints of {epochs} in {checkpoints.checkpoint_dir(out)}"
+  if kept_epochs:
+    saved = f", checkpoints of {epoch_ranges(kept_epochs)} in {checkpoints.checkpoint_dir(out)}"
   print(f"wrote {', '.join(map(str, written))}{saved}")
