@@ -13,6 +13,8 @@ from convmm._engine.autotune import clear as clear_autotune_cache
 from convmm._engine.autotune import report as autotune_report
 from convmm._engine.budget import memory_budget as memory_budget
 from convmm._engine.budget import set_memory_budget as set_memory_budget
+from convmm._engine.directions import default_method as default_method
+from convmm._engine.directions import set_default_method as set_default_method
 from convmm._engine.im2col import col2im as col2im
 from convmm._engine.im2col import im2col as im2col
 from convmm._local import conv_general_dilated_local as conv_general_dilated_local
@@ -37,6 +39,8 @@ __all__ = [
   "col2im",
   "memory_budget",
   "set_memory_budget",
+  "default_method",
+  "set_default_method",
   "algorithms",
   "autotune_report",
   "clear_autotune_cache",

@@ -55,7 +55,7 @@ def conv_adjoint(
   precision: lax.PrecisionLike = None,
   preferred_element_type: jax.typing.DTypeLike | None = None,
   *,
-  method: str = "auto",
+  method: str | None = None,
   memory_budget: int | None = None,
 ) -> jax.Array:
   """The exact adjoint (transpose) of :func:`conv_general_dilated` in its input.
@@ -272,7 +272,7 @@ def conv_transpose(
   preferred_element_type: jax.typing.DTypeLike | None = None,
   use_consistent_padding: bool = False,
   *,
-  method: str = "auto",
+  method: str | None = None,
   memory_budget: int | None = None,
 ) -> jax.Array:
   """A drop-in for ``jax.lax.conv_transpose``, computed by the im2col conv.

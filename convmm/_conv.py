@@ -20,14 +20,13 @@ from convmm._engine import directions as _directions
 from convmm._engine import sharding as _sharding
 from convmm._engine.budget import current_memory_budget
 from convmm._engine.im2col import from_channels_last, to_channels_last
-from convmm._engine.kernels import METHODS, choose_method, conv_channels_last, kernel_taps_last
+from convmm._engine.kernels import choose_method, conv_channels_last, kernel_taps_last
 from convmm._rules.canonical import positive_count
 from convmm._rules.shapes import ConvSpec, check_dtypes, conv_spec, shape_of
 
 
 def check_method(fn: str, method: Any, memory_budget: Any) -> tuple[str, int]:
-  if method not in METHODS:
-    raise ValueError(f"{fn}: `method` must be one of {METHODS}, got {method!r}")
+  method = _directions.method_name(fn, method)
   if memory_budget is None:
     return method, current_memory_budget()
   return method, positive_count(fn, "memory_budget", memory_budget, unit="bytes")
@@ -47,7 +46,7 @@ def conv_general_dilated(
   preferred_element_type: jax.typing.DTypeLike | None = None,
   out_sharding: jax.sharding.NamedSharding | jax.sharding.PartitionSpec | None = None,
   *,
-  method: str = "auto",
+  method: str | None = None,
   memory_budget: int | None = None,
 ) -> jax.Array:
   """General N-D convolution computed as im2col + GEMM; a drop-in for lax's.
@@ -168,7 +167,7 @@ def conv_with_spec(
   spec: ConvSpec,
   precision: Any = None,
   preferred_element_type: Any = None,
-  method: str = "auto",
+  method: str | None = None,
   memory_budget: int | None = None,
 ) -> jax.Array:
   """The convolution for an already validated :class:`ConvSpec`."""
@@ -216,7 +215,7 @@ def algorithms(
   precision: lax.PrecisionLike = None,
   preferred_element_type: jax.typing.DTypeLike | None = None,
   *,
-  method: str = "auto",
+  method: str | None = None,
   memory_budget: int | None = None,
 ) -> dict[str, str]:
   """Which algorithm computes each direction of a :func:`conv_general_dilated` call.

@@ -51,7 +51,7 @@ _CONV_PARAMS = tuple(
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
-  method: str
+  method: str | None
   memory_budget: int | None
   where: Callable[[dict[str, Any]], bool] | None
 
@@ -59,7 +59,7 @@ class _Config:
 def replace_convs(
   fn: Callable[..., Any],
   *,
-  method: str = "auto",
+  method: str | None = None,
   memory_budget: int | None = None,
   where: Callable[[dict[str, Any]], bool] | None = None,
 ) -> Callable[..., Any]:
@@ -135,7 +135,7 @@ def replace_convs(
       f"{name}: `where` must be None or a callable taking a dict of conv parameters, "
       f"got {type(where).__name__} {where!r}"
     )
-  method, _ = check_method(name, method, memory_budget)
+  check_method(name, method, memory_budget)  # None stays None: the default when traced
   config = _Config(method, memory_budget, where)
 
   @functools.wraps(fn)

@@ -32,9 +32,12 @@ def _operands():
   return x, w
 
 
-def _jitted_conv():
+def _jitted_conv(**kw):
+  # convmm's engine, which the budget tiles ('auto' gives this dense float32
+  # forward to XLA's convolution, which no budget changes).
+  kw = {"method": "convmm", **kw}
   return jax.jit(
-    lambda x, w: convmm.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
+    lambda x, w: convmm.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN, **kw)
   )
 
 
@@ -98,6 +101,7 @@ def test_set_memory_budget_retraces_a_jitted_function():
   assert g._cache_size() == (2 if KEYED else 1)
 
 
+@convmm.default_method("convmm")  # the engine the budget tiles
 def test_layers_follow_the_budget_under_a_users_jit():
   linen = pytest.importorskip("convmm.linen")
   x, _ = _operands()
@@ -163,3 +167,31 @@ def test_setting_is_part_of_the_jit_key():
   assert g(x) == 2
   assert inside == (3 if KEYED else 2)
   assert g._cache_size() == (2 if KEYED else 1)
+
+
+def test_default_method_block_retraces_a_jitted_function():
+  x, w = _operands()
+  g = _jitted_conv(method=None)  # the default method in force when traced
+  has_xla_conv = lambda: "convolution(" in g.lower(x, w).compile().as_text()
+  outside = has_xla_conv()
+  y_outside = g(x, w)
+  with convmm.default_method("convmm"):
+    inside = has_xla_conv()
+    y_inside = g(x, w)
+  np.testing.assert_allclose(y_inside, y_outside, rtol=1e-4, atol=1e-4)
+  assert not inside  # convmm's engine: no XLA convolution
+  if KEYED:
+    assert outside and g._cache_size() == 2
+  old = convmm.set_default_method("convmm")
+  try:
+    assert not has_xla_conv()
+  finally:
+    assert convmm.set_default_method(old) == "convmm"
+
+
+def test_default_method_errors():
+  with pytest.raises(ValueError, match=r"default_method: `method` must be one of"):
+    with convmm.default_method("fft"):
+      pass
+  with pytest.raises(ValueError, match=r"set_default_method: `method` must be one of"):
+    convmm.set_default_method(None)

@@ -21,6 +21,13 @@ HIGHEST = lax.Precision.HIGHEST
 DN = ("NHWC", "HWIO", "NHWC")
 
 
+@pytest.fixture(autouse=True)
+def _convmm_engine():
+  # Tiling is convmm's engine's: 'auto' would give dense float32 convolutions to XLA.
+  with convmm.default_method("convmm"):
+    yield
+
+
 def _eqn_count(f, *shapes):
   jaxpr = jax.make_jaxpr(f)(*(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes))
 

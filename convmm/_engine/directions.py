@@ -17,7 +17,9 @@ by XLA's own convolution (``'xla'``, :mod:`convmm._engine.native`). The
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -25,10 +27,68 @@ import numpy as np
 
 from convmm._engine import autodiff, autotune, policy
 from convmm._engine.policy import CONVMM, XLA, Directions
+from convmm._engine.settings import Setting
 from convmm._rules.shapes import ConvSpec
 
 DIRECTION_NAMES = ("forward", "input_grad", "kernel_grad")
 PURE_METHODS = ("convmm", "im2col", "shift", "depthwise")
+METHODS = ("auto", "autotune", "xla", *PURE_METHODS)
+
+# The method of calls that pass none (``method=None``); part of jax's jit key.
+METHOD = Setting("convmm_method", "auto")
+
+
+def method_name(fn: str, method: Any) -> str:
+  """``method`` checked, or the default in force (:func:`default_method`) for None."""
+  if method is None:
+    return METHOD.get()
+  if not isinstance(method, str) or method not in METHODS:
+    raise ValueError(f"{fn}: `method` must be one of {METHODS} or None, got {method!r}")
+  return method
+
+
+def set_default_method(method: str) -> str:
+  """Sets the method of every convolution that is not given one; returns the previous one.
+
+  Args:
+    method: one of ``'auto'`` (the initial default), ``'autotune'``, ``'xla'``,
+      ``'convmm'``, ``'im2col'``, ``'shift'``, ``'depthwise'`` (see
+      :func:`convmm.conv_general_dilated`).
+
+  Functions, layers and :func:`convmm.replace_convs` given no ``method`` use
+  it. Like :func:`convmm.set_memory_budget`, it is part of jax's jit cache key
+  on jax 0.10.1 and later; on older jax a function already traced keeps the
+  method it was traced with.
+
+  Example:
+    >>> import convmm
+    >>> old = convmm.set_default_method('convmm')
+    >>> convmm.set_default_method(old)
+    'convmm'
+  """
+  if method is None:
+    raise ValueError(f"set_default_method: `method` must be one of {METHODS}, got None")
+  return METHOD.set(method_name("set_default_method", method))
+
+
+@contextlib.contextmanager
+def default_method(method: str) -> Iterator[None]:
+  """Context manager: convolutions given no ``method`` use ``method`` inside the block.
+
+  For this thread only; part of jax's jit cache key on jax 0.10.1 and later
+  (a function jitted outside the block and called inside is traced again), as
+  ``jax.default_matmul_precision`` is. An explicit ``method=`` takes precedence.
+
+  Example:
+    >>> import jax, convmm
+    >>> x = jax.ShapeDtypeStruct((8, 28, 28, 128), 'float32')
+    >>> w = jax.ShapeDtypeStruct((3, 3, 128, 128), 'float32')
+    >>> with convmm.default_method('convmm'):
+    ...   convmm.algorithms(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    {'forward': 'im2col', 'input_grad': 'im2col', 'kernel_grad': 'im2col'}
+  """
+  with METHOD.override(method_name("default_method", method)):
+    yield
 
 
 def problem(spec: ConvSpec, dtype: Any, engine: str, precision: Any, preferred: Any) -> dict:

@@ -38,9 +38,6 @@ def kernel_taps_last(rhs: jax.Array, spec: ConvSpec) -> jax.Array:
   return w.reshape(spec.geometry.num_taps, w.shape[-2], w.shape[-1])
 
 
-METHODS = ("auto", "autotune", "xla", "convmm", "im2col", "shift", "depthwise")
-
-
 def choose_method(spec: ConvSpec, method: str, fn: str = "conv_general_dilated") -> str:
   """``method``, checked against ``spec``, with ``"auto"`` resolved by the policy.
 

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import jax
 
+import convmm
 from examples.cnn import input_pipeline, models, parallel, train
 from examples.cnn.errors import UsageError
 from examples.cnn.train import DEFAULT_LR
@@ -84,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     default="convmm",
     help="what computes the convolutions: convmm's layers (im2col + GEMM), Flax's own (lax), "
     "or Flax's own model wrapped in convmm.replace_convs (replace)",
+  )
+  add(
+    "--method",
+    choices=("auto", "autotune", "xla", "convmm", "im2col", "shift", "depthwise"),
+    default="auto",
+    help="how convmm computes each direction of a convolution (convmm.default_method): by "
+    "its rule table (auto), timed (autotune), XLA's convolution (xla), or convmm's engine only",
   )
   add(
     "--devices",
@@ -205,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   args = parse_args(argv)
   parallel.start_jax(args)
   try:
-    return train.train_and_evaluate(args, wall_start)
+    with convmm.default_method(args.method):
+      return train.train_and_evaluate(args, wall_start)
   except Exception as error:
     if not parallel.is_peer_failure(error):
       raise
