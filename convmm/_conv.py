@@ -167,7 +167,7 @@ def conv_with_spec(
   spec: ConvSpec,
   precision: Any = None,
   preferred_element_type: Any = None,
-  method: str | None = None,
+  method: str = "auto",
   memory_budget: int | None = None,
 ) -> jax.Array:
   """The convolution for an already validated :class:`ConvSpec`."""

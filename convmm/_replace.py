@@ -1,12 +1,10 @@
 """replace_convs: a JAX transformation that computes a function's convolutions with convmm.
 
-A custom interpreter in the style of JAX's "Writing custom interpreters" guide:
-the function is traced to a jaxpr, which is evaluated equation by equation,
-binding every primitive as it is except ``conv_general_dilated``, which becomes
-a call of :func:`convmm.conv_general_dilated` with the equation's parameters.
-Primitives that carry jaxprs (jit, scan, while, cond, remat, custom_jvp/vjp,
-shard_map, ...) are re-bound with their jaxprs rewritten the same way, so the
-program keeps its structure.
+A custom interpreter (JAX's "Writing custom interpreters" guide): the jaxpr of
+the function is evaluated equation by equation, every primitive bound as it is
+except ``conv_general_dilated``, which becomes :func:`convmm.conv_general_dilated`
+with the equation's parameters. Primitives carrying jaxprs (jit, scan, cond,
+remat, custom_jvp/vjp, shard_map, ...) are re-bound with their jaxprs rewritten.
 """
 
 from __future__ import annotations
@@ -63,7 +61,7 @@ def replace_convs(
   memory_budget: int | None = None,
   where: Callable[[dict[str, Any]], bool] | None = None,
 ) -> Callable[..., Any]:
-  """Returns ``fn`` with every XLA convolution computed by convmm (im2col + GEMM).
+  """Returns ``fn`` with every XLA convolution computed by convmm.
 
   Works on any JAX function: a Flax ``model.apply``, an nnx, Equinox or Haiku
   model wrapped in a pure function, or plain ``jax``/``lax`` code. ``fn`` is
@@ -77,28 +75,23 @@ def replace_convs(
   replaced too when ``fn`` is a gradient: ``replace_convs(jax.grad(f))``. The
   result composes with ``jit``, ``grad``, ``vjp``, ``jvp`` and ``vmap``.
 
-  Array leaves of the arguments (``jax.Array``, NumPy arrays and NumPy scalars) are
-  traced; every other leaf (Python numbers, strings, functions) is passed to
-  ``fn`` as a constant, as ``equinox.filter_jit`` does; ``functools.partial``
-  and closures work as usual. ``fn`` is traced on each call, so call the result
+  Array leaves of the arguments (``jax.Array``, NumPy arrays and scalars) are
+  traced; other leaves are passed to ``fn`` as constants (as
+  ``equinox.filter_jit`` does). ``fn`` is traced on each call, so call the result
   under ``jax.jit`` as you would call ``fn``. For training prefer
-  ``jax.grad(replace_convs(f))``: lax's kernel-gradient convolution, which
-  ``replace_convs(jax.grad(f))`` computes with im2col, has an image-sized window.
+  ``jax.grad(replace_convs(f))``, whose gradients are convmm's own.
 
   Args:
     fn: the function to transform; positional and keyword arguments and
       outputs may be pytrees.
-    method: passed to :func:`convmm.conv_general_dilated` for every replaced
-      convolution ('auto', 'im2col', 'shift' or 'depthwise').
-    memory_budget: passed to :func:`convmm.conv_general_dilated` (bytes; default
-      :func:`convmm.set_memory_budget`'s).
-    where: optional predicate choosing the convolutions to replace. It is called
-      once per convolution with a dict of that convolution's parameters (the
-      keys of lax's primitive: ``window_strides``, ``padding``, ``lhs_dilation``,
-      ``rhs_dilation``, ``dimension_numbers``, ``feature_group_count``,
-      ``batch_group_count``, ``precision``, ``preferred_element_type``) plus
-      ``lhs_shape``, ``rhs_shape`` and ``dtype``; a convolution for which it
-      returns ``False`` stays XLA's.
+    method, memory_budget: passed to :func:`convmm.conv_general_dilated` for
+      every replaced convolution (None: the defaults in force when traced). With
+      'auto', some directions may stay XLA's convolution by convmm's rule table;
+      'convmm' leaves none.
+    where: optional predicate choosing the convolutions to replace, called once
+      per convolution with a dict of its parameters (the keys of lax's
+      primitive, ``window_strides`` ... ``preferred_element_type``, plus
+      ``lhs_shape``, ``rhs_shape`` and ``dtype``); False keeps it XLA's.
 
   Returns:
     A function with ``fn``'s signature and results.
@@ -108,11 +101,10 @@ def replace_convs(
       non-bool.
     ValueError: unknown ``method``, bad ``memory_budget``, or ``where`` raised
       (the original exception is chained).
-    NotImplementedError: ``fn`` contains a primitive carrying a jaxpr with a
-      convolution that replace_convs cannot rewrite (named in the message).
-    ImportError: the installed jax lacks a JAX internal replace_convs is built
-      on (the message names every missing one and the jax replace_convs is
-      tested with). Raised here, before ``fn`` is traced.
+    NotImplementedError: a primitive carrying a jaxpr with a convolution that
+      replace_convs cannot rewrite (named in the message).
+    ImportError: this jax lacks a JAX internal replace_convs needs (all named,
+      with the tested jax), raised before ``fn`` is traced.
 
   Example:
     >>> import jax, jax.numpy as jnp, convmm

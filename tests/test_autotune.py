@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from convmm._engine import autotune as _autotune
+from convmm._engine import autotune_file
 from convmm._engine.autotune import cache_path, clear, decide, report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -386,7 +387,7 @@ def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(cache_dir, mo
     assert pathlib.Path(source).exists() and json.loads(pathlib.Path(source).read_text())
     raise KeyboardInterrupt  # as if the process stopped between writing and renaming
 
-  monkeypatch.setattr(_autotune.os, "replace", interrupted)
+  monkeypatch.setattr(autotune_file.os, "replace", interrupted)
   with pytest.raises(KeyboardInterrupt):
     decide(dict(PROBLEM, dtype="float16"), {"a": sleeper(0.0)}, default="a")
   monkeypatch.undo()

@@ -20,9 +20,9 @@ and its two transposes are
   input or, for unit strides without groups, ``x^T @`` the input gradient's own
   patches of the cotangent (:func:`kernel_grad_from_cotangent_patches`).
 
-Where several of these are correct, :mod:`convmm._engine.policy` chooses (the
-reversed taps, the cotangent's patches, the patches' layout and the GEMM's operand
-order), with the measurements behind each; the rules here say what each form is.
+Where several of these are correct, :mod:`convmm._engine.policy` chooses (and
+whether a direction is XLA's convolution instead, :mod:`convmm._engine.native`),
+with the measurements; the rules here say what each form is.
 
 The depthwise multiply-accumulate (``method='depthwise'``) has its own: the
 input gradient of a unit-stride one without a channel multiplier is again the
@@ -31,9 +31,8 @@ linear transpose; the kernel gradient is a loop of per-tap sums
 (:func:`depthwise_kernel_grad`).
 
 All are linear in the cotangent and differentiable in the other operand, so
-derivatives of any order compose. Operands are canonical: input
-``(N, *spatial, C)``, kernel ``(*window, C // groups, O)``, output
-``(N // batch_groups, *out, O)``.
+derivatives of any order compose. Operands are canonical: input ``(N, *spatial,
+C)``, kernel ``(*window, C // groups, O)``, output ``(N // batch_groups, *out, O)``.
 """
 
 from __future__ import annotations
@@ -120,9 +119,8 @@ def conv(x: jax.Array, w: jax.Array, spec: ConvSpec, **params: Any) -> jax.Array
     spec: the validated convolution (any dimension numbers; made canonical).
     **params: ``precision`` and ``preferred_element_type`` (passed to the GEMM),
       ``method`` (the forward method, see :func:`convmm.conv_general_dilated`) and
-      ``memory_budget`` (the tile budget in bytes; None: the default at trace time)
-      and ``directions``: who computes the forward, the input gradient and the
-      kernel gradient, 'convmm' or 'xla' (:mod:`convmm._engine.directions`).
+      ``memory_budget`` (the tile budget in bytes; None: the default at trace time),
+      ``directions`` ('convmm' or 'xla' for each direction, see ``directions.py``).
 
   Returns:
     ``(N // batch_group_count, *out_spatial, O)``.

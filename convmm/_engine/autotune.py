@@ -50,33 +50,25 @@ unwritable directory gives one warning and memory-only operation. Without
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
 import logging
 import math
-import os
-import pathlib
 import statistics
-import tempfile
 import threading
 import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 
-try:
-  import fcntl
-except ImportError:  # Windows
-  fcntl = None
-
-_FORMAT = "convmm-autotune"
-# Bump when the key or the entry changes meaning: older files are then rewritten.
-_FORMAT_VERSION = 1
-_FILE_NAME = "convmm-autotune.json"
+from convmm._engine import autotune_file
+from convmm._engine.autotune_file import (
+  FORMAT_VERSION as _FORMAT_VERSION,
+)
+from convmm._engine.autotune_file import cache_path as cache_path
+from convmm._engine.autotune_file import read_entries, valid_entry, write_entry
 
 # Timing: after one warm-up call, up to _ROUNDS round-robin rounds, fewer once a
 # candidate's timed calls reach _TIME_CAP seconds. One sample repeats a call
@@ -87,8 +79,6 @@ _TIME_CAP = 0.5
 _MIN_SAMPLE = 1e-3
 _MAX_REPEATS = 100
 
-_OFF_VALUES = ("0", "off", "false", "no")
-
 logger = logging.getLogger("convmm.autotune")
 
 # Module state, guarded by _lock. Measurements run outside the lock: a candidate
@@ -96,45 +86,6 @@ logger = logging.getLogger("convmm.autotune")
 _lock = threading.Lock()
 _memory: dict[str, dict[str, Any]] = {}
 _report: list[dict[str, Any]] = []
-_warned: set[tuple[str, str]] = set()
-_unwritable: set[str] = set()
-# path -> (the file's (inode, mtime_ns, size), its entries): a reader re-parses
-# the file only when it changed.
-_snapshots: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
-
-
-def cache_path() -> pathlib.Path | None:
-  """The persistent cache file in force, or None when it is switched off.
-
-  Returns:
-    ``$CONVMM_CACHE_DIR/convmm-autotune.json`` if that variable is set, else
-    the same name in ``$XDG_CACHE_HOME/convmm`` or ``~/.cache/convmm``; None if
-    ``CONVMM_AUTOTUNE_CACHE`` is ``0``, ``off``, ``false`` or ``no``.
-
-  Example:
-    >>> import os
-    >>> from unittest import mock
-    >>> with mock.patch.dict(os.environ, {"CONVMM_CACHE_DIR": "/tmp/convmm-cache"}):
-    ...   print(cache_path())
-    /tmp/convmm-cache/convmm-autotune.json
-    >>> with mock.patch.dict(os.environ, {"CONVMM_AUTOTUNE_CACHE": "off"}):
-    ...   print(cache_path())
-    None
-  """
-  if os.environ.get("CONVMM_AUTOTUNE_CACHE", "").strip().lower() in _OFF_VALUES:
-    return None
-  directory = os.environ.get("CONVMM_CACHE_DIR", "")
-  if directory:
-    return pathlib.Path(directory).expanduser() / _FILE_NAME
-  xdg = os.environ.get("XDG_CACHE_HOME", "")
-  if os.path.isabs(xdg):  # the XDG spec says to ignore a relative path
-    base = pathlib.Path(xdg)
-  else:
-    try:
-      base = pathlib.Path.home() / ".cache"
-    except RuntimeError:  # no home directory: memory only
-      return None
-  return base / "convmm" / _FILE_NAME
 
 
 def decide(
@@ -207,7 +158,7 @@ def decide(
     return _record(entry, "memory", default, margin, cost=0.0)
 
   if path is not None:
-    entry = _valid_entry(_read_entries(path).get(digest), key)
+    entry = valid_entry(read_entries(path).get(digest), key)
     if entry is not None:
       with _lock:
         entry = _memory.setdefault(digest, entry)
@@ -219,7 +170,7 @@ def decide(
     # decision stands, so that this process makes one choice per problem.
     entry = _memory.setdefault(digest, measured)
   if path is not None and entry["medians"]:
-    _write_entry(path, digest, entry)
+    write_entry(path, digest, entry)
   return _record(entry, "measured", default, margin, cost=measured["cost_seconds"])
 
 
@@ -268,15 +219,10 @@ def clear(memory: bool = True, file: bool = False) -> None:
     with _lock:
       _memory.clear()
       _report.clear()
-      _warned.clear()
-      _unwritable.clear()
-      _snapshots.clear()
+    autotune_file.forget()
   path = cache_path()
   if file and path is not None:
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError), _file_lock(path):
-      path.unlink()
-    with _lock:
-      _snapshots.pop(str(path), None)
+    autotune_file.delete(path)
 
 
 def _environment() -> dict[str, Any]:
@@ -447,135 +393,3 @@ def _record(entry: dict[str, Any], source: str, default: str, margin: float, cos
       row["measured_cost_seconds"],
     )
   return choice
-
-
-def _valid_entry(entry: Any, key: dict[str, Any]) -> dict[str, Any] | None:
-  """A file entry fit to answer ``key``, else None (then the problem is measured again)."""
-  if not isinstance(entry, dict) or entry.get("key") != key:
-    return None
-  medians, failed = entry.get("medians"), entry.get("failed", {})
-  if not (isinstance(medians, dict) and medians and isinstance(failed, dict)):
-    return None
-  names = set(key["candidates"])
-  for name, seconds in medians.items():
-    if name not in names or not isinstance(seconds, int | float) or not math.isfinite(seconds):
-      return None
-  return entry
-
-
-def _warn_once(path: pathlib.Path, kind: str, message: str) -> None:
-  with _lock:
-    if (str(path), kind) in _warned:
-      return
-    _warned.add((str(path), kind))
-  warnings.warn(message, stacklevel=2)
-
-
-def _stat_signature(stat: os.stat_result) -> tuple[int, int, int]:
-  return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-
-
-def _read_entries(path: pathlib.Path, fresh: bool = False) -> dict[str, Any]:
-  """The file's entries; {} if it is absent, unreadable, corrupted or foreign.
-
-  Unless ``fresh``, an unchanged file is not parsed again. A writer reads fresh:
-  what it merges into must not depend on file timestamps' resolution.
-  """
-  try:
-    with open(path, "rb") as file:
-      signature = _stat_signature(os.fstat(file.fileno()))
-      with _lock:
-        snapshot = _snapshots.get(str(path))
-      if not fresh and snapshot is not None and snapshot[0] == signature:
-        return snapshot[1]
-      text = file.read()
-  except (FileNotFoundError, NotADirectoryError):  # no file there yet
-    return {}
-  except OSError as error:
-    _warn_once(path, "read", f"convmm autotune: cannot read the cache file {path}: {error}")
-    return {}
-  try:
-    data = json.loads(text)
-  except ValueError:
-    _warn_once(
-      path,
-      "foreign",
-      f"convmm autotune: ignoring the corrupted cache file {path} (not JSON); it will be rewritten",
-    )
-    return {}
-  if not (
-    isinstance(data, dict)
-    and data.get("format") == _FORMAT
-    and data.get("version") == _FORMAT_VERSION
-    and isinstance(data.get("entries"), dict)
-  ):
-    _warn_once(
-      path,
-      "foreign",
-      f"convmm autotune: ignoring the cache file {path}: not a {_FORMAT} file of "
-      f"version {_FORMAT_VERSION}; it will be rewritten",
-    )
-    return {}
-  entries = data["entries"]
-  with _lock:
-    _snapshots[str(path)] = (signature, entries)
-  return entries
-
-
-@contextlib.contextmanager
-def _file_lock(path: pathlib.Path) -> Iterator[None]:
-  """Holds an exclusive lock on ``path``'s lock file (no-op without fcntl)."""
-  if fcntl is None:
-    yield
-    return
-  with open(path.with_name(path.name + ".lock"), "a") as lock_file:
-    fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
-
-
-def _write_entry(path: pathlib.Path, digest: str, entry: dict[str, Any]) -> None:
-  with _lock:
-    if str(path) in _unwritable:
-      return
-  try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(path):
-      if fcntl is not None:
-        # Every writer holds the lock while its temporary file exists: one seen
-        # now was left by a writer that was killed.
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):
-          stale.unlink(missing_ok=True)
-      entries = dict(_read_entries(path, fresh=True))
-      entries[digest] = entry
-      _atomic_write(path, {"format": _FORMAT, "version": _FORMAT_VERSION, "entries": entries})
-  except OSError as error:
-    with _lock:
-      _unwritable.add(str(path))
-    _warn_once(
-      path,
-      "write",
-      f"convmm autotune: cannot write the cache file {path} ({error}); "
-      "decisions are kept in memory only",
-    )
-
-
-def _atomic_write(path: pathlib.Path, data: dict[str, Any]) -> None:
-  """Writes ``data`` to a temporary file beside ``path`` and renames it over ``path``."""
-  descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(descriptor, "w") as file:
-      json.dump(data, file, sort_keys=True, indent=1, allow_nan=False)
-      file.flush()
-      os.fsync(file.fileno())
-      signature = _stat_signature(os.fstat(file.fileno()))
-    os.replace(temporary, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(temporary)
-    raise
-  with _lock:
-    # The renamed file keeps the temporary file's inode, mtime and size.
-    _snapshots[str(path)] = (signature, data["entries"])
