@@ -63,8 +63,7 @@ def replace_convs(
 ) -> Callable[..., Any]:
   """Returns ``fn`` with every XLA convolution computed by convmm.
 
-  Works on any JAX function: a Flax ``model.apply``, an nnx, Equinox or Haiku
-  model wrapped in a pure function, or plain ``jax``/``lax`` code. ``fn`` is
+  Works on any JAX function (Flax, nnx, Equinox, Haiku, plain jax). ``fn`` is
   traced to a jaxpr and re-evaluated with each ``lax.conv_general_dilated``
   primitive replaced by :func:`convmm.conv_general_dilated` with the same
   strides, padding, dilations, dimension numbers, group counts, precision and
