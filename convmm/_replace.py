@@ -66,8 +66,7 @@ def replace_convs(
   Works on any JAX function (Flax, nnx, Equinox, Haiku, plain jax). ``fn`` is
   traced to a jaxpr and re-evaluated with each ``lax.conv_general_dilated``
   primitive replaced by :func:`convmm.conv_general_dilated` with the same
-  strides, padding, dilations, dimension numbers, group counts, precision and
-  preferred element type, including the convolutions inside ``jit``, ``scan``,
+  parameters, including the convolutions inside ``jit``, ``scan``,
   ``while_loop``, ``cond``, ``checkpoint``, ``custom_jvp``/``custom_vjp``/
   ``custom_vmap`` (and their rules), ``shard_map``, ``custom_linear_solve`` and
   ``lax.composite``. The convolutions that autodiff creates are
