@@ -84,11 +84,12 @@ def conv_general_dilated(
     method: keyword-only, who computes each direction (forward, input
       gradient, kernel gradient; :func:`convmm.algorithms` tells).
       'auto' (default): a rule table per backend, from shapes, dtypes and
-      parameters, when traced (on CPU: XLA's own convolution for the forward
-      and unit-stride input gradient of dense float32 1-D/2-D convolutions,
-      where it runs at GEMM speed; convmm's engine for every kernel gradient
-      and for grouped, depthwise, input-dilated, 3-D and 16-bit ones; on
-      GPU/TPU XLA's except depthwise; see the design page of the docs).
+      parameters, when traced (on CPU, measured: XLA's own convolution for
+      dense float32 1-D convolutions and for the unit-stride input gradient
+      and some forwards of dense float32 2-D ones; convmm's engine for 2-D
+      kernel gradients and for grouped, depthwise, input-dilated, 1x1, 3-D
+      and 16-bit ones; on GPU/TPU XLA's except depthwise; see the design page
+      of the docs).
       'autotune': both timed on this exact convolution when first traced, the
       faster kept (remembered in memory and in a cache file; see
       :func:`convmm.autotune_report`). 'xla': XLA's convolution in every

@@ -187,26 +187,40 @@ MAX_UNFOLDED_TAPS = 64
 def direction_rule(spec: ConvSpec, dtype: Any, engine: str, backend: str) -> Directions:
   """``method='auto'``'s choice for each direction of ``spec`` on ``backend``.
 
-  CPU (2-core x86-64, jax 0.10.2; ``benchmarks/directions.py``, interleaved
-  medians of each direction alone, both candidates in one process):
+  CPU: measured with ``python -m benchmarks.directions`` (each direction alone,
+  both candidates, interleaved medians in one process) and whole training steps
+  of every assignment, on a 2-core x86-64 CPU whose float32 GEMM ran at 190
+  GFLOP/s and bfloat16 -> float32 at 190-370, jax 0.10.2, 2026-12-07.
+  convmm / XLA, ms:
 
-  * The forward of a dense (no groups), undilated-input 1-D or 2-D float32
-    convolution is XLA's: its convolution is one library kernel at the GEMM's
-    speed, where im2col adds the unfolding (8x28x28x128 3x3 and 4x64x64x64 3x3
-    forwards took 1.5-1.65x lax's time with im2col, a 7x7/2 stem 2.0x).
-  * Its input gradient with unit strides is again such a convolution: XLA's.
-    Strided input gradients are input-dilated convolutions, where XLA's CPU
-    convolution is slow: convmm's.
-  * The kernel gradient is always convmm's: XLA computes it as a convolution
-    whose window is the whole image, far from GEMM speed (an 8x28x28x128 3x3
-    training step: lax 80 ms, XLA's forward and input gradient with convmm's
-    kernel gradient 51 ms).
-  * Grouped, depthwise, input-dilated and 3-D convolutions, where XLA's CPU
-    convolution is weak (convmm 4-50x faster), and other dtypes: convmm's.
-  * Windows of more than :data:`MAX_UNFOLDED_TAPS` taps (lax's own
-    kernel-gradient convolutions, met by ``replace_convs(jax.grad(f))``) are
-    XLA's forward: im2col unfolds them tap by tap and compile time grows with
-    the taps.
+  ========================  =============  =============  =============
+  float32 layer              forward        input grad     kernel grad
+  ========================  =============  =============  =============
+  8x28x28x128 3x3            12.9 / 10.1    12.8 / 10.0    12.5 / 14.9
+  4x64x64x64 3x3             11.4 / 11.8    11.2 / 11.9    13.1 / 13.7
+  32x28x28x1 3x3 (MNIST)     0.51 / 0.35    2.52 / 1.16    0.61 / 0.72
+  32x14x14x32 3x3 (MNIST)    2.03 / 2.39    2.74 / 2.39    2.22 / 2.95
+  8x112x112x3 7x7/2          5.16 / 5.18    7.09 / 9.91    4.92 / 6.54
+  8x56x56x64 3x3/2           6.93 / 9.68    6.92 / 7.29    7.02 / 9.84
+  8x28x28x256 1x1            2.02 / 2.69    1.43 / 2.55    3.26 / 6.63
+  8x4096x64 k=9 (1-D)        17.8 / 13.6    17.8 / 13.5    24.5 / 17.1
+  ========================  =============  =============  =============
+
+  In bfloat16 convmm won every direction of every layer (XLA's CPU convolution
+  has no fast bfloat16 kernel: 8x28x28x128 3x3 forward 6.6 / 10.8), and grouped
+  convolutions by far (4 groups of 8x28x28x128 3x3: kernel gradient 6.6 / 280).
+  Hence, for float32 convolutions without groups or input dilation:
+
+  * 1-D: XLA's in every direction (whole step 44 ms against 56-64 with any
+    convmm direction, lax 44);
+  * 2-D with a window of more than one tap: the forward is XLA's with unit
+    strides and few (<= 4) or many (>= 128) input features, the input gradient
+    XLA's with unit strides, the kernel gradient convmm's;
+  * 1x1 kernels, 3-D, other dtypes, groups, input dilation: convmm's.
+
+  Windows of more than :data:`MAX_UNFOLDED_TAPS` taps (lax's own kernel-gradient
+  convolutions, met by ``replace_convs(jax.grad(f))``) are XLA's forward:
+  im2col unfolds them tap by tap, and compile time grows with the taps.
 
   Other backends have no measurements here: XLA's convolution in every
   direction, except the depthwise multiply-accumulate, which stays convmm's.
@@ -221,13 +235,17 @@ def direction_rule(spec: ConvSpec, dtype: Any, engine: str, backend: str) -> Dir
     and spec.feature_group_count == 1
     and spec.batch_group_count == 1
     and all(d == 1 for d in g.lhs_dilation)
-    and g.num_spatial in (1, 2)
+    and g.num_taps > 1
     and np.dtype(dtype) == np.float32
   )
-  if not dense:
+  if not dense or g.num_spatial not in (1, 2):
     return CONVMM
+  if g.num_spatial == 1:
+    return XLA
   unit_strides = all(s == 1 for s in g.window_strides)
-  return ("xla", "xla" if unit_strides else "convmm", "convmm")
+  features = g.in_features
+  forward = "xla" if unit_strides and (features <= 4 or features >= 128) else "convmm"
+  return (forward, "xla" if unit_strides else "convmm", "convmm")
 
 
 # --------------------------------------------------------------- fixed choices
