@@ -213,10 +213,15 @@ def direction_rule(spec: ConvSpec, dtype: Any, engine: str, backend: str) -> Dir
 
   * 1-D: XLA's in every direction (whole step 44 ms against 56-64 with any
     convmm direction, lax 44);
-  * 2-D with a window of more than one tap: the forward is XLA's with unit
-    strides and few (<= 4) or many (>= 128) input features, the input gradient
-    XLA's with unit strides, the kernel gradient convmm's;
-  * 1x1 kernels, 3-D, other dtypes, groups, input dilation: convmm's.
+  * 2-D with a window of more than one tap: the forward is XLA's with few
+    (<= 4) input features, or unit strides and many (>= 128), the input
+    gradient XLA's with unit strides, the kernel gradient convmm's;
+  * 1x1 kernels: convmm's, but for XLA's strided forward;
+  * 3-D, other dtypes, groups, input dilation: convmm's.
+
+  The layer suite (``python -m benchmarks.bench``) added two forwards to these:
+  a 4x224x224x3 7x7/2 stem (convmm's tiled forward 22.0 ms, XLA's 11.4) and an
+  8x56x56x256 1x1/2 projection (17.1 against 12.3).
 
   Windows of more than :data:`MAX_UNFOLDED_TAPS` taps (lax's own kernel-gradient
   convolutions, met by ``replace_convs(jax.grad(f))``) are XLA's forward:
@@ -235,16 +240,17 @@ def direction_rule(spec: ConvSpec, dtype: Any, engine: str, backend: str) -> Dir
     and spec.feature_group_count == 1
     and spec.batch_group_count == 1
     and all(d == 1 for d in g.lhs_dilation)
-    and g.num_taps > 1
     and np.dtype(dtype) == np.float32
   )
   if not dense or g.num_spatial not in (1, 2):
     return CONVMM
+  unit_strides = all(s == 1 for s in g.window_strides)
+  if g.num_taps == 1:  # a GEMM either way; XLA's strided one skips the strided copy
+    return ("convmm" if unit_strides else "xla", "convmm", "convmm")
   if g.num_spatial == 1:
     return XLA
-  unit_strides = all(s == 1 for s in g.window_strides)
   features = g.in_features
-  forward = "xla" if unit_strides and (features <= 4 or features >= 128) else "convmm"
+  forward = "xla" if features <= 4 or (unit_strides and features >= 128) else "convmm"
   return (forward, "xla" if unit_strides else "convmm", "convmm")
 
 
