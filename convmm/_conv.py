@@ -32,6 +32,16 @@ def check_method(fn: str, method: Any, memory_budget: Any) -> tuple[str, int]:
   return method, positive_count(fn, "memory_budget", memory_budget, unit="bytes")
 
 
+def _checked(fn, lhs, rhs, lax_args, preferred_element_type, method, memory_budget):
+  """Every argument checked before tracing: the spec, preferred dtype, method, budget, engine."""
+  lhs_shape, lhs_dtype = shape_of(fn, "lhs", lhs)
+  rhs_shape, rhs_dtype = shape_of(fn, "rhs", rhs)
+  spec = conv_spec(fn, lhs_shape, rhs_shape, *lax_args)
+  preferred_element_type = check_dtypes(fn, lhs_dtype, rhs_dtype, preferred_element_type)
+  method, memory_budget = check_method(fn, method, memory_budget)
+  return spec, preferred_element_type, method, memory_budget, choose_method(spec, method, fn)
+
+
 def conv_general_dilated(
   lhs: jax.typing.ArrayLike,
   rhs: jax.typing.ArrayLike,
@@ -120,9 +130,6 @@ def conv_general_dilated(
     ...     dimension_numbers=('NHWC', 'HWIO', 'NHWC')).shape
     (2, 8, 8, 16)
   """
-  fn = "conv_general_dilated"
-  lhs_shape, lhs_dtype = shape_of(fn, "lhs", lhs)
-  rhs_shape, rhs_dtype = shape_of(fn, "rhs", rhs)
   lax_args = (
     window_strides,
     padding,
@@ -132,10 +139,10 @@ def conv_general_dilated(
     feature_group_count,
     batch_group_count,
   )
-  spec = conv_spec(fn, lhs_shape, rhs_shape, *lax_args)
-  preferred_element_type = check_dtypes(fn, lhs_dtype, rhs_dtype, preferred_element_type)
-  method, memory_budget = check_method(fn, method, memory_budget)
-  choose_method(spec, method, fn)
+  fn = "conv_general_dilated"
+  spec, preferred_element_type, method, memory_budget, _ = _checked(
+    fn, lhs, rhs, lax_args, preferred_element_type, method, memory_budget
+  )
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
   # On explicit meshes, lax's sharding rule decides (and rejects what it rejects).
   lax_sharding = (
@@ -237,9 +244,6 @@ def algorithms(
     ...                   method='im2col')
     {'forward': 'im2col', 'input_grad': 'im2col', 'kernel_grad': 'im2col'}
   """
-  fn = "algorithms"
-  lhs_shape, lhs_dtype = shape_of(fn, "lhs", lhs)
-  rhs_shape, rhs_dtype = shape_of(fn, "rhs", rhs)
   lax_args = (
     window_strides,
     padding,
@@ -249,12 +253,13 @@ def algorithms(
     feature_group_count,
     batch_group_count,
   )
-  spec = conv_spec(fn, lhs_shape, rhs_shape, *lax_args)
-  preferred_element_type = check_dtypes(fn, lhs_dtype, rhs_dtype, preferred_element_type)
-  method, memory_budget = check_method(fn, method, memory_budget)
-  engine = choose_method(spec, method, fn)
+  spec, preferred_element_type, method, memory_budget, engine = _checked(
+    "algorithms", lhs, rhs, lax_args, preferred_element_type, method, memory_budget
+  )
   if engine == "shift":
     return dict.fromkeys(_directions.DIRECTION_NAMES, engine)
+  lhs_dtype = shape_of("algorithms", "lhs", lhs)[1]
+  rhs_dtype = shape_of("algorithms", "rhs", rhs)[1]
   g = spec.geometry
   x = jax.ShapeDtypeStruct((g.batch, *g.in_spatial, g.in_features), lhs_dtype)
   w = jax.ShapeDtypeStruct(

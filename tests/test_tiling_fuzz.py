@@ -265,11 +265,9 @@ def fuzz_case(rng):
   return tuple(lhs_shape), tuple(rhs_shape), dtype, kw
 
 
-def _budget(rng, lhs_shape, rhs_shape, kw):
-  """A budget that tiles: one byte (the finest tiles) or a fraction of the whole working set."""
-  if rng.random() < 0.4:
-    return 1
-  spec = conv_spec(
+def _spec(lhs_shape, rhs_shape, kw):
+  """The convolution's spec with the input dilation left out (the tile loops see its phases)."""
+  return conv_spec(
     "fuzz",
     lhs_shape,
     rhs_shape,
@@ -281,6 +279,13 @@ def _budget(rng, lhs_shape, rhs_shape, kw):
     kw.get("feature_group_count", 1),
     kw.get("batch_group_count", 1),
   )
+
+
+def _budget(rng, lhs_shape, rhs_shape, kw):
+  """A budget that tiles: one byte (the finest tiles) or a fraction of the whole working set."""
+  if rng.random() < 0.4:
+    return 1
+  spec = _spec(lhs_shape, rhs_shape, kw)
   g = spec.geometry
   whole = tile_cost(spec, 4, g.batch, g.out_spatial, 3, 4)
   return max(1, int(whole * rng.uniform(0.05, 0.7)))
@@ -316,17 +321,6 @@ def test_fuzz_tiles_its_cases():
     budget = _budget(rng, lhs_shape, rhs_shape, kw)
     if "lhs_dilation" in kw:
       continue
-    spec = conv_spec(
-      "fuzz",
-      lhs_shape,
-      rhs_shape,
-      kw["window_strides"],
-      kw["padding"],
-      None,
-      kw.get("rhs_dilation"),
-      kw.get("dimension_numbers"),
-      kw.get("feature_group_count", 1),
-      kw.get("batch_group_count", 1),
-    )
+    spec = _spec(lhs_shape, rhs_shape, kw)
     tiled += not tile_plan(spec, 4, budget).is_whole(spec.geometry.batch)
   assert tiled > FUZZ_N // 3, tiled

@@ -242,18 +242,14 @@ def _environment() -> dict[str, Any]:
 
 
 def _convmm_version() -> str:
-  # Imported at call time: convmm's own modules import this one.
+  # The installed distribution's version (convmm.__version__ by pyproject.toml), read
+  # without importing the package root, which imports this module.
+  import importlib.metadata
+
   try:
-    from convmm import __version__
-
-    return __version__
-  except ImportError:
-    import importlib.metadata
-
-    try:
-      return importlib.metadata.version("convmm")
-    except importlib.metadata.PackageNotFoundError:
-      return "unknown"
+    return importlib.metadata.version("convmm")
+  except importlib.metadata.PackageNotFoundError:
+    return "unknown"
 
 
 def _canonical_json(value: Any) -> str:

@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     "--method",
     choices=("auto", "autotune", "xla", "convmm", "im2col", "shift", "depthwise"),
     default="auto",
-    help="how convmm computes each direction of a convolution (convmm.default_method): by "
-    "its rule table (auto), timed (autotune), XLA's convolution (xla), or convmm's engine only",
+    help="who computes each direction of a convolution (set with convmm's method setting): a "
+    "rule table (auto), timing (autotune), XLA's convolution (xla), or convmm's engine only",
   )
   add(
     "--devices",
