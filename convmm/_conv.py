@@ -9,7 +9,7 @@ forward kernels (:mod:`convmm._engine.kernels`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,14 +32,25 @@ def check_method(fn: str, method: Any, memory_budget: Any) -> tuple[str, int]:
   return method, positive_count(fn, "memory_budget", memory_budget, unit="bytes")
 
 
-def _checked(fn, lhs, rhs, lax_args, preferred_element_type, method, memory_budget):
-  """Every argument checked before tracing: the spec, preferred dtype, method, budget, engine."""
+class _Checked(NamedTuple):
+  spec: ConvSpec
+  dtypes: tuple[Any, Any]  # lhs, rhs
+  preferred_element_type: Any
+  method: str
+  memory_budget: int
+  engine: str
+
+
+def _checked(fn, lhs, rhs, lax_args, preferred_element_type, method, memory_budget) -> _Checked:
+  """Every argument checked before tracing, and convmm's engine for the convolution."""
   lhs_shape, lhs_dtype = shape_of(fn, "lhs", lhs)
   rhs_shape, rhs_dtype = shape_of(fn, "rhs", rhs)
   spec = conv_spec(fn, lhs_shape, rhs_shape, *lax_args)
   preferred_element_type = check_dtypes(fn, lhs_dtype, rhs_dtype, preferred_element_type)
   method, memory_budget = check_method(fn, method, memory_budget)
-  return spec, preferred_element_type, method, memory_budget, choose_method(spec, method, fn)
+  engine = choose_method(spec, method, fn)
+  dtypes = (lhs_dtype, rhs_dtype)
+  return _Checked(spec, dtypes, preferred_element_type, method, memory_budget, engine)
 
 
 def conv_general_dilated(
@@ -140,7 +151,7 @@ def conv_general_dilated(
     batch_group_count,
   )
   fn = "conv_general_dilated"
-  spec, preferred_element_type, method, memory_budget, _ = _checked(
+  spec, _, preferred_element_type, method, memory_budget, _ = _checked(
     fn, lhs, rhs, lax_args, preferred_element_type, method, memory_budget
   )
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
@@ -253,13 +264,11 @@ def algorithms(
     feature_group_count,
     batch_group_count,
   )
-  spec, preferred_element_type, method, memory_budget, engine = _checked(
+  spec, (lhs_dtype, rhs_dtype), preferred_element_type, method, memory_budget, engine = _checked(
     "algorithms", lhs, rhs, lax_args, preferred_element_type, method, memory_budget
   )
   if engine == "shift":
     return dict.fromkeys(_directions.DIRECTION_NAMES, engine)
-  lhs_dtype = shape_of("algorithms", "lhs", lhs)[1]
-  rhs_dtype = shape_of("algorithms", "rhs", rhs)[1]
   g = spec.geometry
   x = jax.ShapeDtypeStruct((g.batch, *g.in_spatial, g.in_features), lhs_dtype)
   w = jax.ShapeDtypeStruct(

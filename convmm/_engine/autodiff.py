@@ -138,7 +138,7 @@ def conv(x: jax.Array, w: jax.Array, spec: ConvSpec, **params: Any) -> jax.Array
     preferred_element_type=preferred_element_type,
     method=params["method"],
     memory_budget=params["memory_budget"],
-    directions=tuple(params.get("directions", CONVMM)),
+    directions=tuple(params["directions"]),
   )
 
 
@@ -176,7 +176,7 @@ def _input_grad_conv(ct, w, spec, params):
   w = jnp.moveaxis(w, nsp + 1, nsp)  # (*k, G, cg, og)
   w = w.reshape(*w.shape[:nsp], -1, w.shape[-1])
   w = jnp.swapaxes(jnp.flip(w, tuple(range(nsp))), nsp, nsp + 1)  # (*k, og, G*cg)
-  dx = _rebind(ct, w, t_spec, {**params, "directions": CONVMM})  # (N', *in, G*cg)
+  dx = _rebind(ct, w, t_spec, params)  # (N', *in, G*cg)
   if spec.batch_group_count > 1:  # the groups go back into the batch, group-major
     dx = split_axis(dx, nsp + 1, spec.batch_group_count)
     dx = jnp.moveaxis(dx, nsp + 1, 0)
@@ -244,6 +244,7 @@ def _lhs_rule(ct, x, w, **params):
   x_aval = x.aval
   if params["directions"][1] == "xla":
     return native.input_grad(ct, x_aval, w, spec, precision, params["preferred_element_type"])
+  # convmm's input gradient: the convolutions it binds (the cotangent's) are convmm's too.
   params = {**params, "directions": CONVMM}
   unit_strides = all(s == 1 for s in spec.geometry.window_strides)
   multiplier = spec.out_features != spec.geometry.in_features
@@ -289,7 +290,6 @@ def _rhs_rule(ct, x, w, **params):
   w_aval = w.aval
   if params["directions"][2] == "xla":
     return native.kernel_grad(ct, x, w_aval, spec, precision, params["preferred_element_type"])
-  params = {**params, "directions": CONVMM}
   if ct.dtype != x.dtype:
     x = x.astype(ct.dtype)
   if ct.size == 0 or x.size == 0:

@@ -31,7 +31,7 @@ from convmm._engine.settings import Setting
 from convmm._rules.shapes import ConvSpec
 
 DIRECTION_NAMES = ("forward", "input_grad", "kernel_grad")
-PURE_METHODS = ("convmm", "im2col", "shift", "depthwise")
+PURE_METHODS = ("convmm", *policy.ENGINES)
 METHODS = ("auto", "autotune", "xla", *PURE_METHODS)
 
 # The method of calls that pass none (``method=None``); part of jax's jit key.

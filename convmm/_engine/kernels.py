@@ -56,9 +56,7 @@ def choose_method(spec: ConvSpec, method: str, fn: str = "conv_general_dilated")
       f"(feature_group_count == lhs features); got feature_group_count="
       f"{spec.feature_group_count} for {geometry.in_features} features"
     )
-  if method in ("auto", "autotune", "xla", "convmm"):
-    return policy.forward_method(spec)
-  return method
+  return method if method in policy.ENGINES else policy.forward_method(spec)
 
 
 def _group_gemm(

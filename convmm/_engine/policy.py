@@ -48,6 +48,11 @@ KERNEL_GRAD_PATCH_COPIES = 2
 # ------------------------------------------------------------------------ forward
 
 
+# convmm's forward kernels a method may name; the other methods leave the choice
+# to forward_method (convmm._engine.kernels.choose_method).
+ENGINES = ("im2col", "shift", "depthwise")
+
+
 def forward_method(spec: ConvSpec) -> str:
   """The forward kernel of ``method='auto'``: 'depthwise' or 'im2col'.
 
