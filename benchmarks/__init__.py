@@ -8,5 +8,6 @@
 - ``python -m benchmarks.performance_page``: ``docs/performance.md`` from their JSON.
 
 Both benchmarks record the machine and XLA's GEMM and convolution rates on it (``machine.py``)
-and write their JSON to ``benchmarks/out/``, which git ignores; ``report.py`` makes the tables.
+and which algorithm computed each direction of convmm's convolutions (``chosen.py``), and write
+their JSON to ``benchmarks/out/``, which git ignores; ``report.py`` makes the tables.
 """

@@ -49,7 +49,14 @@ import time
 from benchmarks.impls import CONVMM_VARIANTS, LAX, convmm_impl, parse_variant, torch
 from benchmarks.machine import machine_info, measure_rates
 from benchmarks.measure import STATISTICS, measure_layer, memory_target, summarize, warm_up_compiler
-from benchmarks.report import fmt, markdown_tables, memory_lines, rates_line, shape_str
+from benchmarks.report import (
+  algorithms_text,
+  fmt,
+  markdown_tables,
+  memory_lines,
+  rates_line,
+  shape_str,
+)
 from benchmarks.suite import MEMORY_CASE, QUICK_SUITE, SUITE, select_layers
 
 OUT_DIR = pathlib.Path(__file__).resolve().parent / "out"
@@ -181,9 +188,14 @@ def main(argv=None) -> int:
     )
     result = measure_layer(layer, jax_impls, args, log)
     ratios = result["ratios"].get("convmm", {})
+    algorithms = algorithms_text(
+      result["impls"].get("convmm", {}).get("algorithms"),
+      result["impls"].get("lax", {}).get("algorithms"),
+    )
     log(
       f"    {result['reps']} reps in {result['seconds']:.1f} s; convmm/lax fwd "
-      f"{fmt(ratios.get('fwd_vs_lax'), 'x')}, step {fmt(ratios.get('step_vs_lax'), 'x')}"
+      f"{fmt(ratios.get('fwd_vs_lax'), 'x')}, step {fmt(ratios.get('step_vs_lax'), 'x')}; "
+      f"convmm's fwd/dx/dw {algorithms}"
     )
     results.append(result)
   summary = summarize(results, list(variants))

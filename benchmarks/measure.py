@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.chosen import conv_algorithms
 from benchmarks.impls import LAX, JaxImpl, torch, torch_ops
 from benchmarks.suite import MEMORY_ALLOWANCE, MEMORY_CASE, Layer, conv_layer, gemm_of
 
@@ -150,6 +151,7 @@ def measure_layer(layer: Layer, jax_impls: dict[str, JaxImpl], args, log) -> dic
         record[f"xla_compile_{mode}_s"] = stats["xla_compile_s"]
         record[f"temp_{mode}_bytes"] = stats["temp_bytes"]
       fwd, step = executables["fwd"], executables["step"]
+      record["algorithms"] = conv_algorithms(forward, x, w)
       y = jax.block_until_ready(fwd(x, w))  # warm-up calls, kept for the agreement check
       loss, (dx, dw) = jax.block_until_ready(step(x, w))
     except Exception as e:  # noqa: BLE001 -- report a broken implementation, keep going

@@ -60,6 +60,7 @@ import optax
 from flax import linen as nn
 
 from benchmarks.agreement import agreement, check_same_parameters, copy_tree, unit_zero_scales
+from benchmarks.chosen import conv_algorithms
 from benchmarks.impls import torch
 from benchmarks.machine import machine_info, measure_rates
 from benchmarks.measure import compile_timed, time_interleaved
@@ -256,6 +257,7 @@ def run_model(spec: ModelSpec, dtype_name: str, args, log) -> dict[str, Any]:
       compile_step_samples_s=[r["compile_s"] for r in rec["step"]],
       temp_fwd_bytes=rec["fwd"][-1]["temp_bytes"],
       temp_step_bytes=rec["step"][-1]["temp_bytes"],
+      algorithms=conv_algorithms(fns[name][0], variables, *inputs),  # the inference program's
     )
   if twin is not None:
     impls["torch"] = dict(params=torch_params)

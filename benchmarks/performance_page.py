@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 from benchmarks.report import (
+  ALGORITHMS_NOTE,
   MODEL_RESOURCE_HEADERS,
   MODEL_TIME_HEADERS,
   RESOURCE_HEADERS,
@@ -28,6 +29,7 @@ from benchmarks.report import (
   fmt_sig,
   markdown,
   memory_lines,
+  model_algorithm_lines,
   model_resource_rows,
   model_time_rows,
   resource_rows,
@@ -122,6 +124,8 @@ def layer_section(run: dict[str, Any] | None) -> list[str]:
     "",
     *summary_lines(run["summary"]),
     "",
+    ALGORITHMS_NOTE,
+    "",
     "Compile time (trace, lower and compile), temporary memory of the compiled program, minor "
     "page faults per call and the largest difference from lax (relative to the largest value):",
     "",
@@ -152,6 +156,7 @@ def model_section(run: dict[str, Any] | None) -> list[str]:
     "",
     markdown(MODEL_RESOURCE_HEADERS, model_resource_rows(run["results"])),
     "",
+    *model_algorithm_lines(run["results"]),
     "*err*: `max |convmm - flax| / max |flax|` over the output, and over all parameters' "
     "gradients; for bfloat16 runs also each network's gradient error against Flax's network in "
     "float32.",

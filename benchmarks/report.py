@@ -75,9 +75,40 @@ def _label(result: dict[str, Any], variant: str) -> str:
   return result["name"] if variant == "convmm" else f"{result['name']} {variant[len('convmm') :]}"
 
 
+def algorithms_text(counts: dict[str, int] | None, reference: dict[str, int] | None = None) -> str:
+  """The convolutions of a program by algorithm (``chosen.conv_algorithms``), most used first:
+  ``"xla/xla/im2col"`` for one, ``"12x xla/xla/im2col, 5x im2col/im2col/im2col"`` for more.
+
+  ``reference``: the same count for the reference program (lax's, Flax's); the convolutions
+  ``counts`` has fewer of are computed without a convolution primitive (col2im, shift) and
+  shown as ``none``. ``-`` if nothing was recorded (a run from before they were).
+  """
+  if counts is None:
+    return "-"
+  counts = dict(counts)
+  missing = sum((reference or {}).values()) - sum(counts.values())
+  if missing > 0:
+    counts["none"] = missing
+  if not counts:
+    return "none"
+  if list(counts.values()) == [1]:
+    return next(iter(counts))
+  ranked = sorted(counts.items(), key=lambda item: -item[1])  # stable: program order on ties
+  return ", ".join(f"{n}x {key}" for key, n in ranked)
+
+
+ALGORITHMS_NOTE = (
+  "*algorithms*: who computed the forward pass, the input gradient and the kernel gradient of "
+  "each convolution in convmm's program, read from its jaxpr: 'xla' is XLA's own convolution, "
+  "'im2col' and 'depthwise' are convmm's engines. *none*: no convolution primitive (a strided "
+  "transpose's col2im or the per-tap GEMMs of method='shift', differentiated by JAX's "
+  "autodiff); '-': not recorded."
+)
+
 TIME_HEADERS = [
   "layer", "fwd ms", "lax", "torch", "/lax", "/torch",
   "step ms", "lax", "torch", "/lax", "/torch", "GFLOP/s fwd", "GEMM frac fwd/step",
+  "algorithms fwd/dx/dw",
 ]  # fmt: skip
 
 RESOURCE_HEADERS = [
@@ -95,7 +126,7 @@ def time_rows(results: list[dict[str, Any]], variants: list[str]) -> list[list[s
       c = r["impls"].get(name, {})
       ratio = r["ratios"].get(name, {})
       if c.get("error"):
-        rows.append([_label(r, name), f"error: {c['error'][:60]}"] + [""] * 11)
+        rows.append([_label(r, name), f"error: {c['error'][:60]}"] + [""] * 12)
         continue
       rows.append([
         _label(r, name), fmt(c.get("fwd_ms")), fmt(lax_r.get("fwd_ms")),
@@ -104,6 +135,7 @@ def time_rows(results: list[dict[str, Any]], variants: list[str]) -> list[list[s
         fmt(torch_r.get("step_ms")), fmt(ratio.get("step_vs_lax"), "x"),
         fmt(ratio.get("step_vs_torch"), "x"), fmt(c.get("gflops_fwd")),
         f"{fmt(c.get('gemm_fraction_fwd'))}/{fmt(c.get('gemm_fraction_step'))}",
+        algorithms_text(c.get("algorithms"), lax_r.get("algorithms")),
       ])  # fmt: skip
   return rows
 
@@ -160,7 +192,7 @@ def markdown_tables(
   )
   return "\n".join([
     caption, "", rates_line(meta), "",
-    markdown(TIME_HEADERS, time_rows(results, variants)), "",
+    markdown(TIME_HEADERS, time_rows(results, variants)), "", ALGORITHMS_NOTE, "",
     markdown(RESOURCE_HEADERS, resource_rows(results, variants)), "",
     *summary_lines(summary),
   ])  # fmt: skip
@@ -255,6 +287,28 @@ def model_resource_rows(results: list[dict[str, Any]]) -> list[list[str]]:
   return rows
 
 
+MODEL_ALGORITHM_HEADERS = ["model dtype", "convmm's convolutions by algorithm fwd/dx/dw"]
+
+
+def model_algorithm_rows(results: list[dict[str, Any]]) -> list[list[str]]:
+  """The convolutions of convmm's inference program by algorithm, per network and dtype
+  (none for runs that did not record them)."""
+  return [
+    [
+      f"{r['model']} {r['dtype']}",
+      algorithms_text(r["impls"]["convmm"]["algorithms"], r["impls"]["flax"].get("algorithms")),
+    ]
+    for r in results
+    if "error" not in r and "algorithms" in r["impls"]["convmm"]
+  ]
+
+
+def model_algorithm_lines(results: list[dict[str, Any]]) -> list[str]:
+  """The table of :func:`model_algorithm_rows` and its note; nothing for runs without them."""
+  rows = model_algorithm_rows(results)
+  return [markdown(MODEL_ALGORITHM_HEADERS, rows), "", ALGORITHMS_NOTE, ""] if rows else []
+
+
 def _times(ratio: float | None) -> str:
   return "-" if ratio is None else fmt_sig(ratio) + "x"
 
@@ -274,6 +328,7 @@ def models_report(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     "",
     markdown(MODEL_RESOURCE_HEADERS, model_resource_rows(results)),
     "",
+    *model_algorithm_lines(results),
     "err: max |convmm - flax| / max |flax| over the output, and over all parameters' "
     "gradients; for 16-bit runs also each network's gradient error against Flax's "
     "network in float32.",

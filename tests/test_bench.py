@@ -13,11 +13,17 @@ import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 from tolerances import tol
 
-from benchmarks.report import fmt
+import convmm
+from benchmarks.chosen import conv_algorithms
+from benchmarks.report import algorithms_text, fmt
+from benchmarks.suite import NHWC, QUICK_SUITE
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 QUICK_LAYERS = ["tiny3x3_s2", "tiny_adjoint"]
@@ -145,8 +151,21 @@ def test_quick_run_writes_json_and_convmm_matches_lax(quick_run):
     if torch_used:  # the PyTorch layer computes the same function, so timings compare
       assert layer["errors"]["torch"]["fwd"] <= tol(np.float32, reduction), (name, layer["errors"])
 
+  # Which algorithm each direction used: lax's program is one XLA convolution; convmm's strided
+  # conv is what convmm.algorithms says for the same call, its strided adjoint col2im (no
+  # convolution primitive).
+  conv_run, adjoint_run = report["layers"]
+  assert [r["impls"]["lax"]["algorithms"] for r in report["layers"]] == [{"xla/xla/xla": 1}] * 2
+  tiny = QUICK_SUITE[0]
+  x, w = (jax.ShapeDtypeStruct(shape, jnp.float32) for shape in (tiny.lhs_shape, tiny.rhs_shape))
+  expected = "/".join(convmm.algorithms(x, w, **tiny.kwargs).values())
+  assert conv_run["impls"]["convmm"]["algorithms"] == {expected: 1}
+  assert adjoint_run["impls"]["convmm"]["algorithms"] == {}
+
   table = proc.stdout
   assert "\n| layer | fwd ms | lax | torch |" in table, table[:500]
+  assert f"| {expected} |\n| tiny_adjoint |" in table, table
+  assert "*none*: no convolution primitive" in table, table
   assert "XLA's GFLOP/s on this machine (median of 3): float32 GEMM " in table, table[:800]
   assert all(f"| {name} |" in table for name in QUICK_LAYERS), table
   assert "**convmm** over 2 layers (geometric means): step vs lax" in table
@@ -211,8 +230,119 @@ def test_performance_page_is_generated_from_the_json(quick_run, tmp_path):
     step_ms = layer["impls"]["convmm"]["step_ms"]
     assert re.search(rf"\n\| {layer['name']} \| [^|]+ \|.* \| {fmt(step_ms)} \|", text), text
   assert "No whole-network run on this page yet" in text
+  assert "| tiny_adjoint |" in text and " | none |\n" in text, text
+  # Runs from before the algorithms were recorded still make a page ('-' in their column).
+  for layer in report["layers"]:
+    for record in layer["impls"].values():
+      record.pop("algorithms", None)
+  old_page = performance_page.page(report, None)
+  assert re.search(r"\n\| tiny_adjoint \|.* \| - \|\n", old_page), old_page
   new_readme = readme.read_text()
   assert new_readme.startswith("# x\n\n") and new_readme.endswith("\n\nend\n")
   assert "old table" not in new_readme and "all 2 suite layers (geometric mean)" in new_readme
   geomean = report["summary"]["convmm"]["geomean_step_vs_lax"]
   assert f"| all 2 suite layers (geometric mean) | {performance_page._x(geomean)} |" in new_readme
+
+
+# ------------------------------------------- which algorithm each direction used (chosen.py)
+
+
+def operand(*shape, dtype=jnp.float32):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+X, W, W_DEPTHWISE = operand(2, 8, 8, 8), operand(3, 3, 8, 8), operand(3, 3, 1, 8)
+
+
+def conv(x, w, method, strides=(1, 1), **kwargs):
+  return convmm.conv_general_dilated(
+    x, w, strides, "SAME", dimension_numbers=NHWC, method=method, **kwargs
+  )
+
+
+@pytest.mark.parametrize(
+  "method, w, groups, expected",
+  [
+    ("xla", W, 1, {"xla/xla/xla": 1}),
+    ("im2col", W, 1, {"im2col/im2col/im2col": 1}),
+    ("depthwise", W_DEPTHWISE, 8, {"depthwise/depthwise/depthwise": 1}),
+    ("shift", W, 1, {}),  # per-tap GEMMs, no convolution primitive (documented in chosen.py)
+  ],
+  ids=["xla", "im2col", "depthwise", "shift"],
+)
+def test_jaxpr_walk_reads_the_method_asked_for(method, w, groups, expected):
+  found = conv_algorithms(lambda x, w: conv(x, w, method, feature_group_count=groups), X, w)
+  assert found == expected
+
+
+# name: (lhs, rhs, window_strides, dimension_numbers, feature_group_count)
+AUTO_CASES = {
+  "3x3": (X, W, (1, 1), NHWC, 1),
+  "3x3-stride-2": (X, W, (2, 2), NHWC, 1),
+  "rgb-stem": (operand(2, 8, 8, 3), operand(3, 3, 3, 8), (2, 2), NHWC, 1),
+  "1-d": (operand(2, 16, 8), operand(3, 8, 8), (1,), ("NWC", "WIO", "NWC"), 1),
+  "depthwise": (X, W_DEPTHWISE, (1, 1), NHWC, 8),
+  "bfloat16": (operand(2, 8, 8, 8, dtype=jnp.bfloat16), operand(3, 3, 8, 8, dtype=jnp.bfloat16),
+               (1, 1), NHWC, 1),
+}  # fmt: skip
+
+
+def test_jaxpr_walk_under_auto_agrees_with_convmm_algorithms():
+  """What the traced program holds is what ``convmm.algorithms`` predicts for the same call,
+  over cases where auto mixes XLA's directions with convmm's."""
+  found = {}
+  for name, (x, w, strides, dn, groups) in AUTO_CASES.items():
+    kwargs = dict(dimension_numbers=dn, feature_group_count=groups)
+    expected = "/".join(convmm.algorithms(x, w, strides, "SAME", **kwargs).values())
+    traced = conv_algorithms(
+      lambda x, w, s=strides, kw=kwargs: convmm.conv_general_dilated(x, w, s, "SAME", **kw), x, w
+    )
+    assert traced == {expected: 1}, name
+    found[name] = expected
+  # The comparison covers mixed choices, not one answer everywhere (auto's CPU rules today).
+  assert len(set(found.values())) >= 3, found
+
+
+def _custom_vjp_conv(x, w):
+  f = jax.custom_vjp(lambda x: conv(x, w, "im2col"))
+  f.defvjp(lambda x: (conv(x, w, "im2col"), None), lambda _, ct: (ct,))
+  return f(x)
+
+
+def _custom_jvp_conv(x, w):
+  f = jax.custom_jvp(lambda x: conv(x, w, "im2col"))
+  f.defjvp(lambda primals, tangents: (conv(primals[0], w, "im2col"), tangents[0]))
+  return f(x)
+
+
+@pytest.mark.parametrize(
+  "wrap",
+  [
+    lambda x, w: jax.jit(jax.checkpoint(lambda x: conv(x, w, "im2col")))(x),
+    lambda x, w: lax.scan(lambda c, _: (conv(c, w, "im2col"), None), x, None, length=3)[0],
+    lambda x, w: lax.cond(x.sum() > 0, lambda x: conv(x, w, "im2col"), lambda x: x, x),
+    lambda x, w: jax.vmap(lambda x: conv(x[None], w, "im2col")[0])(x),
+    _custom_vjp_conv,
+    _custom_jvp_conv,
+  ],
+  ids=["jit-checkpoint", "scan", "cond", "vmap", "custom_vjp", "custom_jvp"],
+)
+def test_jaxpr_walk_finds_nested_convolutions(wrap):
+  """A convolution inside a sub-jaxpr is found, next to lax's own at the top level (XLA's in
+  every direction); one in a loop body counts once."""
+  fn = lambda x, w: wrap(x, w) + lax.conv_general_dilated(x, w, (1, 1), "SAME", None, None, NHWC)
+  assert conv_algorithms(fn, X, W) == {"im2col/im2col/im2col": 1, "xla/xla/xla": 1}
+
+
+def test_algorithms_text():
+  assert algorithms_text({"xla/xla/im2col": 1}) == "xla/xla/im2col"
+  many = {"im2col/im2col/im2col": 1, "xla/xla/im2col": 12, "depthwise/depthwise/depthwise": 1}
+  assert algorithms_text(many) == (
+    "12x xla/xla/im2col, 1x im2col/im2col/im2col, 1x depthwise/depthwise/depthwise"
+  )
+  # Convolutions the reference program has and convmm's has no primitive for (col2im, shift).
+  assert algorithms_text({}, {"xla/xla/xla": 1}) == "none"
+  assert algorithms_text({"im2col/xla/im2col": 2}, {"xla/xla/xla": 3}) == (
+    "2x im2col/xla/im2col, 1x none"
+  )
+  assert algorithms_text(None, {"xla/xla/xla": 1}) == "-"  # a run that did not record them

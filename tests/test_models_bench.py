@@ -100,6 +100,11 @@ def test_quick_run_reports_every_field_and_convmm_matches_flax(tmp_path, capsys)
     torch_ratios = {"fwd_vs_torch", "step_vs_torch"} if with_torch else set()
     assert set(r["ratios"]) == set(RATIO_KEYS) | torch_ratios, label
     assert all(is_positive(r["ratios"][key]) for key in ("fwd", "step", "compile_step")), label
+    # Which algorithms convmm's convolutions used: one per convolution of Flax's network (the
+    # quick ResNet-18 has no transposed convolution, which could be computed without one).
+    flax_convs, convmm_convs = (r["impls"][impl]["algorithms"] for impl in ("flax", "convmm"))
+    assert list(flax_convs) == ["xla/xla/xla"], (label, flax_convs)
+    assert sum(convmm_convs.values()) == flax_convs["xla/xla/xla"], (label, convmm_convs)
     errors = r["errors"]
     assert errors["output_finite"] is True, label
     assert set(errors) == set(ERROR_KEYS) | ({"vs_float32"} if r["dtype"] != "float32" else set())
@@ -119,6 +124,7 @@ def test_quick_run_reports_every_field_and_convmm_matches_flax(tmp_path, capsys)
   assert "| model dtype |" in table and "| resnet18 float32 |" in table, table
   assert "| resnet18 bfloat16 |" in table, table
   assert "XLA's GFLOP/s on this machine (median of 3): float32 GEMM " in table, table
+  assert "| model dtype | convmm's convolutions by algorithm fwd/dx/dw |" in table, table
   # --table renders a saved run again, identically.
   assert models.main(["--table", str(path)]) == 0
   assert capsys.readouterr().out == table
