@@ -136,8 +136,8 @@ class Conv(_ConvFields):
 
   Same fields, defaults, parameters and results as ``flax.linen.Conv``.
   ``conv_general_dilated`` (or the deprecated ``conv_general_dilated_cls``)
-  defaults to ``convmm.conv_general_dilated``. One field beyond Flax:
-  ``preferred_element_type`` (as in ``flax.nnx.Conv``).
+  defaults to ``convmm.conv_general_dilated``. Two fields beyond Flax:
+  ``preferred_element_type`` (as in ``flax.nnx.Conv``) and ``method``.
 
   Attributes:
     features: number of output features (filters).
@@ -161,6 +161,8 @@ class Conv(_ConvFields):
     conv_general_dilated: the convolution (default ``convmm.conv_general_dilated``).
     conv_general_dilated_cls: deprecated: a class whose instance is the convolution.
     preferred_element_type: accumulation/output dtype of the GEMM.
+    method: who computes each direction (a ``method`` of
+      :func:`convmm.conv_general_dilated`); None follows :func:`convmm.default_method`.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -171,7 +173,17 @@ class Conv(_ConvFields):
     {'params': {'bias': (4,), 'kernel': (3, 3, 4)}}
     >>> y.shape
     (1, 6, 4)
+
+    XLA's convolution, or im2col + GEMM with no XLA convolution in the program:
+
+    >>> conv, x = cnn.Conv(features=8, kernel_size=(3, 3), method='xla'), jnp.ones((1, 8, 8, 3))
+    >>> variables = conv.init(jax.random.key(0), x)
+    >>> hlo = lambda layer: jax.jit(layer.apply).lower(variables, x).as_text()
+    >>> 'convolution' in hlo(conv), 'convolution' in hlo(conv.clone(method='im2col'))
+    (True, False)
   """
+
+  method: str | None = None
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
@@ -191,6 +203,7 @@ class Conv(_ConvFields):
       (self.features,),
       inputs,
       conv_general_dilated=conv_fn,
+      method=self.method,
     )
 
 
@@ -198,12 +211,13 @@ class ConvLocal(_ConvFields):
   """Locally connected layer (unshared weights); a drop-in for ``flax.linen.ConvLocal``.
 
   Computed as ``convmm.im2col`` followed by one GEMM batched over the output
-  positions, with the parameters and results of ``flax.linen.ConvLocal``:
-  kernel ``(*out_spatial, prod(kernel_size) * C, features)`` (patch features
-  channel-major, as in ``lax.conv_general_dilated_patches``), bias
-  ``(*out_spatial, features)``. ``feature_group_count`` must be 1.
-  ``conv_general_dilated(_cls)`` are accepted for field compatibility and
-  unused (output shapes come from convmm's shape rule).
+  positions (there is no XLA alternative, hence no ``method``), with the
+  parameters and results of ``flax.linen.ConvLocal``: kernel ``(*out_spatial,
+  prod(kernel_size) * C, features)`` (patch features channel-major, as in
+  ``lax.conv_general_dilated_patches``), bias ``(*out_spatial, features)``.
+  ``feature_group_count`` must be 1. ``conv_general_dilated(_cls)`` are
+  accepted for field compatibility and unused (output shapes come from
+  convmm's shape rule).
 
   Attributes:
     features, kernel_size, strides, padding, input_dilation, kernel_dilation,
@@ -268,6 +282,7 @@ class ConvTranspose(_ParamFields, _TransposeHead):
       kernel is then ``(*kernel_size, features, C)``.
     promote_dtype: ``f(inputs, kernel, bias, dtype=...)`` casting the operands.
     preferred_element_type: accumulation/output dtype of the GEMM.
+    method: as for :class:`Conv` (beyond Flax).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -284,6 +299,7 @@ class ConvTranspose(_ParamFields, _TransposeHead):
   transpose_kernel: bool = False
   promote_dtype: Any = default_promote_dtype
   preferred_element_type: Dtype | None = None
+  method: str | None = None
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
@@ -304,6 +320,7 @@ class ConvTranspose(_ParamFields, _TransposeHead):
       (self.features,),
       inputs,
       transpose_kernel=self.transpose_kernel,
+      method=self.method,
     )
 
 
@@ -339,6 +356,7 @@ class ConvAdjoint(_ParamFields, _AdjointHead):
       for :class:`Conv`.
     preferred_element_type: dtype in which the adjoint is computed and returned.
     promote_dtype: ``f(inputs, kernel, bias, dtype=...)`` casting the operands.
+    method: as for :class:`Conv`.
 
   Example:
     A U-Net up-sampling step (PyTorch's ``ConvTranspose2d(32, 16, 3, stride=2,
@@ -366,22 +384,17 @@ class ConvAdjoint(_ParamFields, _AdjointHead):
 
   preferred_element_type: Dtype | None = None
   promote_dtype: Any = default_promote_dtype
+  method: str | None = None
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
     """The forward Conv's output ``(*batch, *spatial, C)`` -> its input's shape."""
+    fields = (self.kernel_size, self.strides, self.padding, self.kernel_dilation)
     geometry = geometry_rules.adjoint_layer_geometry(
-      "ConvAdjoint",
-      self.kernel_size,
-      self.strides,
-      self.padding,
-      self.kernel_dilation,
-      self.feature_group_count,
-      self.output_padding,
+      "ConvAdjoint", *fields, self.feature_group_count, self.output_padding
     )
     kernel_shape = geometry.adjoint_kernel_shape(
       geometry_rules.in_features_of(geometry, inputs), self.features
     )
-    return _apply(
-      self, _layer_ops.conv_adjoint_layer, geometry, kernel_shape, (self.features,), inputs
-    )
+    op = _layer_ops.conv_adjoint_layer
+    return _apply(self, op, geometry, kernel_shape, (self.features,), inputs, method=self.method)

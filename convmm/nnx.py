@@ -52,7 +52,7 @@ class Conv(_Layer):
 
   Same constructor arguments, defaults, parameters and results as
   ``flax.nnx.Conv``, except that ``conv_general_dilated`` defaults to
-  ``convmm.conv_general_dilated``.
+  ``convmm.conv_general_dilated``; one argument beyond Flax, ``method``.
 
   Args:
     in_features: number of input features.
@@ -67,12 +67,15 @@ class Conv(_Layer):
     rngs: the ``nnx.Rngs`` drawing the parameters.
     kernel_metadata: metadata of the kernel ``nnx.Param``.
     bias_metadata: metadata of the bias ``nnx.Param``.
+    method: who computes each direction (a ``method`` of
+      :func:`convmm.conv_general_dilated`); None follows
+      :func:`convmm.default_method`. A static attribute, not part of the state.
 
   Raises:
     ValueError, TypeError: on invalid arguments, naming the argument.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
     >>> import convmm.nnx
     >>> layer = convmm.nnx.Conv(3, 4, kernel_size=(3,), padding='VALID', rngs=nnx.Rngs(0))
@@ -80,6 +83,15 @@ class Conv(_Layer):
     ((3, 3, 4), (4,))
     >>> layer(jnp.ones((1, 8, 3))).shape
     (1, 6, 4)
+
+    XLA's convolution, or im2col + GEMM with no XLA convolution in the program:
+
+    >>> x = jnp.ones((1, 8, 8, 3))
+    >>> def hlo(method):
+    ...   layer = convmm.nnx.Conv(3, 8, kernel_size=(3, 3), method=method, rngs=nnx.Rngs(0))
+    ...   return nnx.jit(lambda layer, x: layer(x)).lower(layer, x).as_text()
+    >>> 'convolution' in hlo('xla'), 'convolution' in hlo('im2col')
+    (True, False)
   """
 
   def __init__(
@@ -106,6 +118,7 @@ class Conv(_Layer):
     rngs: nnx.Rngs,
     kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
     bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+    method: str | None = None,
   ):
     geometry = geometry_rules.conv_layer_geometry(
       "Conv", kernel_size, strides, padding, input_dilation, kernel_dilation, feature_group_count
@@ -123,6 +136,7 @@ class Conv(_Layer):
       inputs,
       conv_general_dilated=self.conv_general_dilated,
       out_sharding=out_sharding,
+      method=self.method,
     )
 
 
@@ -132,7 +146,8 @@ class ConvLocal(_Layer):
   The NNX counterpart of ``flax.linen.ConvLocal`` (and of
   :class:`convmm.linen.ConvLocal`): one ``(prod(kernel_size) * in_features,
   out_features)`` kernel matrix and one bias vector per output position,
-  computed as ``convmm.im2col`` + a GEMM batched over the output positions.
+  computed as ``convmm.im2col`` + a GEMM batched over the output positions
+  (there is no XLA alternative, hence no ``method``).
   Because the parameters depend on the number of output positions, the
   input's spatial shape is a constructor argument.
 
@@ -217,7 +232,7 @@ class ConvTranspose(_Layer):
       kernel is then ``(*kernel_size, out_features, in_features)``.
     use_bias, mask, dtype, param_dtype, precision, kernel_init, bias_init,
       promote_dtype, preferred_element_type, rngs, kernel_metadata,
-      bias_metadata: as for :class:`Conv`.
+      bias_metadata, method: as for :class:`Conv`.
 
   Example:
     >>> import jax.numpy as jnp
@@ -251,6 +266,7 @@ class ConvTranspose(_Layer):
     rngs: nnx.Rngs,
     kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
     bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+    method: str | None = None,
   ):
     geometry = geometry_rules.transpose_layer_geometry(
       "ConvTranspose", kernel_size, strides, padding, kernel_dilation
@@ -262,7 +278,10 @@ class ConvTranspose(_Layer):
   def __call__(self, inputs: Array) -> Array:
     """``(*batch, *spatial, in_features)`` -> ``(*batch, *out_spatial, out_features)``."""
     return self._apply(
-      _layer_ops.conv_transpose_layer, inputs, transpose_kernel=self.transpose_kernel
+      _layer_ops.conv_transpose_layer,
+      inputs,
+      transpose_kernel=self.transpose_kernel,
+      method=self.method,
     )
 
 
@@ -284,7 +303,8 @@ class ConvAdjoint(_Layer):
       added on the high side (VALID or explicit padding only).
     kernel_dilation, feature_group_count: as for :class:`Conv`.
     use_bias, mask, dtype, param_dtype, precision, kernel_init, bias_init,
-      promote_dtype, rngs, kernel_metadata, bias_metadata: as for :class:`Conv`.
+      promote_dtype, rngs, kernel_metadata, bias_metadata, method: as for
+      :class:`Conv`.
     preferred_element_type: dtype in which the adjoint is computed and returned.
 
   Example:
@@ -326,6 +346,7 @@ class ConvAdjoint(_Layer):
     rngs: nnx.Rngs,
     kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
     bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+    method: str | None = None,
   ):
     fields = (kernel_size, strides, padding, kernel_dilation, feature_group_count, output_padding)
     geometry = geometry_rules.adjoint_layer_geometry("ConvAdjoint", *fields)
@@ -334,4 +355,4 @@ class ConvAdjoint(_Layer):
 
   def __call__(self, inputs: Array) -> Array:
     """The forward's output ``(*batch, *spatial, in_features)`` -> its input's shape."""
-    return self._apply(_layer_ops.conv_adjoint_layer, inputs)
+    return self._apply(_layer_ops.conv_adjoint_layer, inputs, method=self.method)

@@ -261,6 +261,10 @@ def test_conv_uses_convmm_and_honours_the_hook():
   y_ref = nn.Conv(**kwargs, conv_general_dilated=lax.conv_general_dilated).apply(variables, x)
   y = cnn.Conv(**kwargs, conv_general_dilated=spy).apply(variables, x)
   assert len(calls) == 1
+  # convmm's extras reach a user's convolution only when set (lax's has no `method`).
+  assert "method" not in calls[0]
+  jax.eval_shape(cnn.Conv(**kwargs, conv_general_dilated=spy, method="xla").apply, variables, x)
+  assert calls[-1]["method"] == "xla"
   assert_close(y, y_ref, reduction=36)
 
   class SpyCls:

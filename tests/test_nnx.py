@@ -82,7 +82,9 @@ def _init_parameters(cls):
 def test_signature_matches_flax(name):
   ours = _init_parameters(getattr(cnnx, name))
   theirs = _init_parameters(getattr(nnx, name))
-  assert list(ours) == list(theirs) and "padding" in theirs
+  # Flax's arguments in Flax's order, then convmm's (keyword-only).
+  assert list(ours) == [*theirs, "method"] and "padding" in theirs
+  assert ours.pop("method").default is None
   for arg, param in theirs.items():
     assert ours[arg].kind == param.kind, arg
     default = ours[arg].default
@@ -100,7 +102,8 @@ def test_signature_matches_flax(name):
 def test_conv_local_and_adjoint_mirror_the_linen_fields():
   local = _init_parameters(cnnx.ConvLocal)
   conv = _init_parameters(cnnx.Conv)
-  assert set(local) == set(conv) - {"conv_general_dilated"} | {"input_spatial_shape"}
+  # No `method`: convmm alone computes a locally connected layer.
+  assert set(local) == set(conv) - {"conv_general_dilated", "method"} | {"input_spatial_shape"}
   adjoint = _init_parameters(cnnx.ConvAdjoint)
   linen_fields = set(cnn.ConvAdjoint.__dataclass_fields__) - {"features", "parent", "name"}
   assert set(adjoint) == linen_fields | {

@@ -1,4 +1,4 @@
-"""Reading the fields of Flax conv layers: kernel sizes, broadcast ints, padding, the mask.
+"""Reading the fields of Flax conv layers: kernel sizes, broadcast ints, padding, mask, method.
 
 Flax's conventions (an int for a 1-D kernel, ``maybe_broadcast`` of strides
 and dilations, ``canonicalize_padding``), with ints and pairs read by the
@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from convmm._engine.directions import method_name
 from convmm._rules.canonical import as_int, canonical_ints, int_pair, padding_mode
 
 CONV_PADDINGS = ("SAME", "SAME_LOWER", "VALID", "CIRCULAR", "REFLECT", "REPLICATE", "CAUSAL")
@@ -97,3 +98,8 @@ def check_mask(layer: str, mask: Any, kernel_shape: Sequence[int]) -> None:
       f"{layer}: `mask` must have the kernel's shape {tuple(kernel_shape)}, got "
       f"mask.shape={tuple(np.shape(mask))}"
     )
+
+
+def check_layer_method(layer: str, method: Any) -> None:
+  """The core's check of ``method`` (None or a method name), its ValueError naming ``layer``."""
+  method_name(layer, method)

@@ -17,7 +17,7 @@ from flax.typing import Dtype, PrecisionLike
 
 from convmm._layers import geometry as geometry_rules
 from convmm._layers import ops as _layer_ops
-from convmm._layers.fields import check_mask
+from convmm._layers.fields import check_layer_method, check_mask
 
 Array = jax.Array
 
@@ -40,6 +40,7 @@ class Layer(nnx.Module):
   precision: PrecisionLike
   promote_dtype: Callable[..., Any]
   preferred_element_type: Dtype | None
+  method: str | None
   conv_general_dilated: Callable[..., Array]
   input_spatial_shape: tuple[int, ...]
   output_padding: Any
@@ -78,6 +79,7 @@ class Layer(nnx.Module):
   ) -> None:
     """Keeps the geometry and arguments; draws ``kernel`` then ``bias`` as flax.nnx does."""
     check_mask(geometry.layer, arguments["mask"], kernel_shape)
+    check_layer_method(geometry.layer, arguments.get("method"))
     self.geometry = geometry
     for name in Layer.__annotations__:
       if name in arguments:

@@ -22,6 +22,7 @@ from jax import lax
 
 from convmm import _adjoint, _conv, _local
 from convmm._engine.settings import unkeyed_values
+from convmm._layers.fields import check_layer_method
 from convmm._layers.geometry import LayerGeometry, adjoint_input_spatial, in_features_of
 
 Array = jax.Array
@@ -35,6 +36,7 @@ class Options:
     precision: passed to the core.
     preferred_element_type: passed to the core (ConvAdjoint: the dtype in
       which the adjoint is computed and returned).
+    method: passed to the core; None follows :func:`convmm.default_method`.
     conv_general_dilated: Conv's convolution (default ``convmm.conv_general_dilated``).
     out_sharding: Conv's output sharding, passed to the convolution when set.
     transpose_kernel: ConvTranspose's kernel flip and feature swap.
@@ -42,6 +44,7 @@ class Options:
 
   precision: Any = None
   preferred_element_type: Any = None
+  method: str | None = None
   conv_general_dilated: Callable[..., jax.Array] | None = None
   out_sharding: Any = None
   transpose_kernel: bool = False
@@ -89,9 +92,11 @@ def apply(
       f"(={tuple(input_spatial_shape)}), the one the kernel was built for, got "
       f"inputs.shape={shape}"
     )
+  checked = Options(**options)
+  check_layer_method(geometry.layer, checked.method)
   # Settings jax does not key on (older jax) are keyed here, since they are read while tracing.
   settings = unkeyed_values()
-  return _compiled(op, geometry, Options(**options), settings, inputs, kernel, bias)
+  return _compiled(op, geometry, checked, settings, inputs, kernel, bias)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
@@ -111,13 +116,17 @@ def conv_layer(geometry: LayerGeometry, x: Array, kernel: Array, o: Options) -> 
   ``kernel`` is ``(*kernel_size, C // groups, O)``.
   """
   conv_fn = o.conv_general_dilated or _conv.conv_general_dilated
-  # Like flax.nnx, pass preferred_element_type only when set, so that
-  # user-supplied convolution functions without that argument keep working.
-  extra = (
-    {} if o.preferred_element_type is None else {"preferred_element_type": o.preferred_element_type}
-  )
-  if o.out_sharding is not None:
-    extra["out_sharding"] = o.out_sharding
+  # Like flax.nnx, pass preferred_element_type (and the other extras) only when
+  # set, so that user-supplied convolution functions without them keep working.
+  extra = {
+    name: value
+    for name, value in [
+      ("preferred_element_type", o.preferred_element_type),
+      ("out_sharding", o.out_sharding),
+      ("method", o.method),
+    ]
+    if value is not None
+  }
   return conv_fn(
     geometry.pad(x),
     kernel,
@@ -189,6 +198,7 @@ def conv_transpose_layer(geometry: LayerGeometry, x: Array, kernel: Array, o: Op
     transpose_kernel=o.transpose_kernel,
     precision=o.precision,
     preferred_element_type=o.preferred_element_type,
+    method=o.method,
   )
   if geometry.padding == "CIRCULAR":
     period = [n * s for n, s in zip(in_spatial, geometry.strides)]
@@ -220,6 +230,7 @@ def conv_adjoint_layer(geometry: LayerGeometry, y: Array, kernel: Array, o: Opti
     geometry.lax_padding,
     **geometry.lax_kwargs,
     precision=o.precision,
+    method=o.method,
   )
   if geometry.pad_width is not None:
     (x_bar,) = jax.linear_transpose(geometry.pad, jax.ShapeDtypeStruct(x_shape, x_bar.dtype))(x_bar)
