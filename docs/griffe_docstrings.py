@@ -92,7 +92,7 @@ def _lookup(collection: griffe.ModulesCollection, path: str) -> griffe.Object | 
 def rendered_paths(collection: griffe.ModulesCollection, modules: list[str]) -> dict[str, str]:
   """``{path: path of its heading}`` for every function and class the API pages show, under
   both the name the page shows (``convmm.im2col``) and where it is defined
-  (``convmm._im2col.im2col``)."""
+  (``convmm._engine.im2col.im2col``)."""
   paths = {}
   for module_path in modules:
     module = _lookup(collection, module_path)

@@ -52,13 +52,16 @@ def test_griffe_extension_links_roles_and_hides_private_bases():
   assert [str(b.canonical_path) for b in package["nnx"]["Conv"].bases] == ["flax.nnx.Module"]
   collection = package.modules_collection
   paths = extension.rendered_paths(collection, ["convmm", "convmm.linen", "convmm.nnx"])
-  assert paths["convmm._im2col.im2col"] == paths["convmm.im2col"] == "convmm.im2col"
-  assert "convmm._blocks.spatial_blocks" not in paths
+  assert paths["convmm._engine.im2col.im2col"] == paths["convmm.im2col"] == "convmm.im2col"
+  assert "convmm._engine.blocks.spatial_blocks" not in paths
   scope = collection["convmm._signal.convolve"]
-  text = ":func:`correlate`, :func:`convmm.conv_general_dilated`, :mod:`convmm._blocks`, :meth:`x`"
+  text = (
+    ":func:`correlate`, :func:`convmm.conv_general_dilated`, :mod:`convmm._engine.blocks`, "
+    ":meth:`x`"
+  )
   assert extension.link_roles(text, scope, paths) == (
     "[`correlate`][convmm.correlate], "
-    "[`convmm.conv_general_dilated`][convmm.conv_general_dilated], `convmm._blocks`, `x`"
+    "[`convmm.conv_general_dilated`][convmm.conv_general_dilated], `convmm._engine.blocks`, `x`"
   )
   in_nnx = collection["convmm.nnx.ConvLocal"]
   assert extension.link_roles(":class:`Conv`", in_nnx, paths) == "[`Conv`][convmm.nnx.Conv]"

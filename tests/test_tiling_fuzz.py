@@ -168,7 +168,7 @@ REGRESSIONS = {
 }
 
 
-@pytest.mark.parametrize("budget", [1, 200, 2000], ids=["b1", "b200", "b2000"])
+@pytest.mark.parametrize("budget", [1, 2000], ids=["b1", "b2000"])
 @pytest.mark.parametrize("name", list(REGRESSIONS))
 def test_issue_cases_match_lax(name, budget):
   lhs_shape, rhs_shape, dtype, kw = REGRESSIONS[name]
@@ -291,7 +291,7 @@ def _budget(rng, lhs_shape, rhs_shape, kw):
   return max(1, int(whole * rng.uniform(0.05, 0.7)))
 
 
-FUZZ_N = int(os.environ.get("CONVMM_FUZZ_N", "96"))
+FUZZ_N = int(os.environ.get("CONVMM_FUZZ_N", "64"))
 
 
 @pytest.mark.parametrize("start", range(0, FUZZ_N, 8), ids=lambda s: f"seeds{s}-{s + 7}")
