@@ -136,6 +136,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.reps = 3 if args.quick else 9
   if args.reps < 1 or args.min_reps < 1:
     parser.error("--reps and --min-reps must be >= 1")
+  for text in args.variant:
+    try:
+      parse_variant(text)
+    except argparse.ArgumentTypeError as error:
+      parser.error(str(error))
   args.min_reps = min(args.min_reps, args.reps)
   if args.json is None:
     args.json = str(OUT_DIR / ("layers-quick.json" if args.quick else "layers.json"))

@@ -24,6 +24,7 @@ from jax import lax
 from jax.extend.core import ClosedJaxpr, Jaxpr, jaxprs_in_params
 
 from convmm._engine.autodiff import conv_p
+from convmm._engine.kernels import depthwise_channels_first
 
 
 def conv_algorithms(fn: Callable[..., Any], *args: Any) -> dict[str, int]:
@@ -66,5 +67,8 @@ def _convolutions(jaxpr: Jaxpr) -> Iterator[tuple[str, ...]]:
       yield tuple(method if who == "convmm" else who for who in eqn.params["directions"])
     elif eqn.primitive is lax.conv_general_dilated_p:
       yield ("xla", "xla", "xla")
+    elif eqn.params.get("name") == depthwise_channels_first.__name__:
+      yield ("depthwise", "depthwise", "depthwise")  # channels-first, in its own layout
+      continue
     for sub in jaxprs_in_params(eqn.params):
       yield from _convolutions(sub)

@@ -17,10 +17,17 @@ from jax import lax
 
 from convmm._engine import autodiff as _autodiff
 from convmm._engine import directions as _directions
+from convmm._engine import native
 from convmm._engine import sharding as _sharding
 from convmm._engine.budget import current_memory_budget
 from convmm._engine.im2col import from_channels_last, to_channels_last
-from convmm._engine.kernels import choose_method, conv_channels_last, kernel_taps_last
+from convmm._engine.kernels import (
+  choose_method,
+  conv_channels_last,
+  depthwise_in_layout,
+  kernel_taps_last,
+)
+from convmm._engine.policy import CONVMM, XLA
 from convmm._rules.canonical import positive_count
 from convmm._rules.shapes import ConvSpec, check_dtypes, conv_spec, shape_of
 
@@ -189,28 +196,16 @@ def conv_with_spec(
   method: str = "auto",
   memory_budget: int | None = None,
 ) -> jax.Array:
-  """The convolution for an already validated :class:`ConvSpec`."""
+  """The convolution for an already validated :class:`ConvSpec`.
+
+  Computed in the operands' own layouts where the chosen algorithms allow (XLA's
+  convolution in every direction; convmm's depthwise multiply-accumulate on
+  channels-first operands), otherwise channels-last around convmm's primitive.
+  """
   lhs_spec, rhs_spec, out_spec = spec.geometry.dimension_numbers
-  x_cl = to_channels_last(lhs, lhs_spec)
-  if (chosen := choose_method(spec, method)) != "shift":
-    # The primitive carries convmm's own derivatives (see convmm._engine.autodiff).
-    w = jnp.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))  # (*window, I, O)
-    directions = _directions.choose(
-      method, spec, x_cl, w, chosen, precision, preferred_element_type, memory_budget
-    )
-    y = _autodiff.conv(
-      x_cl,
-      w,
-      spec,
-      precision=precision,
-      preferred_element_type=preferred_element_type,
-      method=chosen,
-      memory_budget=memory_budget,
-      directions=directions,
-    )
-  else:
+  if (chosen := choose_method(spec, method)) == "shift":
     y = conv_channels_last(
-      x_cl,
+      to_channels_last(lhs, lhs_spec),
       kernel_taps_last(rhs, spec),
       spec,
       precision,
@@ -218,7 +213,41 @@ def conv_with_spec(
       method,
       memory_budget,
     )
+    return from_channels_last(y, out_spec)
+  x_aval, w_aval = _canonical_avals(spec, lhs.dtype, rhs.dtype)
+  directions = _directions.choose(
+    method, spec, x_aval, w_aval, chosen, precision, preferred_element_type, memory_budget
+  )
+  if directions == XLA:
+    dn = spec.geometry.dimension_numbers
+    return native.forward(lhs, rhs, spec, precision, preferred_element_type, dn)
+  if chosen == "depthwise" and directions == CONVMM:
+    y = depthwise_in_layout(lhs, rhs, spec, preferred_element_type)
+    if y is not None:
+      return y
+  # The primitive carries convmm's own derivatives (see convmm._engine.autodiff).
+  w = jnp.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))  # (*window, I, O)
+  y = _autodiff.conv(
+    to_channels_last(lhs, lhs_spec),
+    w,
+    spec,
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+    method=chosen,
+    memory_budget=memory_budget,
+    directions=directions,
+  )
   return from_channels_last(y, out_spec)
+
+
+def _canonical_avals(spec: ConvSpec, lhs_dtype: Any, rhs_dtype: Any):
+  """The channels-last input ``(N, *sp, C)`` and kernel ``(*k, I, O)`` of ``spec``, as avals."""
+  g = spec.geometry
+  x = jax.ShapeDtypeStruct((g.batch, *g.in_spatial, g.in_features), lhs_dtype)
+  w = jax.ShapeDtypeStruct(
+    (*g.filter_shape, g.in_features // spec.feature_group_count, spec.out_features), rhs_dtype
+  )
+  return x, w
 
 
 def algorithms(
@@ -269,11 +298,7 @@ def algorithms(
   )
   if engine == "shift":
     return dict.fromkeys(_directions.DIRECTION_NAMES, engine)
-  g = spec.geometry
-  x = jax.ShapeDtypeStruct((g.batch, *g.in_spatial, g.in_features), lhs_dtype)
-  w = jax.ShapeDtypeStruct(
-    (*g.filter_shape, g.in_features // spec.feature_group_count, spec.out_features), rhs_dtype
-  )
+  x, w = _canonical_avals(spec, lhs_dtype, rhs_dtype)
   chosen = _directions.choose(
     method, spec, x, w, engine, precision, preferred_element_type, memory_budget
   )

@@ -41,11 +41,12 @@ def from_channels_last(y: jax.Array, spec: Sequence[int]) -> jax.Array:
   return y if tuple(perm) == tuple(range(y.ndim)) else jnp.transpose(y, perm)
 
 
-def pad_input(x_cl: jax.Array, geometry: ConvGeometry) -> jax.Array:
-  """Dilates and pads a channels-last input (the one place padding happens)."""
-  config = [(0, 0, 0)]
-  config += [(lo, hi, d - 1) for (lo, hi), d in zip(geometry.padding, geometry.lhs_dilation)]
-  config += [(0, 0, 0)]
+def pad_input(x_cl: jax.Array, geometry: ConvGeometry, channels_first: bool = False) -> jax.Array:
+  """Dilates and pads a channels-last or ``(N, C, *spatial)`` input (the one place it happens)."""
+  spatial = [(lo, hi, d - 1) for (lo, hi), d in zip(geometry.padding, geometry.lhs_dilation)]
+  config = [(0, 0, 0), *spatial, (0, 0, 0)]
+  if channels_first:
+    config = [(0, 0, 0), (0, 0, 0), *spatial]
   if all(c == (0, 0, 0) for c in config):
     return x_cl
   return lax.pad(x_cl, jnp.zeros((), x_cl.dtype), config)
@@ -59,17 +60,24 @@ def tap_offsets(geometry: ConvGeometry) -> list[tuple[int, ...]]:
   ]
 
 
-def tap_slice(x_padded: jax.Array, geometry: ConvGeometry, offset: tuple[int, ...]) -> jax.Array:
-  """The input values seen by one kernel tap at every output position."""
-  n, c = x_padded.shape[0], x_padded.shape[-1]
+def tap_slice(
+  x_padded: jax.Array,
+  geometry: ConvGeometry,
+  offset: tuple[int, ...],
+  channels_first: bool = False,
+) -> jax.Array:
+  """The input values seen by one kernel tap at every output position (layout kept)."""
+  n, c = x_padded.shape[0], x_padded.shape[1 if channels_first else -1]
   # An empty output dimension (window larger than the padded input) slices nothing.
   starts = tuple(o if s_out else 0 for o, s_out in zip(offset, geometry.out_spatial))
   limits = tuple(
     o + (s_out - 1) * st + 1 if s_out else 0
     for o, s_out, st in zip(starts, geometry.out_spatial, geometry.window_strides)
   )
-  start, limit = (0, *starts, 0), (n, *limits, c)
-  strides = (1, *geometry.window_strides, 1)
+  if channels_first:
+    start, limit, strides = (0, 0, *starts), (n, c, *limits), (1, 1, *geometry.window_strides)
+  else:
+    start, limit, strides = (0, *starts, 0), (n, *limits, c), (1, *geometry.window_strides, 1)
   return lax.slice(x_padded, start, limit, strides)
 
 

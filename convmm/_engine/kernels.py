@@ -158,25 +158,80 @@ def _shift_gemm(x, w_tio, spec, precision, preferred_element_type):
   return y.astype(out_dtype)
 
 
-def _depthwise(x, w_tio, spec, precision, preferred_element_type):
-  """One input feature per group: multiply-accumulate over taps (no GEMM needed)."""
+def _depthwise(x, w_tio, spec, precision, preferred_element_type, channels_first=False):
+  """One input feature per group: multiply-accumulate over taps (no GEMM needed).
+
+  ``x`` is channels-last ``(N, *spatial, C)``, or ``(N, C, *spatial)`` with
+  ``channels_first`` (the output then too): the products are elementwise, so
+  either layout is computed as it lies, without transposes.
+  """
   del precision  # elementwise products are exact; the sum is in the accumulator
   geometry = spec.geometry
-  c = geometry.in_features
+  c, nsp = geometry.in_features, geometry.num_spatial
   mult = spec.out_features // c
   out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(x.dtype, w_tio.dtype))
   acc_dtype = _accumulator_dtype(out_dtype)  # as the GEMM would
-  x_padded = pad_input(x.astype(acc_dtype), geometry)
-  # o = c * mult + j; leading unit axes broadcast each tap's (C, mult) weights over
-  # (N, *out) without relying on implicit rank promotion.
-  w = w_tio.reshape(geometry.num_taps, *(1,) * (1 + geometry.num_spatial), c, mult)
-  w = w.astype(acc_dtype)
+  x_padded = pad_input(x.astype(acc_dtype), geometry, channels_first)
+  # o = c * mult + j; unit axes broadcast each tap's (C, mult) weights over the
+  # batch and the output positions without relying on implicit rank promotion.
+  w_shape = (1, c, mult, *(1,) * nsp) if channels_first else (*(1,) * (1 + nsp), c, mult)
+  w = w_tio.reshape(geometry.num_taps, *w_shape).astype(acc_dtype)
   y = None
   for t, offset in enumerate(tap_offsets(geometry)):
-    term = tap_slice(x_padded, geometry, offset)[..., None] * w[t]  # (N, *out, C, mult)
+    x_t = tap_slice(x_padded, geometry, offset, channels_first)
+    term = (x_t[:, :, None] if channels_first else x_t[..., None]) * w[t]
     y = term if y is None else y + term
   assert y is not None  # every kernel has at least one tap
+  if channels_first:  # (N, C, mult, *out)
+    return y.reshape(y.shape[0], c * mult, *y.shape[3:]).astype(out_dtype)
   return y.reshape(*y.shape[:-2], c * mult).astype(out_dtype)
+
+
+def depthwise_in_layout(
+  lhs: jax.Array, rhs: jax.Array, spec: ConvSpec, preferred_element_type: Any
+) -> jax.Array | None:
+  """A depthwise convolution computed in the operands' own layout, or None where it cannot be.
+
+  For inputs and outputs laid out ``(N, C, *spatial)`` (NCW, NCHW, NCDHW: the
+  layouts of PyTorch and of ``dimension_numbers=None``): the multiply-accumulate
+  with no transpose to and from channels-last around it, which would cost
+  several times the convolution (measured in :mod:`convmm._engine.policy`).
+  """
+  g = spec.geometry
+  lhs_spec, _, out_spec = g.dimension_numbers
+  first = tuple(range(g.num_spatial + 2))
+  if tuple(lhs_spec) != first or tuple(out_spec) != first or g.num_spatial == 0:
+    return None
+  if any(d > 1 for d in g.lhs_dilation) or spec.batch_group_count != 1:
+    return None
+  return depthwise_channels_first(lhs, rhs, spec, preferred_element_type)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def depthwise_channels_first(lhs, rhs, spec, preferred_element_type):
+  """:func:`depthwise_in_layout`'s computation, one named call in the program.
+
+  Its derivatives are JAX's, of the same elementwise products and slices: the
+  input gradient pads and sums the cotangent's products, the kernel gradient
+  sums each tap's products (``benchmarks.chosen`` finds it by its name).
+
+  The multiply-accumulate runs as both branches of a ``lax.cond``: XLA's CPU
+  fusion would otherwise merge it into the next convolution's taps, which
+  recompute it once per tap (a stack of 12 such convolutions of a (4, 512, 1024)
+  input: 230-250 ms forward, 9-16 ms with the boundary;
+  ``lax.optimization_barrier`` is removed before fusion). The branches are
+  identical, so the predicate (read from the kernel, unbatched unless the
+  kernel is vmapped) never changes the result.
+  """
+  w_tio = kernel_taps_last(rhs, spec)
+
+  def mac(x, w):
+    return _depthwise(x, w, spec, None, preferred_element_type, channels_first=True)
+
+  if lhs.size == 0 or w_tio.size == 0:
+    return mac(lhs, w_tio)
+  first = lax.stop_gradient(w_tio.reshape(-1)[0])
+  return lax.cond(first == first, mac, mac, lhs, w_tio)
 
 
 _COMPUTE = {"im2col": _im2col_gemm, "shift": _shift_gemm, "depthwise": _depthwise}

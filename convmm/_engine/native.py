@@ -27,24 +27,33 @@ _lax_conv = _lax_convolution.conv_general_dilated  # not lax's attribute, which 
 
 
 def forward(
-  x: jax.Array, w: jax.Array, spec: ConvSpec, precision: Any, preferred: Any
+  x: jax.Array,
+  w: jax.Array,
+  spec: ConvSpec,
+  precision: Any,
+  preferred: Any,
+  dimension_numbers: lax.ConvDimensionNumbers | None = None,
 ) -> jax.Array:
-  """``x (N, *spatial, C)`` convolved with ``w (*window, I, O)`` by XLA, channels-last out."""
+  """``x (N, *spatial, C)`` convolved with ``w (*window, I, O)`` by XLA, channels-last out.
+
+  With ``dimension_numbers``, the operands and the result are in those layouts
+  instead (the caller's own: no transposes).
+  """
   g = spec.geometry
   nsp = g.num_spatial
+  spatial = tuple(range(1, nsp + 1))
+  dn = dimension_numbers or lax.ConvDimensionNumbers(
+    (0, nsp + 1, *spatial), (nsp + 1, nsp, *range(nsp)), (0, nsp + 1, *spatial)
+  )
   padding, lhs_dilation = g.padding, g.lhs_dilation
   if any(p < 0 for pair in padding for p in pair):
     # Crop (and dilate) with lax.pad; XLA's convolution then pads only.
     config = [(0, 0, 0)] * x.ndim
     for d, ((lo, hi), r) in enumerate(zip(padding, lhs_dilation)):
-      config[d + 1] = (min(lo, 0), min(hi, 0), r - 1)
+      config[dn.lhs_spec[d + 2]] = (min(lo, 0), min(hi, 0), r - 1)
     x = lax.pad(x, jnp.zeros((), x.dtype), config)
     padding = tuple((max(lo, 0), max(hi, 0)) for lo, hi in padding)
     lhs_dilation = (1,) * nsp
-  spatial = tuple(range(1, nsp + 1))
-  dn = lax.ConvDimensionNumbers(
-    (0, nsp + 1, *spatial), (nsp + 1, nsp, *range(nsp)), (0, nsp + 1, *spatial)
-  )
   return _lax_conv(
     x,
     w,
