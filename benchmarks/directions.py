@@ -26,7 +26,7 @@ import convmm
 from benchmarks.machine import machine_info, measure_rates
 from convmm._engine import directions as convmm_directions
 
-# name: (lhs NHWC / NWC, rhs HWIO / WIO, strides, padding, feature groups)
+# name: (lhs NHWC / NWC, rhs HWIO / WIO, strides, padding, feature groups[, rhs dilation])
 LAYERS = {
   "resnet3x3": ((8, 28, 28, 128), (3, 3, 128, 128), (1, 1), "SAME", 1),
   "unet3x3": ((4, 64, 64, 64), (3, 3, 64, 64), (1, 1), "SAME", 1),
@@ -37,6 +37,7 @@ LAYERS = {
   "mnist_conv2": ((32, 14, 14, 32), (3, 3, 32, 64), (1, 1), "SAME", 1),
   "audio1d_k9": ((8, 4096, 64), (9, 64, 64), (1,), "SAME", 1),
   "grouped3x3": ((8, 28, 28, 128), (3, 3, 32, 128), (1, 1), "SAME", 4),
+  "dilated3x3": ((8, 28, 28, 128), (3, 3, 128, 128), (1, 1), "SAME", 1, (2, 2)),
 }
 DIMENSION_NUMBERS = {2: ("NHWC", "HWIO", "NHWC"), 1: ("NWC", "WIO", "NWC")}
 NAMES = ("forward", "input_grad", "kernel_grad")
@@ -44,10 +45,14 @@ NAMES = ("forward", "input_grad", "kernel_grad")
 
 def _programs(layer, dtype):
   """name -> a no-argument runner of one compiled program."""
-  lhs_shape, rhs_shape, strides, padding, groups = LAYERS[layer]
+  lhs_shape, rhs_shape, strides, padding, groups, *dilation = LAYERS[layer]
   x = jax.random.normal(jax.random.key(0), lhs_shape).astype(dtype)
   w = jax.random.normal(jax.random.key(1), rhs_shape).astype(dtype)
-  kw = dict(dimension_numbers=DIMENSION_NUMBERS[len(lhs_shape) - 2], feature_group_count=groups)
+  kw = dict(
+    dimension_numbers=DIMENSION_NUMBERS[len(lhs_shape) - 2],
+    feature_group_count=groups,
+    rhs_dilation=dilation[0] if dilation else None,
+  )
   runners = {}
   for who in ("convmm", "xla"):
     for d, name in enumerate(NAMES):

@@ -209,6 +209,9 @@ def direction_rule(spec: ConvSpec, dtype: Any, engine: str, backend: str) -> Dir
   8x56x56x64 3x3/2           6.93 / 9.68    6.92 / 7.29    7.02 / 9.84
   8x28x28x256 1x1            2.02 / 2.69    1.43 / 2.55    3.26 / 6.63
   8x4096x64 k=9 (1-D)        17.8 / 13.6    17.8 / 13.5    24.5 / 17.1
+  the same, 2026-12-08:
+  8x28x28x128 3x3            13.8 / 10.6    13.8 / 11.0    13.7 / 15.8
+  8x28x28x128 3x3 dilated 2  14.1 / 15.2    14.0 / 11.3    13.9 / 18.0
   ========================  =============  =============  =============
 
   In bfloat16 convmm won every direction of every layer (XLA's CPU convolution
@@ -224,7 +227,9 @@ def direction_rule(spec: ConvSpec, dtype: Any, engine: str, backend: str) -> Dir
   * 1x1 kernels: convmm's, but for XLA's strided forward;
   * 3-D, other dtypes, groups, input dilation: convmm's.
 
-  The layer suite (``python -m benchmarks.bench``) added two forwards to these:
+  (The dilated layer's forward, 8% apart, stays with the unit-stride rule: its whole
+  step under this table was 35.5 ms against lax's 37.7.) The layer suite
+  (``python -m benchmarks.bench``) added two forwards to these:
   a 4x224x224x3 7x7/2 stem (convmm's tiled forward 22.0 ms, XLA's 11.4) and an
   8x56x56x256 1x1/2 projection (17.1 against 12.3).
 
