@@ -23,7 +23,7 @@ import numpy as np
 from jax import lax
 
 import convmm
-from benchmarks.machine import machine_info, measure_rates
+from benchmarks.machine import machine_info, measure_rates, print_rates
 from convmm._engine import directions as convmm_directions
 
 # name: (lhs NHWC / NWC, rhs HWIO / WIO, strides, padding, feature groups[, rhs dilation])
@@ -109,10 +109,7 @@ def main(argv=None) -> int:
   )
   args = parser.parse_args(argv)
   info = machine_info(measure_rates(), reps=args.reps)
-  for gemm in info["rates"]["gemm"]:
-    print(f"GEMM {gemm['operands']} -> float32 {gemm['shape']}: {gemm['gflops']:.0f} GFLOP/s")
-  for conv in info["rates"]["conv"]:
-    print(f"lax conv {conv['lhs_shape']} x {conv['rhs_shape']}: {conv['gflops']:.0f} GFLOP/s")
+  print_rates(info)
   rows = []
   header = f"{'layer':12} {'dtype':8} " + " ".join(f"{n + ' convmm/xla':>24}" for n in NAMES)
   print(header + f" {'step lax':>9} {'step auto':>9}  auto's choice")

@@ -33,7 +33,7 @@ from jax import lax
 import convmm
 from benchmarks.chosen import conv_algorithms
 from benchmarks.impls import torch
-from benchmarks.machine import machine_info, measure_rates
+from benchmarks.machine import machine_info, measure_rates, print_rates
 from benchmarks.measure import max_error, time_interleaved, training_step
 
 LAYERS = 12
@@ -118,10 +118,7 @@ def main(argv=None) -> int:
   )
   args = parser.parse_args(argv)
   info = machine_info(measure_rates(), reps=args.reps)
-  for gemm in info["rates"]["gemm"]:
-    print(f"GEMM {gemm['operands']} -> float32 {gemm['shape']}: {gemm['gflops']:.0f} GFLOP/s")
-  for conv in info["rates"]["conv"]:
-    print(f"lax conv {conv['lhs_shape']} x {conv['rhs_shape']}: {conv['gflops']:.0f} GFLOP/s")
+  print_rates(info)
 
   n, c, t, k = args.batch, args.channels, args.length, args.kernel
   keys = jax.random.split(jax.random.key(0), 2)

@@ -147,3 +147,11 @@ def machine_info(rates: dict[str, Any] | None = None, **settings: Any) -> dict[s
     rates=rates,
     **settings,
   )
+
+
+def print_rates(info: dict[str, Any]) -> None:
+  """The machine's GEMM and convolution rates of :func:`machine_info`, one line each."""
+  for gemm in info["rates"]["gemm"]:
+    print(f"GEMM {gemm['operands']} -> float32 {gemm['shape']}: {gemm['gflops']:.0f} GFLOP/s")
+  for conv in info["rates"]["conv"]:
+    print(f"lax conv {conv['lhs_shape']} x {conv['rhs_shape']}: {conv['gflops']:.0f} GFLOP/s")
