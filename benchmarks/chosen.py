@@ -24,7 +24,7 @@ from jax import lax
 from jax.extend.core import ClosedJaxpr, Jaxpr, jaxprs_in_params
 
 from convmm._engine.autodiff import conv_p
-from convmm._engine.kernels import depthwise_channels_first
+from convmm._engine.channels_first import depthwise_channels_first
 
 
 def conv_algorithms(fn: Callable[..., Any], *args: Any) -> dict[str, int]:

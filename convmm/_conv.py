@@ -20,13 +20,9 @@ from convmm._engine import directions as _directions
 from convmm._engine import native
 from convmm._engine import sharding as _sharding
 from convmm._engine.budget import current_memory_budget
+from convmm._engine.channels_first import depthwise_in_layout
 from convmm._engine.im2col import from_channels_last, to_channels_last
-from convmm._engine.kernels import (
-  choose_method,
-  conv_channels_last,
-  depthwise_in_layout,
-  kernel_taps_last,
-)
+from convmm._engine.kernels import choose_method, conv_channels_last, kernel_taps_last
 from convmm._engine.policy import CONVMM, XLA
 from convmm._rules.canonical import positive_count
 from convmm._rules.shapes import ConvSpec, check_dtypes, conv_spec, shape_of
@@ -222,7 +218,7 @@ def conv_with_spec(
     dn = spec.geometry.dimension_numbers
     return native.forward(lhs, rhs, spec, precision, preferred_element_type, dn)
   if chosen == "depthwise" and directions == CONVMM:
-    y = depthwise_in_layout(lhs, rhs, spec, preferred_element_type)
+    y = depthwise_in_layout(lhs, rhs, spec, preferred_element_type, memory_budget)
     if y is not None:
       return y
   # The primitive carries convmm's own derivatives (see convmm._engine.autodiff).

@@ -78,6 +78,12 @@ def test_depthwise_in_layout_matches_lax_in_every_direction(name):
     assert_close(a, b)
   tangents = (jnp.ones_like(x), jnp.full_like(w, 0.5))
   assert_close(jax.jvp(ours, (x, w), tangents)[1], jax.jvp(ref, (x, w), tangents)[1])
+  in_x = lambda conv: lambda x: conv(x, w)
+  in_w = lambda conv: lambda w: conv(x, w)
+  for operand, linear in ((x, in_x), (w, in_w)):
+    (a,) = jax.linear_transpose(linear(ours), operand)(ct)
+    (b,) = jax.linear_transpose(linear(ref), operand)(ct)
+    assert_close(a, b)
 
 
 def test_depthwise_in_layout_16_bit_and_preferred_type():

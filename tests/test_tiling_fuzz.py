@@ -291,7 +291,7 @@ def _budget(rng, lhs_shape, rhs_shape, kw):
   return max(1, int(whole * rng.uniform(0.05, 0.7)))
 
 
-FUZZ_N = int(os.environ.get("CONVMM_FUZZ_N", "64"))
+FUZZ_N = int(os.environ.get("CONVMM_FUZZ_N", "48"))
 
 
 @pytest.mark.parametrize("start", range(0, FUZZ_N, 8), ids=lambda s: f"seeds{s}-{s + 7}")

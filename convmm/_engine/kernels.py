@@ -187,51 +187,28 @@ def _depthwise(x, w_tio, spec, precision, preferred_element_type, channels_first
   return y.reshape(*y.shape[:-2], c * mult).astype(out_dtype)
 
 
-def depthwise_in_layout(
-  lhs: jax.Array, rhs: jax.Array, spec: ConvSpec, preferred_element_type: Any
-) -> jax.Array | None:
-  """A depthwise convolution computed in the operands' own layout, or None where it cannot be.
+def unfused(fn, *args):
+  """``fn(*args)`` as both branches of a ``lax.cond``: a computation XLA fuses with nothing.
 
-  For inputs and outputs laid out ``(N, C, *spatial)`` (NCW, NCHW, NCDHW: the
-  layouts of PyTorch and of ``dimension_numbers=None``): the multiply-accumulate
-  with no transpose to and from channels-last around it, which would cost
-  several times the convolution (measured in :mod:`convmm._engine.policy`).
+  XLA's CPU fusion otherwise merges an elementwise multiply-accumulate into its
+  consumers, which recompute it once per element they read (the next depthwise
+  convolution's taps: a stack of 12 depthwise convolutions of a (4, 512, 1024)
+  input ran 230-250 ms forward, 9-16 ms guarded), or a transpose into a loop
+  that reads it once per step. ``lax.optimization_barrier`` does not help: XLA
+  removes it before fusion. The branches are identical, so the predicate never
+  changes the result: one word of ``lax.rng_bit_generator`` on a constant key,
+  which XLA does not fold and which depends on no operand (``vmap`` keeps one
+  branch, ``linear_transpose`` sees nothing nonlinear).
   """
-  g = spec.geometry
-  lhs_spec, _, out_spec = g.dimension_numbers
-  first = tuple(range(g.num_spatial + 2))
-  if tuple(lhs_spec) != first or tuple(out_spec) != first or g.num_spatial == 0:
-    return None
-  if any(d > 1 for d in g.lhs_dilation) or spec.batch_group_count != 1:
-    return None
-  return depthwise_channels_first(lhs, rhs, spec, preferred_element_type)
+  if any(getattr(a, "size", 1) == 0 for a in args):
+    return fn(*args)
+  _, bits = lax.rng_bit_generator(jnp.zeros((4,), jnp.uint32), (1,), dtype=jnp.uint32)
+  return lax.cond(bits[0] % 2 == 0, fn, fn, *args)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def depthwise_channels_first(lhs, rhs, spec, preferred_element_type):
-  """:func:`depthwise_in_layout`'s computation, one named call in the program.
-
-  Its derivatives are JAX's, of the same elementwise products and slices: the
-  input gradient pads and sums the cotangent's products, the kernel gradient
-  sums each tap's products (``benchmarks.chosen`` finds it by its name).
-
-  The multiply-accumulate runs as both branches of a ``lax.cond``: XLA's CPU
-  fusion would otherwise merge it into the next convolution's taps, which
-  recompute it once per tap (a stack of 12 such convolutions of a (4, 512, 1024)
-  input: 230-250 ms forward, 9-16 ms with the boundary;
-  ``lax.optimization_barrier`` is removed before fusion). The branches are
-  identical, so the predicate (read from the kernel, unbatched unless the
-  kernel is vmapped) never changes the result.
-  """
-  w_tio = kernel_taps_last(rhs, spec)
-
-  def mac(x, w):
-    return _depthwise(x, w, spec, None, preferred_element_type, channels_first=True)
-
-  if lhs.size == 0 or w_tio.size == 0:
-    return mac(lhs, w_tio)
-  first = lax.stop_gradient(w_tio.reshape(-1)[0])
-  return lax.cond(first == first, mac, mac, lhs, w_tio)
+def depthwise_multiply_accumulate(x, w_tio, spec, preferred_element_type, channels_first=False):
+  """The depthwise kernel, channels-last or on ``(N, C, *spatial)`` operands."""
+  return _depthwise(x, w_tio, spec, None, preferred_element_type, channels_first)
 
 
 _COMPUTE = {"im2col": _im2col_gemm, "shift": _shift_gemm, "depthwise": _depthwise}
