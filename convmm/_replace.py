@@ -95,8 +95,8 @@ def replace_convs(
     A function with ``fn``'s signature and results.
 
   Raises:
-    TypeError: ``fn`` or ``where`` is not callable, or ``where`` returns a
-      non-bool.
+    TypeError: ``fn`` or ``where`` is not callable, ``where`` returns a
+      non-bool, or ``method`` is not a string.
     ValueError: unknown ``method``, bad ``memory_budget``, or ``where`` raised
       (the original exception is chained).
     NotImplementedError: a primitive carrying a jaxpr with a convolution that

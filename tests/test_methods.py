@@ -209,6 +209,15 @@ def test_method_argument_errors(kwargs, match):
     convmm.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN, **kwargs)
 
 
+def test_a_method_that_is_no_string_is_a_type_error():
+  x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
+  with pytest.raises(TypeError, match=r"conv_general_dilated: `method` must be a string, .*got 1"):
+    convmm.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN, method=1)
+  with pytest.raises(TypeError, match=r"default_method: `method` must be a string"):
+    with convmm.default_method(["im2col"]):  # type: ignore[arg-type]
+      pass
+
+
 def _value_grads_vmap(conv, x, w):
   grads = jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), (0, 1))(x, w)
   return conv(x, w), grads, jax.vmap(conv, in_axes=(None, 0))(x, jnp.stack([w, -w]))

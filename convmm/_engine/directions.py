@@ -42,7 +42,9 @@ def method_name(fn: str, method: Any) -> str:
   """``method`` checked, or the default in force (:func:`default_method`) for None."""
   if method is None:
     return METHOD.get()
-  if not isinstance(method, str) or method not in METHODS:
+  if not isinstance(method, str):
+    raise TypeError(f"{fn}: `method` must be a string, one of {METHODS}, or None, got {method!r}")
+  if method not in METHODS:
     raise ValueError(f"{fn}: `method` must be one of {METHODS} or None, got {method!r}")
   return method
 

@@ -101,5 +101,5 @@ def check_mask(layer: str, mask: Any, kernel_shape: Sequence[int]) -> None:
 
 
 def check_layer_method(layer: str, method: Any) -> None:
-  """The core's check of ``method`` (None or a method name), its ValueError naming ``layer``."""
+  """The core's check of ``method`` (None or a method name); its errors name ``layer``."""
   method_name(layer, method)
