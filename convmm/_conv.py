@@ -21,7 +21,7 @@ from convmm._engine import native
 from convmm._engine import sharding as _sharding
 from convmm._engine.budget import current_memory_budget
 from convmm._engine.channels_first import depthwise_in_layout
-from convmm._engine.im2col import from_channels_last, to_channels_last
+from convmm._engine.im2col import from_channels_last, kernel_channels_last, to_channels_last
 from convmm._engine.kernels import choose_method, conv_channels_last, kernel_taps_last
 from convmm._engine.policy import CONVMM, XLA
 from convmm._rules.canonical import positive_count
@@ -222,7 +222,7 @@ def conv_with_spec(
     if y is not None:
       return y
   # The primitive carries convmm's own derivatives (see convmm._engine.autodiff).
-  w = jnp.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))  # (*window, I, O)
+  w = kernel_channels_last(rhs, rhs_spec)  # (*window, I, O)
   y = _autodiff.conv(
     to_channels_last(lhs, lhs_spec),
     w,

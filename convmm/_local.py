@@ -15,7 +15,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from convmm._engine.im2col import _im2col, _patches_geometry, from_channels_last, to_channels_last
+from convmm._engine.im2col import (
+  _im2col,
+  _patches_geometry,
+  from_channels_last,
+  kernel_channels_last,
+  to_channels_last,
+)
 from convmm._rules.shapes import layout_shape, shape_of
 
 
@@ -109,7 +115,7 @@ def conv_general_dilated_local(
     )
 
   patches = to_channels_last(_im2col(jnp.asarray(lhs), geometry), out_spec)  # (N, *out, K)
-  kernels = jnp.transpose(jnp.asarray(rhs), (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))
+  kernels = kernel_channels_last(jnp.asarray(rhs), rhs_spec)
   positions = tuple(range(num_spatial))
   out = lax.dot_general(  # (*out, N, O): one (N, K) @ (K, O) product per output position
     patches,

@@ -31,6 +31,12 @@ def to_channels_last(x: jax.Array, spec: Sequence[int]) -> jax.Array:
   return x if perm == tuple(range(x.ndim)) else jnp.transpose(x, perm)
 
 
+def kernel_channels_last(w: jax.Array, spec: Sequence[int]) -> jax.Array:
+  """A kernel in ``spec`` layout (O, I, *window as lax numbers them) -> ``(*window, I, O)``."""
+  perm = (*spec[2:], spec[1], spec[0])
+  return w if perm == tuple(range(w.ndim)) else jnp.transpose(w, perm)
+
+
 def from_channels_last(y: jax.Array, spec: Sequence[int]) -> jax.Array:
   """Canonical channels-last ``(N, *spatial, C)`` -> ``spec`` layout."""
   nsp = y.ndim - 2
@@ -44,9 +50,8 @@ def from_channels_last(y: jax.Array, spec: Sequence[int]) -> jax.Array:
 def pad_input(x_cl: jax.Array, geometry: ConvGeometry, channels_first: bool = False) -> jax.Array:
   """Dilates and pads a channels-last or ``(N, C, *spatial)`` input (the one place it happens)."""
   spatial = [(lo, hi, d - 1) for (lo, hi), d in zip(geometry.padding, geometry.lhs_dilation)]
-  config = [(0, 0, 0), *spatial, (0, 0, 0)]
-  if channels_first:
-    config = [(0, 0, 0), (0, 0, 0), *spatial]
+  none = (0, 0, 0)
+  config = [none, none, *spatial] if channels_first else [none, *spatial, none]
   if all(c == (0, 0, 0) for c in config):
     return x_cl
   return lax.pad(x_cl, jnp.zeros((), x_cl.dtype), config)

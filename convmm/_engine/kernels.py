@@ -21,6 +21,7 @@ from jax import lax
 from convmm._engine import policy
 from convmm._engine.im2col import (
   feature_groups_first,
+  kernel_channels_last,
   pad_input,
   patches_channels_last,
   tap_offsets,
@@ -33,8 +34,7 @@ from convmm._rules.shapes import ConvSpec, accumulator_dtype
 
 def kernel_taps_last(rhs: jax.Array, spec: ConvSpec) -> jax.Array:
   """Kernel in any layout -> ``(T, I, O)`` with taps in row-major order."""
-  _, rhs_spec, _ = spec.geometry.dimension_numbers
-  w = jnp.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))
+  w = kernel_channels_last(rhs, spec.geometry.dimension_numbers[1])
   return w.reshape(spec.geometry.num_taps, w.shape[-2], w.shape[-1])
 
 

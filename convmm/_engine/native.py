@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax._src.lax import convolution as _lax_convolution
 
+from convmm._rules.dimension_numbers import channels_last_dimension_numbers
 from convmm._rules.shapes import ConvSpec
 
 _lax_conv = _lax_convolution.conv_general_dilated  # not lax's attribute, which may be patched
@@ -41,10 +42,7 @@ def forward(
   """
   g = spec.geometry
   nsp = g.num_spatial
-  spatial = tuple(range(1, nsp + 1))
-  dn = dimension_numbers or lax.ConvDimensionNumbers(
-    (0, nsp + 1, *spatial), (nsp + 1, nsp, *range(nsp)), (0, nsp + 1, *spatial)
-  )
+  dn = dimension_numbers or channels_last_dimension_numbers(nsp)
   padding, lhs_dilation = g.padding, g.lhs_dilation
   if any(p < 0 for pair in padding for p in pair):
     # Crop (and dilate) with lax.pad; XLA's convolution then pads only.
